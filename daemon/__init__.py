@@ -1,0 +1,1 @@
+"""The daemon side: models, speculative engine, worker, gRPC server, learning loop."""

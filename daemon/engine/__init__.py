@@ -1,0 +1,1 @@
+"""Speculative decoding engine: plain generators over mlx-lm models, no gRPC."""

@@ -1,0 +1,120 @@
+"""Plain dataclasses the engine takes and yields. No gRPC, no MLX.
+
+The servicer converts protobuf <-> these at the edge; the worker, engine, stats and learning
+loop speak only these.
+
+An engine generation is a generator of `EngineEvent`s. Each `next()` does a bounded amount of
+work (one prefill chunk or one speculative step: one target pass), so the worker can interleave
+many requests by calling `next()` on each in turn. The last event is always a
+`GenerationSummary`. Closing the generator early (cancellation) rewinds/releases its caches in
+the engine's `finally`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Mode = Literal["detailed", "fast"]
+FinishReason = Literal["eos", "length", "stop_string", "cancelled"]
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # None = fresh randomness
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request. Either `prompt` or `messages` is set (checked by the servicer)."""
+
+    prompt: str = ""
+    messages: tuple[ChatTurn, ...] = ()
+    raw: bool = False  # send `prompt` as-is, no chat template
+    max_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    draft_tokens: int | None = None  # None = adaptive K, 0 = no speculation
+    mode: Mode = "detailed"
+    record: bool = True
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """Text made safe to show: whole UTF-8 characters, never part of a stop string."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    from_draft: tuple[bool, ...]  # per token: a draft proposal the target accepted
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """What one speculative step did (detailed mode). Failure cases and stats come from these."""
+
+    k: int  # draft tokens proposed this step (0 = plain target step)
+    proposed: tuple[int, ...]  # the draft's proposals
+    draft_probs: tuple[float, ...]  # q(x) of each proposal under the draft
+    target_probs: tuple[float, ...]  # p(x) of each proposal under the target
+    accepted: int  # how many proposals were accepted (prefix length)
+    emitted: tuple[int, ...]  # tokens this step added: accepted proposals + one target token
+    first_rejection: int | None  # index in `proposed` of the first rejected proposal
+
+
+@dataclass(frozen=True)
+class PrefillProgress:
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One target pass. `chunk` is None when the step's text is held back (stop-string
+    prefix, partial UTF-8) or when it emitted nothing."""
+
+    chunk: TextChunk | None
+    trace: StepTrace | None = None
+
+
+@dataclass(frozen=True)
+class GenerationSummary:
+    prompt_tokens: int
+    completion_tokens: int
+    proposed: int
+    accepted: int
+    target_passes: int
+    time_to_first_token_s: float
+    tokens_per_second: float
+    total_time_s: float
+    finish_reason: FinishReason
+    mode: Mode
+    prompt_token_ids: tuple[int, ...] = ()
+    completion_token_ids: tuple[int, ...] = ()
+    from_draft: tuple[bool, ...] = ()  # per completion token
+    rejection_positions: tuple[int, ...] = ()  # completion indices where a proposal was rejected
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.completion_tokens / self.target_passes if self.target_passes else 0.0
+
+
+EngineEvent = PrefillProgress | StepEvent | GenerationSummary

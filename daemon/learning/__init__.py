@@ -1,0 +1,1 @@
+"""The learning loop: failure store, LoRA trainer, adapter versions."""

@@ -1,0 +1,1 @@
+"""Shared by daemon and client: config, paths, logging, generated gRPC stubs."""

@@ -1,0 +1,280 @@
+"""Configuration: frozen dataclasses loaded from YAML, then env vars, then CLI flags.
+
+Precedence, lowest first: the defaults below (documented key by key in configs/config.yaml),
+the YAML file (`--config`, else `SPECLORA_CONFIG`, else `<config dir>/config.yaml` if present),
+`SPECLORA_<SECTION>_<KEY>` environment variables, then explicit overrides (CLI flags).
+Unknown keys and bad values raise ConfigError naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from speclora.shared.paths import resolve_paths
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is not allowed."""
+
+
+def _opt(
+    default: Any,
+    *,
+    choices: tuple[Any, ...] | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    doc: str = "",
+) -> Any:
+    return field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi, "doc": doc})
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    target: str = _opt("embedded", doc="HF repo id, mlx-lm dir, .gguf file, or 'embedded'")
+    draft: str = _opt("self:4", doc="same kinds as target, 'self:N', or 'none'")
+    dtype: str = _opt("float32", choices=("float32", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    mode: str = _opt("detailed", choices=("detailed", "fast"))
+    draft_tokens: int | None = _opt(None, lo=0, hi=16, doc="fixed K; null = adaptive")
+    adaptive_min: int = _opt(0, lo=0, hi=16)
+    adaptive_max: int = _opt(8, lo=1, hi=16)
+    adaptive_start: int = _opt(4, lo=1, hi=16)
+    probe_interval: int = _opt(16, lo=1, hi=10_000, doc="target-only steps between probes at K=0")
+    draft_vocab_size: int = _opt(0, lo=0, hi=1_000_000, doc="0 = full draft head")
+    prefill_chunk: int = _opt(512, lo=16, hi=65_536)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_tokens: int = _opt(256, lo=1, hi=1_000_000, doc="default when a request sets none")
+    max_tokens_cap: int = _opt(4096, lo=1, hi=1_000_000)
+    max_prompt_tokens: int = _opt(8192, lo=1, hi=10_000_000)
+    temperature: float = _opt(0.0, lo=0.0, hi=2.0)
+    top_p: float = _opt(1.0, lo=0.0, hi=1.0)
+    top_k: int = _opt(0, lo=0, hi=1_000_000)
+    max_stop_strings: int = _opt(16, lo=0, hi=1024)
+    max_stop_string_chars: int = _opt(256, lo=1, hi=65_536)
+
+
+@dataclass(frozen=True)
+class LearningConfig:
+    record: bool = _opt(True)
+    failure_threshold: float = _opt(0.5, lo=0.0, hi=1.0)
+    buffer_cap: int = _opt(10_000, lo=1, hi=100_000_000)
+    min_cases: int = _opt(8, lo=2, hi=1_000_000)
+    heldout_fraction: float = _opt(0.2, lo=0.05, hi=0.9)
+    promotion_margin: float = _opt(0.02, lo=0.0, hi=1.0)
+    rejected_weight: float = _opt(4.0, lo=1.0, hi=1000.0)
+    auto_train: bool = _opt(False)
+    auto_train_idle_s: float = _opt(300.0, lo=1.0, hi=1e7)
+    auto_train_min_new_cases: int = _opt(32, lo=1, hi=1_000_000)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = _opt(8, lo=1, hi=1024)
+    scale: float = _opt(20.0, lo=0.0, hi=1e4)
+    dropout: float = _opt(0.0, lo=0.0, hi=0.9)
+    layers: int = _opt(-1, lo=-1, hi=1024, doc="-1 = every draft layer")
+    learning_rate: float = _opt(1e-4, lo=1e-8, hi=1.0)
+    steps: int = _opt(200, lo=1, hi=1_000_000)
+    batch_size: int = _opt(4, lo=1, hi=4096)
+    max_seq_len: int = _opt(512, lo=8, hi=65_536)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket_path: str | None = _opt(None, doc="null = <state dir>/run/speclora.sock")
+    tcp_address: str | None = _opt(None, doc="host:port; null = Unix socket only")
+    allow_non_loopback: bool = _opt(False)
+    queue_size: int = _opt(64, lo=1, hi=100_000)
+    max_active: int = _opt(8, lo=1, hi=1024, doc="generations interleaved at once")
+    shutdown_grace_s: float = _opt(10.0, lo=0.0, hi=3600.0)
+    max_message_bytes: int = _opt(4 * 1024 * 1024, lo=1024, hi=1 << 30)
+    log_level: str = _opt("info", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class Config:
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    learning: LearningConfig = field(default_factory=LearningConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
+_SECTION_TYPES = {
+    "models": ModelsConfig,
+    "speculation": SpeculationConfig,
+    "generation": GenerationConfig,
+    "learning": LearningConfig,
+    "lora": LoraConfig,
+    "server": ServerConfig,
+}
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    """Check one value against its field's type and bounds; return it normalised."""
+    kind = str(f.type)
+    nullable = "None" in kind
+    meta = f.metadata
+    if value is None:
+        if nullable:
+            return None
+        raise ConfigError(f"{key}: null is not allowed")
+    if "bool" in kind:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if "int" in kind and "float" not in kind:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif "float" in kind:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    elif "str" in kind:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        allowed = ", ".join(map(str, meta["choices"]))
+        raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value!r} is outside [{lo}, {hi}]")
+    return value
+
+
+def _merge(base: Config, updates: Mapping[str, Any], origin: str) -> Config:
+    """Apply {section: {key: value}} to `base`, validating every key."""
+    if not isinstance(updates, Mapping):
+        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(updates).__name__}")
+    sections = {}
+    for section, values in updates.items():
+        if section not in _SECTION_TYPES:
+            allowed = ", ".join(_SECTION_TYPES)
+            raise ConfigError(f"{origin}: unknown section {section!r} (allowed: {allowed})")
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping")
+        cls = _SECTION_TYPES[section]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        current = getattr(base, section)
+        changes = {}
+        for key, value in values.items():
+            if key not in fields:
+                allowed = ", ".join(fields)
+                raise ConfigError(f"{origin}: unknown key {section}.{key} (allowed: {allowed})")
+            changes[key] = _coerce(f"{section}.{key}", fields[key], value)
+        sections[section] = dataclasses.replace(current, **changes)
+    config = dataclasses.replace(base, **sections)
+    _check_cross_field(config)
+    return config
+
+
+def _check_cross_field(config: Config) -> None:
+    s = config.speculation
+    if s.adaptive_min > s.adaptive_max:
+        raise ConfigError("speculation.adaptive_min must be <= speculation.adaptive_max")
+    if not s.adaptive_min <= s.adaptive_start <= s.adaptive_max:
+        raise ConfigError("speculation.adaptive_start must lie within [adaptive_min, adaptive_max]")
+    g = config.generation
+    if g.max_tokens > g.max_tokens_cap:
+        raise ConfigError("generation.max_tokens must be <= generation.max_tokens_cap")
+    if config.server.tcp_address is not None:
+        host, sep, port = config.server.tcp_address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"server.tcp_address: {config.server.tcp_address!r} is not host:port")
+
+
+def _env_updates(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """SPECLORA_<SECTION>_<KEY>=value; values parsed as YAML scalars (0.5, true, null)."""
+    updates: dict[str, dict[str, Any]] = {}
+    for name, raw in env.items():
+        if not name.startswith("SPECLORA_") or name in ("SPECLORA_HOME", "SPECLORA_CONFIG"):
+            continue
+        rest = name[len("SPECLORA_") :].lower()
+        for section in _SECTION_TYPES:
+            if rest.startswith(section + "_"):
+                key = rest[len(section) + 1 :]
+                try:
+                    value = yaml.safe_load(raw) if raw != "" else None
+                except yaml.YAMLError as exc:
+                    raise ConfigError(f"{name}: not a valid value ({exc})") from None
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    # Keep model names like "self:4" strings; only numbers are parsed.
+                    pass
+                elif not isinstance(value, (bool, type(None))):
+                    value = raw
+                updates.setdefault(section, {})[key] = value
+                break
+    return updates
+
+
+def overrides_from_flags(flags: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{"models.target": "x"} -> {"models": {"target": "x"}}, skipping None (flag not given)."""
+    updates: dict[str, dict[str, Any]] = {}
+    for dotted, value in flags.items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        updates.setdefault(section, {})[key] = value
+    return updates
+
+
+def config_file_path(
+    explicit: str | os.PathLike | None = None, env: Mapping[str, str] | None = None
+) -> Path | None:
+    """The YAML file to read: --config, else SPECLORA_CONFIG, else the user's file if present."""
+    env = os.environ if env is None else env
+    if explicit:
+        return Path(explicit)
+    if env.get("SPECLORA_CONFIG"):
+        return Path(env["SPECLORA_CONFIG"])
+    default = resolve_paths(dict(env)).config_file
+    return default if default.exists() else None
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the effective Config: defaults, YAML file, env vars, then overrides."""
+    env = os.environ if env is None else env
+    config = Config()
+    file = config_file_path(path, env)
+    if file is not None:
+        try:
+            text = file.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: invalid YAML: {exc}") from None
+        config = _merge(config, data, str(file))
+    config = _merge(config, _env_updates(env), "environment")
+    if overrides:
+        config = _merge(config, overrides, "command line")
+    return config
+
+
+def config_as_dict(config: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(config)

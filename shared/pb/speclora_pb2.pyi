@@ -1,0 +1,284 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_UNSPECIFIED: _ClassVar[Mode]
+    MODE_DETAILED: _ClassVar[Mode]
+    MODE_FAST: _ClassVar[Mode]
+
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_EOS: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+    FINISH_REASON_STOP_STRING: _ClassVar[FinishReason]
+    FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
+MODE_UNSPECIFIED: Mode
+MODE_DETAILED: Mode
+MODE_FAST: Mode
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_EOS: FinishReason
+FINISH_REASON_LENGTH: FinishReason
+FINISH_REASON_STOP_STRING: FinishReason
+FINISH_REASON_CANCELLED: FinishReason
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "messages", "raw", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "draft_tokens", "mode", "record")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    raw: bool
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    draft_tokens: int
+    mode: Mode
+    record: bool
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., raw: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., draft_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., record: _Optional[bool] = ...) -> None: ...
+
+class TextChunk(_message.Message):
+    __slots__ = ("text", "token_ids", "from_draft")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FROM_DRAFT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    from_draft: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., from_draft: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class GenerationSummary(_message.Message):
+    __slots__ = ("request_id", "prompt_tokens", "completion_tokens", "proposed", "accepted", "acceptance_rate", "tokens_per_second", "time_to_first_token_s", "finish_reason", "adapter_version", "failure_recorded", "target_passes", "tokens_per_step", "mode", "total_time_s")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_RECORDED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PASSES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    proposed: int
+    accepted: int
+    acceptance_rate: float
+    tokens_per_second: float
+    time_to_first_token_s: float
+    finish_reason: FinishReason
+    adapter_version: str
+    failure_recorded: bool
+    target_passes: int
+    tokens_per_step: float
+    mode: Mode
+    total_time_s: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., adapter_version: _Optional[str] = ..., failure_recorded: _Optional[bool] = ..., target_passes: _Optional[int] = ..., tokens_per_step: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ..., total_time_s: _Optional[float] = ...) -> None: ...
+
+class GenerateEvent(_message.Message):
+    __slots__ = ("chunk", "summary")
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    chunk: TextChunk
+    summary: GenerationSummary
+    def __init__(self, chunk: _Optional[_Union[TextChunk, _Mapping]] = ..., summary: _Optional[_Union[GenerationSummary, _Mapping]] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("steps", "max_cases", "learning_rate", "force_promote")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CASES_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    FORCE_PROMOTE_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    max_cases: int
+    learning_rate: float
+    force_promote: bool
+    def __init__(self, steps: _Optional[int] = ..., max_cases: _Optional[int] = ..., learning_rate: _Optional[float] = ..., force_promote: _Optional[bool] = ...) -> None: ...
+
+class TrainStarted(_message.Message):
+    __slots__ = ("train_cases", "heldout_cases", "steps", "parent_version")
+    TRAIN_CASES_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_CASES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    train_cases: int
+    heldout_cases: int
+    steps: int
+    parent_version: str
+    def __init__(self, train_cases: _Optional[int] = ..., heldout_cases: _Optional[int] = ..., steps: _Optional[int] = ..., parent_version: _Optional[str] = ...) -> None: ...
+
+class TrainProgress(_message.Message):
+    __slots__ = ("step", "total_steps", "loss", "tokens_per_second")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    loss: float
+    tokens_per_second: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
+
+class TrainEvaluation(_message.Message):
+    __slots__ = ("phase", "heldout_acceptance")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    heldout_acceptance: float
+    def __init__(self, phase: _Optional[str] = ..., heldout_acceptance: _Optional[float] = ...) -> None: ...
+
+class TrainResult(_message.Message):
+    __slots__ = ("adapter_version", "promoted", "reason", "acceptance_before", "acceptance_after", "duration_s")
+    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    adapter_version: str
+    promoted: bool
+    reason: str
+    acceptance_before: float
+    acceptance_after: float
+    duration_s: float
+    def __init__(self, adapter_version: _Optional[str] = ..., promoted: _Optional[bool] = ..., reason: _Optional[str] = ..., acceptance_before: _Optional[float] = ..., acceptance_after: _Optional[float] = ..., duration_s: _Optional[float] = ...) -> None: ...
+
+class TrainEvent(_message.Message):
+    __slots__ = ("started", "progress", "evaluation", "result")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    started: TrainStarted
+    progress: TrainProgress
+    evaluation: TrainEvaluation
+    result: TrainResult
+    def __init__(self, started: _Optional[_Union[TrainStarted, _Mapping]] = ..., progress: _Optional[_Union[TrainProgress, _Mapping]] = ..., evaluation: _Optional[_Union[TrainEvaluation, _Mapping]] = ..., result: _Optional[_Union[TrainResult, _Mapping]] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ("watch", "interval_s")
+    WATCH_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    watch: bool
+    interval_s: float
+    def __init__(self, watch: _Optional[bool] = ..., interval_s: _Optional[float] = ...) -> None: ...
+
+class AdapterAcceptance(_message.Message):
+    __slots__ = ("adapter_version", "requests", "proposed", "accepted", "acceptance_rate")
+    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    adapter_version: str
+    requests: int
+    proposed: int
+    accepted: int
+    acceptance_rate: float
+    def __init__(self, adapter_version: _Optional[str] = ..., requests: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ...) -> None: ...
+
+class StatsSnapshot(_message.Message):
+    __slots__ = ("target_model", "draft_model", "adapter_version", "uptime_s", "requests_total", "requests_active", "tokens_total", "acceptance_lifetime", "acceptance_recent", "acceptance_history", "per_adapter", "tokens_per_second_recent", "failure_cases", "pending_cases", "training_state", "queue_depth", "rss_bytes", "peak_rss_bytes", "weight_bytes", "blas", "version", "default_mode")
+    TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_LIFETIME_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RECENT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    PER_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_RECENT_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_CASES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_CASES_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_STATE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLAS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODE_FIELD_NUMBER: _ClassVar[int]
+    target_model: str
+    draft_model: str
+    adapter_version: str
+    uptime_s: float
+    requests_total: int
+    requests_active: int
+    tokens_total: int
+    acceptance_lifetime: float
+    acceptance_recent: float
+    acceptance_history: _containers.RepeatedScalarFieldContainer[float]
+    per_adapter: _containers.RepeatedCompositeFieldContainer[AdapterAcceptance]
+    tokens_per_second_recent: float
+    failure_cases: int
+    pending_cases: int
+    training_state: str
+    queue_depth: int
+    rss_bytes: int
+    peak_rss_bytes: int
+    weight_bytes: int
+    blas: str
+    version: str
+    default_mode: Mode
+    def __init__(self, target_model: _Optional[str] = ..., draft_model: _Optional[str] = ..., adapter_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., requests_total: _Optional[int] = ..., requests_active: _Optional[int] = ..., tokens_total: _Optional[int] = ..., acceptance_lifetime: _Optional[float] = ..., acceptance_recent: _Optional[float] = ..., acceptance_history: _Optional[_Iterable[float]] = ..., per_adapter: _Optional[_Iterable[_Union[AdapterAcceptance, _Mapping]]] = ..., tokens_per_second_recent: _Optional[float] = ..., failure_cases: _Optional[int] = ..., pending_cases: _Optional[int] = ..., training_state: _Optional[str] = ..., queue_depth: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., blas: _Optional[str] = ..., version: _Optional[str] = ..., default_mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
+
+class ActivateAdapterRequest(_message.Message):
+    __slots__ = ("version", "rollback")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    rollback: bool
+    def __init__(self, version: _Optional[str] = ..., rollback: _Optional[bool] = ...) -> None: ...
+
+class AdapterInfo(_message.Message):
+    __slots__ = ("version", "active", "parent", "acceptance_before", "acceptance_after", "status")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    active: bool
+    parent: str
+    acceptance_before: float
+    acceptance_after: float
+    status: str
+    def __init__(self, version: _Optional[str] = ..., active: _Optional[bool] = ..., parent: _Optional[str] = ..., acceptance_before: _Optional[float] = ..., acceptance_after: _Optional[float] = ..., status: _Optional[str] = ...) -> None: ...
