@@ -147,9 +147,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
         value = float(value)
         if not math.isfinite(value):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    elif "str" in kind:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    elif "str" in kind and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
     if meta.get("choices") and value not in meta["choices"]:
         allowed = ", ".join(map(str, meta["choices"]))
         raise ConfigError(f"{key}: {value!r} is not one of {allowed}")

@@ -1,0 +1,25 @@
+"""The model pair as the engine worker holds it.
+
+Only the worker thread reads or mutates a ModelHub (MLX is not thread-safe): generations read
+`target`, `draft` and `tokenizer`; the learning loop swaps adapters into `draft` between
+engine steps by mutating it from inside the worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelHub:
+    target: Any  # mlx.nn.Module (mlx-lm model)
+    draft: Any | None  # mlx.nn.Module, None = no speculation possible
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    target_name: str
+    draft_name: str  # e.g. "self:4 of <target>" or a model name; "" when no draft
+    draft_spec: str = ""  # the config value that built the draft
+    adapter_version: str = ""  # "" = base draft, no adapter
+    weight_bytes: int = 0  # target + draft weights, shared arrays counted once
+    max_context: int = 2048  # tokens the target can attend to
+    extras: dict[str, Any] = field(default_factory=dict)  # e.g. the draft vocabulary table
