@@ -1,0 +1,119 @@
+"""The wheel carries every package and module, and the client imports without MLX."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDERS = {
+    "speclora": "speclora",
+    "shared": "speclora/shared",
+    "daemon": "speclora/daemon",
+    "client": "speclora/client",
+}
+
+
+def _source_modules() -> set[str]:
+    names = set()
+    for folder, prefix in FOLDERS.items():
+        for path in (REPO / folder).rglob("*.py"):
+            rel = path.relative_to(REPO / folder)
+            names.add(f"{prefix}/{rel.as_posix()}")
+    return names
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return next(out.glob("speclora-*.whl"))
+
+
+@pytest.mark.slow
+def test_wheel_contains_every_module_and_marker(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    missing = _source_modules() - names
+    assert not missing, f"modules missing from the wheel: {sorted(missing)}"
+    for typed in ("speclora/py.typed", "speclora/daemon/py.typed", "speclora/client/py.typed"):
+        assert typed in names
+    assert not any(n.startswith("daemon/") for n in names), "bare top-level daemon package"
+
+
+@pytest.mark.slow
+def test_every_module_imports_from_the_wheel(wheel: Path, tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(target)
+    modules = sorted(
+        n[:-3].replace("/", ".").removesuffix(".__init__")
+        for n in zipfile.ZipFile(wheel).namelist()
+        if n.endswith(".py") and n.startswith("speclora/")
+    )
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import importlib\n"
+        "import speclora.daemon.blas\n"
+        "for m in sys.argv[2:]:\n"
+        "    mod = importlib.import_module(m)\n"
+        "    assert mod.__file__.startswith(sys.argv[1]), (m, mod.__file__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(target), *modules],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_client_imports_without_mlx(tmp_path: Path) -> None:
+    """Block mlx entirely; the client package, its stub and the CLI must still import."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'mlx' or name.startswith(('mlx.', 'mlx_lm')):\n"
+        "            raise ImportError('mlx blocked for this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import speclora.client, speclora.client.cli\n"
+        "from speclora.client.cli import main\n"
+        "import pkgutil, importlib, speclora.client.commands as c\n"
+        "for m in pkgutil.iter_modules(c.__path__):\n"
+        "    importlib.import_module('speclora.client.commands.' + m.name)\n"
+        "try:\n"
+        "    import speclora.client.stub\n"
+        "except ModuleNotFoundError as e:\n"
+        "    if e.name != 'speclora.client.stub': raise\n"
+        "assert not any(k == 'mlx' or k.startswith('mlx.') for k in sys.modules)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "speclora", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout
