@@ -270,7 +270,7 @@ def build_tokenizer_files(reader: Any) -> dict[str, dict[str, Any]]:
             f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')"
         )
     tokens: list[str] = list(_require(reader, "tokenizer.ggml.tokens"))
-    types: list[int] = list(_field(reader, "tokenizer.ggml.token_type", [TOKEN_NORMAL] * 0))
+    types: list[int] = list(_field(reader, "tokenizer.ggml.token_type", None) or [])
     types = types or [TOKEN_NORMAL] * len(tokens)
     merges = [_split_merge(m) for m in _require(reader, "tokenizer.ggml.merges")]
     pre_tokenizer, normalizer = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre", "default"))
@@ -357,6 +357,7 @@ def build_tokenizer_files(reader: Any) -> dict[str, dict[str, Any]]:
         for k, v in {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad}.items()
         if v is not None
     }
+    arch = _field(reader, "general.architecture")
     tokenizer_config: dict[str, Any] = {
         # The generic fast tokenizer uses tokenizer.json exactly as written; a model-specific
         # class could rebuild the pre-tokenizer and lose the digit splitting.
@@ -364,9 +365,7 @@ def build_tokenizer_files(reader: Any) -> dict[str, dict[str, Any]]:
         "add_bos_token": add_bos,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(
-            _field(reader, f"{_field(reader, 'general.architecture')}.context_length", 2048)
-        ),
+        "model_max_length": int(_field(reader, f"{arch}.context_length", 2048)),
         **specials,
     }
     chat_template = _field(reader, "tokenizer.chat_template")
