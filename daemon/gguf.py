@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import structlog
+from speclora.daemon.errors import ModelError
 
 log = structlog.get_logger(__name__)
 
@@ -74,7 +75,7 @@ _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_ARCHITECTURES = tuple(_HF_ARCHITECTURES)
 
 
-class GGUFConversionError(ValueError):
+class GGUFConversionError(ModelError):
     """The GGUF file cannot be converted (unsupported architecture, tokenizer or tensor)."""
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from speclora.daemon import gguf
+from speclora.daemon.errors import ModelError
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -50,8 +51,24 @@ _SELF_DRAFT_RE = re.compile(r"^self:(\d+)$")
 _NO_DRAFT = frozenset({"", "none", "off"})
 
 
-class ModelError(Exception):
-    """A model cannot be found, converted or loaded; the message says which and why."""
+__all__ = [
+    "CachedModel",
+    "LoadedModel",
+    "ModelError",
+    "ModelNotFoundError",
+    "ModelSource",
+    "TokenizerMismatchError",
+    "UnsupportedModelError",
+    "check_tokenizers_compatible",
+    "ensure_embedded_package",
+    "find_embedded_gguf",
+    "list_cached_models",
+    "load_model",
+    "load_pair",
+    "make_self_draft",
+    "resolve_model_source",
+    "unique_weight_bytes",
+]
 
 
 class ModelNotFoundError(ModelError):
@@ -98,6 +115,11 @@ class LoadedModel:
     vocab_size: int  # rows of the embedding / columns of the logits
     shared_with: str | None = None  # the target a self-draft shares weights with
     load_seconds: float = 0.0
+
+    @property
+    def max_context(self) -> int:
+        """Tokens the model can attend to (its configured position limit)."""
+        return int(self.config.get("max_position_embeddings") or 2048)
 
 
 @dataclass(frozen=True)

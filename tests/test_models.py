@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 from speclora.client.commands.models import models_group
 from speclora.daemon import models
+from speclora.daemon.errors import SpecLoRAError
 from speclora.daemon.models import LoadedModel
 from speclora.daemon.tiny import TinyModelSpec, write_tiny_model
 from test_gguf import write_gguf
@@ -251,6 +252,7 @@ def test_mismatched_vocabularies_fail_clearly(tiny_target_path: Path, tmp_path: 
     other = write_tiny_model(tmp_path / "other", TinyModelSpec(num_layers=1, vocab_size=320))
     with pytest.raises(models.TokenizerMismatchError) as info:
         models.load_pair(str(tiny_target_path), str(other))
+    assert isinstance(info.value, SpecLoRAError)  # the servicer maps it to a gRPC status
     message = str(info.value)
     assert "tiny-target" in message and "other" in message
     assert "320 vs 384 tokens" in message
