@@ -1,1 +1,92 @@
-"""Speculative decoding engine: plain generators over mlx-lm models, no gRPC."""
+"""Speculative decoding engine: plain generators over mlx-lm models, no gRPC.
+
+`generate()` is the whole API the worker needs: it returns an iterator of EngineEvents in
+which each `next()` does one bounded unit of work (one prefill chunk or one target pass), so
+the worker interleaves requests by advancing each in turn. Caches are per generation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from speclora.daemon.engine.adaptive import (
+    AdaptiveK,
+    FixedK,
+    measure_cost_ratio,
+    speedup_bound,
+)
+from speclora.daemon.engine.draft_vocab import DraftVocab
+from speclora.daemon.engine.events import (
+    ChatTurn,
+    EngineEvent,
+    GenerationRequest,
+    GenerationSummary,
+    PrefillProgress,
+    SamplingParams,
+    StepEvent,
+    StepTrace,
+    TextChunk,
+)
+from speclora.daemon.engine.output import CompletionTracker, Generation
+from speclora.daemon.engine.prompt import build_prompt_tokens
+
+__all__ = [
+    "AdaptiveK",
+    "ChatTurn",
+    "DraftVocab",
+    "EngineEvent",
+    "FixedK",
+    "Generation",
+    "GenerationRequest",
+    "GenerationSummary",
+    "PrefillProgress",
+    "SamplingParams",
+    "StepEvent",
+    "StepTrace",
+    "TextChunk",
+    "build_prompt_tokens",
+    "generate",
+    "measure_cost_ratio",
+    "speedup_bound",
+]
+
+
+def generate(
+    target: Any,
+    draft: Any | None,
+    tokenizer: Any,
+    request: GenerationRequest,
+    spec: Any,
+    *,
+    draft_vocab: DraftVocab | None = None,
+    prompt_tokens: list[int] | None = None,
+    cost_ratio: float | None = None,
+) -> Generation:
+    """Start a generation; iterate the result for events, the last being the summary.
+
+    target/draft: mlx-lm models (draft None, or request.draft_tokens == 0: plain decoding).
+    spec: the `speculation` config section (SpeculationConfig).
+    draft_vocab: restrict the draft's head to a frequency-ranked vocabulary (detailed mode).
+    prompt_tokens: already built with build_prompt_tokens (saves tokenizing twice).
+    cost_ratio: a drafted token's cost in target passes, for adaptive K (measure_cost_ratio).
+    Raises InvalidRequestError (from the prompt) before any work is done.
+    """
+    ids = prompt_tokens if prompt_tokens is not None else build_prompt_tokens(tokenizer, request)
+    tracker = CompletionTracker(tokenizer, request, ids)
+    if request.mode == "fast":
+        from speclora.daemon.engine.fast import fast_steps
+
+        steps = fast_steps(target, draft, tokenizer, request, spec, tracker)
+    else:
+        from speclora.daemon.engine.speculative import detailed_steps
+
+        steps = detailed_steps(
+            target,
+            draft,
+            request,
+            spec,
+            tracker,
+            draft_vocab=draft_vocab,
+            cost_ratio=cost_ratio,
+        )
+    return Generation(steps, tracker)

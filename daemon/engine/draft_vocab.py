@@ -1,0 +1,171 @@
+"""Model trunk / output head split, and the cheap draft head over a restricted vocabulary.
+
+Two levers on cost live here:
+
+- Forwards whose logits are not needed (prefill, draft catch-up) run only the trunk: for
+  SmolLM2-135M the tied 49152 x 576 LM head is a large share of a pass, and mlx-lm's model
+  call computes it for every position.
+- The draft can score only the N tokens the target generates most often (a frequency-ranked
+  draft vocabulary). Proposals then come only from that set, but verification uses the
+  target's full vocabulary, so output stays lossless at every temperature: q is simply zero
+  outside the set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import structlog
+
+log = structlog.get_logger(__name__)
+
+# Model classes whose __call__ is exactly `head(self.model(inputs, cache))`, checked against
+# mlx-lm's sources; anything else goes through the model's own __call__.
+_SPLITTABLE = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """Callables for one model: trunk(tokens, cache) -> hidden; head(hidden) -> logits."""
+
+    model: Any
+    splittable: bool
+
+    def trunk(self, tokens: mx.array, cache: list[Any]) -> mx.array | None:
+        """Advance the cache over `tokens` (1-D). Returns hidden states, or None when the model
+        cannot be split (then the full model ran and its logits were discarded)."""
+        if self.splittable:
+            return self.model.model(tokens[None], cache)
+        self.model(tokens[None], cache=cache)
+        return None
+
+    def head_weight(self) -> mx.array | None:
+        """The (V, D) output projection, dequantized if needed; None when not splittable."""
+        if not self.splittable:
+            return None
+        m = self.model
+        layer = m.model.embed_tokens if m.args.tie_word_embeddings else m.lm_head
+        if not hasattr(layer, "weight") or hasattr(layer, "lora_a"):
+            return None  # e.g. an adapter wraps the head: keep the model's own path
+        if isinstance(layer, nn.QuantizedEmbedding | nn.QuantizedLinear):
+            return mx.dequantize(
+                layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits
+            )
+        return layer.weight
+
+    def head(self, hidden: mx.array) -> mx.array:
+        m = self.model
+        if m.args.tie_word_embeddings:
+            return m.model.embed_tokens.as_linear(hidden)
+        return m.lm_head(hidden)
+
+    def last_logits(self, tokens: mx.array, cache: list[Any]) -> mx.array:
+        """Advance the cache over `tokens` and return the logits (V,) after the last one,
+        computing the output head for that position only."""
+        if self.splittable:
+            hidden = self.model.model(tokens[None], cache)
+            return self.head(hidden[:, -1:, :])[0, 0]
+        return self.model(tokens[None], cache=cache)[0, -1]
+
+
+def model_parts(model: Any) -> ModelParts:
+    kind = getattr(model, "model_type", None) or getattr(
+        getattr(model, "args", None), "model_type", ""
+    )
+    splittable = (
+        kind in _SPLITTABLE
+        and hasattr(model, "model")
+        and hasattr(model.model, "embed_tokens")
+        and hasattr(model, "args")
+    )
+    return ModelParts(model, splittable)
+
+
+@dataclass
+class DraftVocab:
+    """Token frequencies of target output; its top N ids form the draft's restricted head.
+
+    Counts start from a prior that favours low ids (byte-level BPE assigns ids roughly in merge
+    order, so frequent pieces come first) and the tokenizer's special tokens; every completion
+    the target produces then adds its tokens. The worker owns one per model pair and feeds it
+    completions; `generate()` takes it as `draft_vocab`.
+    """
+
+    vocab_size: int
+    size: int
+    always: tuple[int, ...] = ()  # ids always in the set (EOS and friends)
+    counts: np.ndarray = field(init=False, repr=False)
+    _version: int = field(default=0, init=False, repr=False)
+    _cached: tuple[int, mx.array] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Tiny decreasing prior: breaks ties towards low ids and is outweighed by one real count.
+        self.counts = 1e-3 * (1.0 - np.arange(self.vocab_size, dtype=np.float64) / self.vocab_size)
+
+    def observe(self, tokens: Iterable[int]) -> None:
+        ids = np.fromiter((t for t in tokens if 0 <= t < self.vocab_size), dtype=np.int64)
+        if ids.size:
+            np.add.at(self.counts, ids, 1.0)
+            self._version += 1
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def ids(self) -> mx.array:
+        """The restricted set, sorted ascending, as an int32 array (cached until counts change)."""
+        if self._cached is not None and self._cached[0] == self._version:
+            return self._cached[1]
+        n = min(self.size, self.vocab_size)
+        top = np.argpartition(-self.counts, n - 1)[:n] if n < self.vocab_size else np.arange(n)
+        chosen = np.union1d(top, np.array(self.always, dtype=np.int64))
+        arr = mx.array(chosen.astype(np.int32))
+        self._cached = (self._version, arr)
+        return arr
+
+    def coverage(self, tokens: Iterable[int]) -> float:
+        """Fraction of `tokens` inside the current set (what bounds acceptance)."""
+        toks = list(tokens)
+        if not toks:
+            return 1.0
+        inside = set(np.array(self.ids()).tolist())
+        return sum(t in inside for t in toks) / len(toks)
+
+
+class DraftHead:
+    """The draft's logits, over the full vocabulary or restricted to a DraftVocab.
+
+    `logits(tokens, cache)` advances the draft cache and returns (ids, logits) where `ids` is
+    None for the full vocabulary, else the (N,) token ids the N logits refer to.
+    """
+
+    def __init__(self, parts: ModelParts, vocab: DraftVocab | None = None):
+        self.parts = parts
+        self.vocab = vocab if parts.splittable else None
+        self._weight: mx.array | None = self.parts.head_weight() if self.vocab else None
+        if self._weight is None:
+            self.vocab = None
+        self._sub: tuple[mx.array, mx.array] | None = None
+
+    def _restricted(self) -> tuple[mx.array, mx.array]:
+        # Snapshot the set once per generation: re-slicing the head whenever another request
+        # updates the counts would cost more than the slightly stale set loses.
+        if self._sub is None:
+            assert self.vocab is not None and self._weight is not None
+            ids = self.vocab.ids()
+            sub = mx.take(self._weight, ids, axis=0)
+            mx.eval(sub)
+            self._sub = (ids, sub)
+        return self._sub
+
+    def logits(self, tokens: mx.array, cache: list[Any]) -> tuple[mx.array | None, mx.array]:
+        if self.vocab is None:
+            return None, self.parts.last_logits(tokens, cache)
+        ids, sub = self._restricted()
+        hidden = self.parts.model.model(tokens[None], cache)[0, -1]
+        return ids, hidden @ sub.T

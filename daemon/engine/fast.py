@@ -1,0 +1,106 @@
+"""Fast mode: mlx-lm's own speculative decoding, wrapped in our event types.
+
+`mlx_lm.stream_generate(..., draft_model=...)` does the work; we only add the bookkeeping
+both modes share (stop strings, UTF-8-safe chunks, the summary) and a seeded sampler with its
+own PRNG key so interleaved requests do not disturb each other. It reports per token whether
+the draft proposed it, nothing finer, and has no adaptive K (an unset K uses the configured
+`draft_tokens`, else `adaptive_start`). mlx-lm's acceptance rule at T > 0 is "the draft's
+sample equals the target's sample", which is lossless but accepts less than ours.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm import stream_generate
+from speclora.daemon.engine.events import (
+    EngineEvent,
+    GenerationRequest,
+    SamplingParams,
+    StepEvent,
+)
+from speclora.daemon.engine.output import CompletionTracker
+from speclora.daemon.engine.sampling import make_key, sample, split_key
+
+
+def seeded_sampler(params: SamplingParams) -> Any:
+    """An mlx-lm sampler (logprobs -> tokens) drawing from our filtered distribution with a
+    private key, so a seeded fast-mode request is reproducible."""
+    key = make_key(params.seed)
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, sub = split_key(key)
+        return sample(logprobs, params, sub)
+
+    return sampler
+
+
+def fast_draft_tokens(request: GenerationRequest, spec: Any) -> int:
+    if request.draft_tokens is not None:
+        return request.draft_tokens
+    return spec.draft_tokens if spec.draft_tokens is not None else spec.adaptive_start
+
+
+def fast_steps(
+    target: Any,
+    draft: Any | None,
+    tokenizer: Any,
+    request: GenerationRequest,
+    spec: Any,
+    tracker: CompletionTracker,
+) -> Generator[EngineEvent, None, None]:
+    """One event per token mlx-lm yields; the last is the summary."""
+    k = fast_draft_tokens(request, spec)
+    speculate = draft is not None and k > 0
+    kwargs: dict[str, Any] = {
+        "max_tokens": request.max_tokens,
+        "sampler": seeded_sampler(request.sampling),
+        "prefill_step_size": spec.prefill_chunk,
+    }
+    if speculate:
+        kwargs["num_draft_tokens"] = k
+    if tracker.remaining <= 0:
+        tracker.finish("length")
+        tracker.end = time.perf_counter()
+        yield tracker.summary()
+        return
+    responses = stream_generate(
+        target,
+        tokenizer,
+        mx.array(list(tracker.prompt_ids), mx.uint32),
+        draft_model=draft if speculate else None,
+        **kwargs,
+    )
+    step_open = False  # inside a speculative step (after its first token, before its last)
+    step_k = step_accepted = 0
+    try:
+        for response in responses:
+            if tracker.prefill_done is None:
+                tracker.prefill_done = time.perf_counter()
+            if not step_open:
+                # mlx-lm drafts min(K, tokens left) at each step's start; one target pass each.
+                tracker.target_passes += 1
+                step_k = min(k, request.max_tokens - len(tracker.ids)) if speculate else 0
+                step_accepted = 0
+                tracker.proposed += step_k
+            drafted = bool(response.from_draft)
+            step_open = drafted
+            if drafted:
+                step_accepted += 1
+                tracker.accepted += 1
+            elif step_accepted < step_k:
+                tracker.rejection_positions.append(len(tracker.ids))
+            text = tracker.add([int(response.token)], [drafted])
+            yield StepEvent(chunk=text)
+            if tracker.finished:
+                break
+        if not tracker.finished:
+            tracker.finish("length")
+        tracker.end = time.perf_counter()
+        yield tracker.summary()
+    finally:
+        responses.close()

@@ -1,0 +1,191 @@
+"""Completion bookkeeping shared by both modes: stop conditions, safe text, the summary.
+
+Tokens go in as the engine emits them; text chunks come out that never split a UTF-8
+character (mlx-lm's streaming detokenizer holds incomplete bytes back) and never contain any
+part of a stop string (a tail that could still grow into one is held back until it cannot).
+Concatenating every chunk's text and token ids gives exactly the completion text and ids.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterator, Sequence
+from typing import Any
+
+from speclora.daemon.engine.events import (
+    EngineEvent,
+    FinishReason,
+    GenerationRequest,
+    GenerationSummary,
+    TextChunk,
+)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+class CompletionTracker:
+    """Accumulates one completion; decides when it is finished and why.
+
+    The EOS token that ends a completion is kept in the token ids (the draft is trained to
+    predict it too) but contributes no text. After a stop string, the ids end at the token
+    that completed it and the text ends just before it.
+    """
+
+    def __init__(self, tokenizer: Any, request: GenerationRequest, prompt_ids: Sequence[int]):
+        self.request = request
+        self.prompt_ids = tuple(prompt_ids)
+        self.eos_ids = frozenset(int(t) for t in tokenizer.eos_token_ids)
+        self.stops = tuple(s for s in request.stop if s)
+        self._max_stop = max((len(s) for s in self.stops), default=0)
+        self._detok = tokenizer.detokenizer
+        self.ids: list[int] = []
+        self.from_draft: list[bool] = []
+        self.rejection_positions: list[int] = []
+        self.finish_reason: FinishReason | None = None
+        self._text_sent = ""  # only its last _max_stop chars matter, for stop matching
+        self._pending_text = ""
+        self._pending_from = 0  # index into ids of the first token not yet in a chunk
+        # Counters and clocks.
+        self.proposed = 0
+        self.accepted = 0
+        self.target_passes = 0
+        self.start = time.perf_counter()
+        self.prefill_done: float | None = None
+        self.first_token: float | None = None
+        self.end: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def remaining(self) -> int:
+        return self.request.max_tokens - len(self.ids)
+
+    def _check_stop(self) -> bool:
+        if not self.stops:
+            return False
+        window = self._text_sent[-self._max_stop :] + self._pending_text
+        offset = len(window) - len(self._pending_text)
+        cut = min((i for s in self.stops if (i := window.find(s)) >= 0), default=-1)
+        if cut < 0:
+            return False
+        # A stop string can begin in text already sent only if that text ended with a prefix
+        # of it, which _held_back never lets out; so cut >= offset here.
+        self._pending_text = self._pending_text[: max(cut - offset, 0)]
+        self.finish_reason = "stop_string"
+        return True
+
+    def add(self, tokens: Sequence[int], from_draft: Sequence[bool]) -> TextChunk | None:
+        """Append tokens in order, stopping at the first stop condition; the safe new text."""
+        for token, drafted in zip(tokens, from_draft, strict=True):
+            if self.finished:
+                break
+            if self.first_token is None:
+                self.first_token = time.perf_counter()
+            self.ids.append(int(token))
+            self.from_draft.append(bool(drafted))
+            if token in self.eos_ids:
+                self.finish_reason = "eos"
+                break
+            self._detok.add_token(int(token))
+            self._pending_text += self._detok.last_segment
+            if self._check_stop():
+                break
+            if self.remaining <= 0:
+                self.finish_reason = "length"
+        if self.finished:
+            return self._flush()
+        return self._emit(len(self._pending_text) - _held_back(self._pending_text, self.stops))
+
+    def finish(self, reason: FinishReason) -> TextChunk | None:
+        """End the completion now (e.g. cancelled); flush what may be shown."""
+        if not self.finished:
+            self.finish_reason = reason
+        return self._flush()
+
+    def _flush(self) -> TextChunk | None:
+        if self.finish_reason != "stop_string":
+            self._detok.finalize()
+            self._pending_text += self._detok.last_segment
+            # A stop string ending in a held-back space only completes on finalize.
+            self._check_stop()
+        return self._emit(len(self._pending_text), final=True)
+
+    def _emit(self, upto: int, final: bool = False) -> TextChunk | None:
+        text = self._pending_text[:upto]
+        if not text and not (final and self._pending_from < len(self.ids)):
+            return None
+        start, self._pending_from = self._pending_from, len(self.ids)
+        self._pending_text = self._pending_text[upto:]
+        if self.stops:
+            self._text_sent = (self._text_sent + text)[-self._max_stop :]
+        return TextChunk(
+            text=text,
+            token_ids=tuple(self.ids[start:]),
+            from_draft=tuple(self.from_draft[start:]),
+        )
+
+    def summary(self) -> GenerationSummary:
+        end = self.end if self.end is not None else time.perf_counter()
+        total = end - self.start
+        ttft = (self.first_token - self.start) if self.first_token is not None else total
+        decode_start = self.prefill_done if self.prefill_done is not None else self.start
+        decode_time = end - decode_start
+        n = len(self.ids)
+        return GenerationSummary(
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=n,
+            proposed=self.proposed,
+            accepted=self.accepted,
+            target_passes=self.target_passes,
+            time_to_first_token_s=ttft,
+            tokens_per_second=n / decode_time if decode_time > 0 and n else 0.0,
+            total_time_s=total,
+            finish_reason=self.finish_reason or "cancelled",
+            mode=self.request.mode,
+            prompt_token_ids=self.prompt_ids,
+            completion_token_ids=tuple(self.ids),
+            from_draft=tuple(self.from_draft),
+            rejection_positions=tuple(self.rejection_positions),
+            sampling=self.request.sampling,
+        )
+
+
+class Generation(Iterator[EngineEvent]):
+    """A running generation: an iterator of events with a way to stop it and still account.
+
+    `next()` advances one bounded unit of work. `close()` stops it and releases its caches
+    (the engine's `finally`); `cancel()` does the same and returns a summary of what was
+    generated so far, with finish_reason "cancelled".
+    """
+
+    def __init__(self, steps: Generator[EngineEvent, None, None], tracker: CompletionTracker):
+        self._steps = steps
+        self.tracker = tracker
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> EngineEvent:
+        return next(self._steps)
+
+    def close(self) -> None:
+        self._steps.close()
+
+    def cancel(self) -> GenerationSummary:
+        self._steps.close()
+        if not self.tracker.finished:
+            self.tracker.finish("cancelled")
+        if self.tracker.end is None:
+            self.tracker.end = time.perf_counter()
+        return self.tracker.summary()

@@ -1,0 +1,293 @@
+"""Detailed mode: our own speculative decoding loop with token-level tracking.
+
+One `next()` does one prefill chunk or one step. A step with K > 0 drafts K tokens, verifies
+all K + 1 positions with one target forward, decides acceptance on device (sampling.py) and
+syncs with the host once. A step with K = 0 is a plain target pass; consecutive plain steps
+are pipelined like mlx-lm's generate_step (the next pass is queued with mx.async_eval before
+the current token is read).
+
+Cache bookkeeping. With `seq` the prompt plus every emitted token, the target cache always
+holds seq[:-1] (the last token is the next step's input). The draft cache holds seq[:draft_len]
+and is fed seq[draft_len:] before proposing: normally one token, two after a step where every
+proposal was accepted (the draft never ran on its own last proposal, the "bonus" case), more
+after plain steps while adaptive K sat at 0. After verification both caches are trimmed back
+to the accepted prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import structlog
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from speclora.daemon.engine.adaptive import KPolicy, make_policy
+from speclora.daemon.engine.draft_vocab import DraftHead, DraftVocab, model_parts
+from speclora.daemon.engine.events import (
+    EngineEvent,
+    GenerationRequest,
+    PrefillProgress,
+    SamplingParams,
+    StepEvent,
+    StepTrace,
+)
+from speclora.daemon.engine.output import CompletionTracker
+from speclora.daemon.engine.sampling import (
+    filtered_logits,
+    greedy_verdict,
+    make_key,
+    sample,
+    speculative_verdict,
+    split_key,
+)
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class _Proposal:
+    tokens: mx.array  # (K,) the draft's proposals
+    draft_probs: mx.array  # (K,) q(x_i) (untempered softmax at T = 0)
+    q: mx.array | None  # (K, V) the distributions they were drawn from (T > 0 only)
+
+
+def _to_vocab(row: mx.array, ids: mx.array | None, vocab: int) -> mx.array:
+    """A draft distribution over the target's vocabulary (scatter a restricted head's N probs;
+    pad or cut a draft whose embedding is sized differently)."""
+    if ids is not None:
+        return mx.zeros((vocab,), row.dtype).at[ids].add(row)
+    if row.shape[-1] < vocab:
+        return mx.concatenate([row, mx.zeros((vocab - row.shape[-1],), row.dtype)])
+    return row[:vocab]
+
+
+class _Decoder:
+    """The mutable state of one detailed generation: caches, sequence, PRNG key."""
+
+    def __init__(
+        self,
+        target: Any,
+        draft: Any | None,
+        params: SamplingParams,
+        prompt: list[int],
+        draft_vocab: DraftVocab | None,
+    ):
+        self.target = target
+        self.target_parts = model_parts(target)
+        self.params = params
+        self.key = make_key(params.seed)
+        self.seq = list(prompt)
+        self.target_cache = make_prompt_cache(target)
+        self.draft = draft
+        self.draft_cache = make_prompt_cache(draft) if draft is not None else None
+        self.draft_parts = model_parts(draft) if draft is not None else None
+        self.head = DraftHead(self.draft_parts, draft_vocab) if self.draft_parts else None
+        self.draft_len = 0
+        self.vocab: int | None = None  # the target's logits width, learned on the first pass
+        self.lookahead: mx.array | None = None  # a queued plain-step token (lazy)
+
+    def _next_key(self) -> mx.array:
+        self.key, sub = split_key(self.key)
+        return sub
+
+    # ------------------------------------------------------------------ prefill
+
+    def prefill(self, tokens: list[int]) -> None:
+        """Run a chunk of the prompt through both models' trunks (no logits needed)."""
+        chunk = mx.array(tokens, mx.uint32)
+        self.target_parts.trunk(chunk, self.target_cache)
+        states = [c.state for c in self.target_cache]
+        if self.draft_parts is not None:
+            self.draft_parts.trunk(chunk, self.draft_cache)
+            states += [c.state for c in self.draft_cache]
+            self.draft_len += len(tokens)
+        mx.eval(states)
+
+    # ------------------------------------------------------------------ plain steps
+
+    def _plain_token(self, token: mx.array) -> mx.array:
+        logits = self.target(token.reshape(1, 1), cache=self.target_cache)[0, -1]
+        return sample(logits, self.params, self._next_key())
+
+    def plain_step(self, pipeline_next: bool) -> int:
+        """One target pass, one token. With `pipeline_next` the following plain pass is queued
+        before this token is read, so graph building overlaps compute."""
+        if self.lookahead is not None:
+            token, self.lookahead = self.lookahead, None
+        else:
+            token = self._plain_token(mx.array([self.seq[-1]], mx.uint32))
+        if pipeline_next:
+            self.lookahead = self._plain_token(token)
+            mx.async_eval(self.lookahead)
+        value = int(token.item())
+        self.seq.append(value)
+        return value
+
+    def drop_lookahead(self) -> None:
+        """Undo a queued plain pass that will not be used (the generation is ending)."""
+        if self.lookahead is not None:
+            self.lookahead = None
+            trim_prompt_cache(self.target_cache, 1)
+
+    # ------------------------------------------------------------------ speculative steps
+
+    def _propose(self, k: int) -> _Proposal:
+        assert self.head is not None and self.draft_cache is not None
+        greedy = self.params.greedy
+        feed = mx.array(self.seq[self.draft_len :], mx.uint32)
+        self.draft_len = len(self.seq)
+        tokens, probs, rows = [], [], []
+        for i in range(k):
+            ids, logits = self.head.logits(feed, self.draft_cache)
+            if greedy:
+                choice = mx.argmax(logits, axis=-1)
+                q_row = mx.softmax(logits.astype(mx.float32), axis=-1)
+            else:
+                shaped = filtered_logits(logits, self.params)
+                q_row = mx.softmax(shaped, axis=-1)
+                choice = mx.random.categorical(shaped, key=self._next_key())
+            probs.append(q_row[choice])
+            token = ids[choice] if ids is not None else choice
+            token = token.astype(mx.uint32)
+            tokens.append(token)
+            if not greedy:
+                assert self.vocab is not None
+                rows.append(_to_vocab(q_row, ids, self.vocab))
+            mx.async_eval(token)
+            if i < k - 1:
+                feed = token.reshape(1)
+        return _Proposal(
+            tokens=mx.stack(tokens),
+            draft_probs=mx.stack(probs),
+            q=mx.stack(rows) if rows else None,
+        )
+
+    def speculative_step(self, k: int) -> tuple[list[int], int, list[float], list[float]]:
+        """Draft k, verify k + 1 in one target pass, rewind. Returns (emitted tokens, accepted
+        count, target probs, draft probs of the proposals) and the proposals via self."""
+        if self.vocab is None:
+            self.vocab = self._vocab_width()
+        self.drop_lookahead()
+        proposal = self._propose(k)
+        verify_in = mx.concatenate([mx.array([self.seq[-1]], mx.uint32), proposal.tokens])
+        logits = self.target(verify_in[None], cache=self.target_cache)[0]
+        if self.params.greedy:
+            verdict = greedy_verdict(logits, proposal.tokens, proposal.draft_probs)
+        else:
+            assert proposal.q is not None
+            p = mx.softmax(filtered_logits(logits, self.params), axis=-1)
+            verdict = speculative_verdict(p, proposal.q, proposal.tokens, self._next_key())
+        mx.eval(
+            proposal.tokens,
+            verdict.accepted,
+            verdict.next_token,
+            verdict.target_probs,
+            verdict.draft_probs,
+        )
+        proposed = proposal.tokens.tolist()
+        n = int(verdict.accepted.item())
+        emitted = proposed[:n] + [int(verdict.next_token.item())]
+        # Target cache: seq[:-1] + [seq[-1]] + k proposals; keep through the n accepted.
+        trim_prompt_cache(self.target_cache, k - n)
+        # Draft cache: ran on seq and proposals 1..k-1; keep through the n accepted.
+        if n < k:
+            trim_prompt_cache(self.draft_cache, k - 1 - n)
+            self.draft_len = len(self.seq) + n
+        else:
+            self.draft_len = len(self.seq) + k - 1
+        self.seq.extend(emitted)
+        self.last_proposed = proposed
+        return emitted, n, verdict.target_probs.tolist(), verdict.draft_probs.tolist()
+
+    def _vocab_width(self) -> int:
+        parts = self.target_parts
+        weight = parts.head_weight() if parts.splittable else None
+        if weight is not None:
+            return int(weight.shape[0])
+        cache = make_prompt_cache(self.target)
+        return int(self.target(mx.array([[0]], mx.uint32), cache=cache).shape[-1])
+
+    def release(self) -> None:
+        """Drop both caches (they are this request's alone) and any queued work."""
+        self.lookahead = None
+        for cache in (self.target_cache, self.draft_cache):
+            if cache:
+                cache.clear()
+
+
+def detailed_steps(
+    target: Any,
+    draft: Any | None,
+    request: GenerationRequest,
+    spec: Any,
+    tracker: CompletionTracker,
+    *,
+    draft_vocab: DraftVocab | None = None,
+    cost_ratio: float | None = None,
+) -> Generator[EngineEvent, None, None]:
+    """The detailed-mode event generator (see module docstring). `tracker` is filled in as it
+    goes, so a caller can summarise a cancelled generation."""
+    speculate = draft is not None and request.draft_tokens != 0
+    policy: KPolicy = make_policy(request.draft_tokens, spec, cost_ratio)
+    prompt = list(tracker.prompt_ids)
+    decoder = _Decoder(target, draft if speculate else None, request.sampling, prompt, draft_vocab)
+    chunk = spec.prefill_chunk
+    try:
+        body = prompt[:-1]
+        for start in range(0, len(body), chunk):
+            decoder.prefill(body[start : start + chunk])
+            # The prompt's last token goes in with the first step, right after the last chunk.
+            last = start + chunk >= len(body)
+            yield PrefillProgress(done=len(prompt) if last else start + chunk, total=len(prompt))
+        tracker.prefill_done = time.perf_counter()
+        if tracker.remaining <= 0:
+            tracker.finish("length")
+
+        k = min(policy.next_k(), tracker.remaining - 1) if speculate else 0
+        while not tracker.finished:
+            before = len(tracker.ids)
+            if k <= 0:
+                policy.update(0, 0)
+                k_next = min(policy.next_k(), tracker.remaining - 2) if speculate else 0
+                pipeline = k_next <= 0 and tracker.remaining > 1
+                token = decoder.plain_step(pipeline_next=pipeline)
+                emitted, accepted, trace = [token], 0, StepTrace(0, (), (), (), 0, (token,), None)
+            else:
+                emitted, accepted, p, q = decoder.speculative_step(k)
+                policy.update(k, accepted)
+                trace = StepTrace(
+                    k=k,
+                    proposed=tuple(decoder.last_proposed),
+                    draft_probs=tuple(q),
+                    target_probs=tuple(p),
+                    accepted=accepted,
+                    emitted=tuple(emitted),
+                    first_rejection=accepted if accepted < k else None,
+                )
+                tracker.proposed += k
+                tracker.accepted += accepted
+            tracker.target_passes += 1
+            text = tracker.add(emitted, [True] * accepted + [False])
+            if trace.first_rejection is not None and before + accepted < len(tracker.ids):
+                tracker.rejection_positions.append(before + accepted)
+            if not tracker.finished:
+                k = min(policy.next_k(), tracker.remaining - 1) if speculate else 0
+            yield StepEvent(chunk=text, trace=trace)
+        decoder.drop_lookahead()
+        tracker.end = time.perf_counter()
+        summary = tracker.summary()
+        log.debug(
+            "generation_finished",
+            request_id=request.request_id,
+            mode="detailed",
+            tokens=summary.completion_tokens,
+            acceptance=round(summary.acceptance_rate, 3),
+            tokens_per_step=round(summary.tokens_per_step, 2),
+            finish_reason=summary.finish_reason,
+        )
+        yield summary
+    finally:
+        decoder.release()
