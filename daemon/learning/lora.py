@@ -1,0 +1,206 @@
+"""LoRA surgery on a draft model: attach, choose what trains, export and load weights.
+
+Works on any mlx-lm-style model with a `layers` list, which covers both a separate mlx-lm draft
+and a self-draft (`self:N`, a separate module tree whose arrays are the target's). LoRA stays
+unfused: fusing would write new base weights, and a self-draft's base weights *are* the
+target's. A self-draft also trains its own copy of the final norm; that tensor is kept apart
+from the LoRA file so `adapters.safetensors` still loads with `mlx_lm.generate --adapter-path`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.utils import linear_to_lora_layers, remove_lora_layers
+from speclora.daemon.errors import AdapterError
+
+LORA_LEAVES = ("lora_a", "lora_b")
+_NORM_TYPES = (nn.RMSNorm, nn.LayerNorm)
+_FINAL_NORM_NAMES = ("norm", "final_norm", "final_layernorm", "ln_f", "norm_f")
+
+
+def clone_tree(value: Any) -> Any:
+    """A new module tree with the same arrays: no weight is copied (MLX arrays are values).
+
+    Training mutates the clone (LoRA layers, optimizer updates) while generation keeps using
+    the original, so the daemon serves unchanged until an adapter is promoted.
+    """
+    if isinstance(value, nn.Module):
+        new = copy.copy(value)
+        # Per-module bookkeeping (_no_grad, _training) must not be shared with the original.
+        object.__setattr__(
+            new,
+            "__dict__",
+            {
+                k: copy.copy(v) if isinstance(v, (set, dict, list)) else v
+                for k, v in value.__dict__.items()
+            },
+        )
+        for key, child in value.items():
+            dict.__setitem__(new, key, clone_tree(child))
+        return new
+    if isinstance(value, list):
+        return [clone_tree(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(clone_tree(v) for v in value)
+    if isinstance(value, dict):
+        return {k: clone_tree(v) for k, v in value.items()}
+    return value
+
+
+def adapter_config(num_layers: int, rank: int, scale: float, dropout: float) -> dict[str, Any]:
+    """The adapter_config.json mlx-lm's `load_adapters` reads."""
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": int(num_layers),
+        "lora_parameters": {"rank": int(rank), "scale": float(scale), "dropout": float(dropout)},
+    }
+
+
+def resolve_num_layers(model: nn.Module, configured: int) -> int:
+    """lora.layers = -1 means every draft layer; never more than the draft has."""
+    total = len(model.layers)
+    return total if configured < 0 else min(configured, total)
+
+
+def current_config(model: nn.Module) -> dict[str, Any] | None:
+    """The adapter config of the LoRA layers attached now, or None when there are none."""
+    layers_with_lora = 0
+    first: LoRALinear | None = None
+    for layer in model.layers:
+        found = [m for _, m in layer.named_modules() if isinstance(m, LoRALinear)]
+        if found:
+            layers_with_lora += 1
+            first = first or found[0]
+    if first is None:
+        return None
+    return adapter_config(
+        layers_with_lora, first.lora_a.shape[1], first.scale, round(1.0 - first.dropout._p_1, 6)
+    )
+
+
+def attach(model: nn.Module, config: dict[str, Any]) -> None:
+    """Wrap the last `num_layers` layers' linears with LoRA (no-op if already so)."""
+    if current_config(model) == config:
+        return
+    strip(model)
+    linear_to_lora_layers(model, config["num_layers"], dict(config["lora_parameters"]))
+
+
+def strip(model: nn.Module) -> None:
+    """Remove LoRA wrappers, leaving the base linears (shared arrays untouched)."""
+    remove_lora_layers(model)
+
+
+def final_norm_path(model: nn.Module) -> str | None:
+    """Dotted path of the norm after the last layer (e.g. "model.norm"), if there is one."""
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if name and isinstance(module, _NORM_TYPES) and "layers" not in name.split(".")
+    ]
+    named = [c for c in candidates if c.rsplit(".", 1)[-1] in _FINAL_NORM_NAMES]
+    if named:
+        return named[0]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _module_at(model: nn.Module, path: str) -> nn.Module:
+    module: Any = model
+    for part in path.split("."):
+        module = module[part] if isinstance(module, dict) else module[int(part)]
+    return module
+
+
+def own_final_norm(draft: nn.Module, target: nn.Module | None) -> str | None:
+    """Make sure the draft's final norm is not the target's module object.
+
+    A self-draft shares arrays with the target; training or loading its norm must replace
+    the draft's own module entry, never the target's. Returns the norm's path.
+    """
+    path = final_norm_path(draft)
+    if path is None or target is None:
+        return path
+    norm = _module_at(draft, path)
+    if any(m is norm for _, m in target.named_modules()):
+        draft.update_modules(tree_unflatten([(path, clone_tree(norm))]))
+    return path
+
+
+def set_trainable(model: nn.Module, *, train_norm: bool) -> list[str]:
+    """Freeze everything but the LoRA matrices (and the final norm); returns trainable names."""
+    model.freeze()
+
+    def unfreeze_lora(_: str, m: nn.Module) -> None:
+        if isinstance(m, LoRALinear):
+            m.unfreeze(keys=list(LORA_LEAVES), recurse=False)
+
+    model.apply_to_modules(unfreeze_lora)
+    if train_norm and (path := final_norm_path(model)) is not None:
+        _module_at(model, path).unfreeze()
+    return [name for name, _ in tree_flatten(model.trainable_parameters())]
+
+
+def split_weights(
+    model: nn.Module, *, with_norm: bool
+) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
+    """(LoRA weights, extras) as flat name -> array dicts, ready for safetensors."""
+    params = dict(tree_flatten(model.parameters()))
+    lora = {k: v for k, v in params.items() if k.rsplit(".", 1)[-1] in LORA_LEAVES}
+    extras: dict[str, mx.array] = {}
+    if with_norm and (path := final_norm_path(model)) is not None:
+        extras = {k: v for k, v in params.items() if k.startswith(path + ".")}
+    return lora, extras
+
+
+def norm_weights(model: nn.Module) -> dict[str, mx.array]:
+    """The final norm's current arrays (to restore a self-draft's base norm later)."""
+    path = final_norm_path(model)
+    if path is None:
+        return {}
+    params = dict(tree_flatten(model.parameters()))
+    return {k: v for k, v in params.items() if k.startswith(path + ".")}
+
+
+def check_weights(
+    model: nn.Module,
+    config: dict[str, Any],
+    lora: dict[str, mx.array],
+    extras: dict[str, mx.array],
+) -> None:
+    """Raise AdapterError unless the weights fit the model exactly, without touching it."""
+    probe = clone_tree(model)
+    attach(probe, config)
+    params = dict(tree_flatten(probe.parameters()))
+    expected = {k: v for k, v in params.items() if k.rsplit(".", 1)[-1] in LORA_LEAVES}
+    norm = norm_weights(probe)
+    errors = [f"{k}: missing" for k in expected if k not in lora]
+    for name, w in [*lora.items(), *extras.items()]:
+        allowed = expected if name in lora else norm
+        if name not in allowed:
+            errors.append(f"{name}: not a parameter of this draft")
+        elif tuple(w.shape) != tuple(allowed[name].shape):
+            errors.append(
+                f"{name}: shape {tuple(w.shape)} does not match the draft's "
+                f"{tuple(allowed[name].shape)}"
+            )
+    if errors:
+        shown = "\n  ".join(errors[:8]) + ("\n  ..." if len(errors) > 8 else "")
+        raise AdapterError(f"adapter does not fit this draft:\n  {shown}")
+
+
+def load(
+    model: nn.Module,
+    config: dict[str, Any],
+    lora: dict[str, mx.array],
+    extras: dict[str, mx.array],
+) -> None:
+    """Attach LoRA per `config` and load the weights in place (call check_weights first)."""
+    attach(model, config)
+    model.load_weights([*lora.items(), *extras.items()], strict=False)
+    mx.eval(model.parameters())
