@@ -1,0 +1,119 @@
+"""`speclora generate PROMPT`: stream one completion from the daemon."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from speclora.client.render import address_option, chunk_text, client_errors, is_tty
+from speclora.client.stub import GenerationSummary, SpecLoRAClient, TextChunk
+
+
+def summary_line(s: GenerationSummary) -> str:
+    return (
+        f"[{s.completion_tokens} tokens, {s.tokens_per_second:.1f} tok/s, acceptance "
+        f"{s.acceptance_rate:.2f} ({s.accepted}/{s.proposed}), {s.tokens_per_step:.2f} tokens/step, "
+        f"{s.mode}, finish {s.finish_reason}{', recorded' if s.failure_recorded else ''}]"
+    )
+
+
+@click.command()
+@click.argument("prompt", required=False)
+@click.option("--max-tokens", type=int, help="Most tokens to generate (default: the daemon's).")
+@click.option("--temperature", type=float, help="0 = greedy (default: the daemon's).")
+@click.option("--top-p", type=float, help="Nucleus sampling mass in (0, 1].")
+@click.option("--top-k", type=int, help="Keep the k most likely tokens (0 = off).")
+@click.option("--seed", type=int, help="Random seed for reproducible sampling.")
+@click.option("--draft-tokens", type=int, help="Draft tokens per step, 0-16 (default: adaptive).")
+@click.option("--mode", type=click.Choice(["detailed", "fast"]), help="Engine mode.")
+@click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
+@click.option("--raw", is_flag=True, help="Send PROMPT as-is, without the chat template.")
+@click.option("--no-record", is_flag=True, help="Never store this request as a failure case.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
+@address_option
+@click.pass_context
+def generate(
+    ctx: click.Context,
+    prompt: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    draft_tokens: int | None,
+    mode: str | None,
+    stop: tuple[str, ...],
+    raw: bool,
+    no_record: bool,
+    as_json: bool,
+    address: str | None,
+) -> None:
+    """Generate text for PROMPT (or stdin), streamed as it is accepted."""
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise click.UsageError("give a PROMPT, or pipe one on stdin")
+        prompt = sys.stdin.read()
+    colour = is_tty() and not as_json
+    chunks: list[TextChunk] = []
+    summary: GenerationSummary | None = None
+    with client_errors(), SpecLoRAClient(address, config_path=ctx.obj.get("config_path")) as client:
+        stream = client.generate(
+            prompt,
+            raw=raw,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            draft_tokens=draft_tokens,
+            mode=mode,
+            record=False if no_record else None,
+        )
+        try:
+            for event in stream:
+                if isinstance(event, TextChunk):
+                    chunks.append(event)
+                    if not as_json:
+                        click.echo(chunk_text(event, colour), nl=False)
+                else:
+                    summary = event
+        except KeyboardInterrupt:
+            stream.close()  # cancels the request in the daemon
+            click.echo("\n[cancelled]", err=True)
+            sys.exit(130)
+    if as_json:
+        click.echo(json.dumps(_result(chunks, summary)))
+        return
+    click.echo()
+    if summary is not None:
+        click.echo(
+            click.style(summary_line(summary), dim=True) if colour else summary_line(summary),
+            err=True,
+        )
+
+
+def _result(chunks: list[TextChunk], s: GenerationSummary | None) -> dict[str, object]:
+    result: dict[str, object] = {
+        "text": "".join(c.text for c in chunks),
+        "token_ids": [t for c in chunks for t in c.token_ids],
+        "from_draft": [d for c in chunks for d in c.from_draft],
+    }
+    if s is not None:
+        result.update(
+            request_id=s.request_id,
+            prompt_tokens=s.prompt_tokens,
+            completion_tokens=s.completion_tokens,
+            proposed=s.proposed,
+            accepted=s.accepted,
+            acceptance_rate=s.acceptance_rate,
+            tokens_per_second=s.tokens_per_second,
+            time_to_first_token_s=s.time_to_first_token_s,
+            tokens_per_step=s.tokens_per_step,
+            finish_reason=s.finish_reason,
+            mode=s.mode,
+            adapter_version=s.adapter_version,
+            failure_recorded=s.failure_recorded,
+        )
+    return result

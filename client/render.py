@@ -1,0 +1,120 @@
+"""How the CLI shows things: draft-coloured text, sparklines, stats, and errors as one line.
+
+Colours and redraws only on a terminal; piped output stays plain text (or JSON with --json).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TextIO
+
+import click
+from speclora.client.stub import (
+    DaemonNotRunning,
+    SpecLoRAClientError,
+    StatsSnapshot,
+    TextChunk,
+)
+from speclora.shared.config import ConfigError
+
+EXIT_NOT_RUNNING = 2
+DRAFT_COLOUR = "cyan"
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def is_tty(stream: TextIO | None = None) -> bool:
+    stream = stream or sys.stdout
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+def chunk_text(chunk: TextChunk, colour: bool) -> str:
+    """A chunk's text; on a terminal, chunks mostly proposed by the draft are coloured.
+
+    A chunk is one speculative step's text (accepted draft tokens plus the target's own), and
+    its token boundaries are not in the text, so the colour marks the step, not single tokens.
+    """
+    if not colour or not chunk.from_draft:
+        return chunk.text
+    drafted = sum(chunk.from_draft) / len(chunk.from_draft)
+    return click.style(chunk.text, fg=DRAFT_COLOUR) if drafted >= 0.5 else chunk.text
+
+
+def sparkline(values: Sequence[float], width: int = 40) -> str:
+    """Values in [0, 1] as block characters, newest on the right."""
+    tail = list(values)[-width:]
+    return "".join(_SPARKS[min(int(max(v, 0.0) * len(_SPARKS)), len(_SPARKS) - 1)] for v in tail)
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def human_duration(seconds: float) -> str:
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {s}s" if minutes else f"{s}s"
+
+
+def stats_lines(snap: StatsSnapshot, spark: bool) -> list[str]:
+    """The human form of a stats snapshot."""
+    lines = [
+        f"target      {snap.target_model}",
+        f"draft       {snap.draft_model or '(none)'}   adapter {snap.adapter_version or 'none'}",
+        f"uptime      {human_duration(snap.uptime_s)}   version {snap.version}   "
+        f"blas {snap.blas}   mode {snap.default_mode}",
+        f"requests    {snap.requests_total} done, {snap.requests_active} running, "
+        f"{snap.queue_depth} queued   tokens {snap.tokens_total}",
+        f"acceptance  lifetime {snap.acceptance_lifetime:.3f}   recent {snap.acceptance_recent:.3f}"
+        f"   tokens/s recent {snap.tokens_per_second_recent:.1f}",
+    ]
+    if spark and snap.acceptance_history:
+        lines.append(f"recent      {sparkline(snap.acceptance_history)}")
+    for a in snap.per_adapter:
+        lines.append(
+            f"  adapter {a.adapter_version or 'base':10s} {a.requests:6d} requests  "
+            f"acceptance {a.acceptance_rate:.3f} ({a.accepted}/{a.proposed})"
+        )
+    lines += [
+        f"learning    {snap.failure_cases} failure cases, {snap.pending_cases} new   "
+        f"training {snap.training_state}",
+        f"memory      rss {human_bytes(snap.rss_bytes)}   peak {human_bytes(snap.peak_rss_bytes)}"
+        f"   weights {human_bytes(snap.weight_bytes)}",
+    ]
+    return lines
+
+
+@contextmanager
+def client_errors() -> Iterator[None]:
+    """Turn client errors into one line for the user; the daemon not running exits 2."""
+    try:
+        yield
+    except DaemonNotRunning as exc:
+        click.echo(f"speclora: {exc}", err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+    except SpecLoRAClientError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ConfigError as exc:
+        raise click.ClickException(f"{exc}\nFix the configuration and try again.") from None
+
+
+def address_option(f):  # type: ignore[no-untyped-def]
+    """--address for every command that talks to the daemon."""
+    return click.option(
+        "--address",
+        envvar="SPECLORA_ADDRESS",
+        help="Daemon address: a socket path, unix:PATH or HOST:PORT (default: the configured "
+        "socket).",
+    )(f)
