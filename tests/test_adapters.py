@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -76,9 +75,7 @@ def make_adapter(
     updates += [(k, v * 1.5) for k, v in extras.items()]
     model.load_weights(updates, strict=False)
     meta = {"status": status, "parent": parent, "reason": "test", "draft_id": hub.draft_name}
-    info = save_adapter(
-        store, model, config, meta, with_norm=hub.draft_spec.startswith("self:")
-    )
+    info = save_adapter(store, model, config, meta, with_norm=hub.draft_spec.startswith("self:"))
     return info.version
 
 

@@ -1,0 +1,245 @@
+"""One training run as a generator the engine worker advances a slice at a time.
+
+`run_training` checks its preconditions at once (so the Train RPC fails fast with a clear
+message) and returns a generator. Each `next()` does one bounded slice: a batch of teacher
+logits, a batch of held-out evaluation, or one optimizer step; the worker runs generation
+steps in between, so serving continues during training. Training happens on a clone of the
+draft; the serving draft changes only at the very end, when a promoted adapter is swapped in.
+Closing the generator early (cancel, shutdown) leaves no trace: nothing is written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import structlog
+from speclora.daemon.errors import AdapterError, PreconditionError
+from speclora.daemon.learning import lora
+from speclora.daemon.learning.adapters import PROMOTED, REJECTED, AdapterStore
+from speclora.daemon.learning.events import (
+    TrainEvaluation,
+    TrainEvent,
+    TrainParams,
+    TrainProgress,
+    TrainResult,
+    TrainStarted,
+    TrainTick,
+)
+from speclora.daemon.learning.store import FailureStore
+from speclora.daemon.learning.swap import BASE_NORM_KEY, apply_adapter, is_self_draft, save_adapter
+from speclora.daemon.learning.trainer import (
+    DraftTrainer,
+    Example,
+    LossPositionLogits,
+    TeacherRows,
+    expected_acceptance,
+    prepare_examples,
+    shuffle_teacher,
+    split_examples,
+    teacher_rows,
+    token_batches,
+    vocab_size,
+)
+from speclora.daemon.state import ModelHub
+from speclora.shared.config import Config
+
+log = structlog.get_logger(__name__)
+
+# Padded tokens per teacher/evaluation slice: bounds how long generation waits on training.
+SLICE_TOKENS = 2048
+
+
+def run_training(
+    hub: ModelHub,
+    store: FailureStore,
+    adapters: AdapterStore,
+    config: Config,
+    params: TrainParams | None = None,
+) -> Iterator[TrainEvent]:
+    """Validate, then return the run's event generator. Worker thread only.
+
+    Raises PreconditionError when there is no draft or too few cases to train on.
+    """
+    params = params or TrainParams()
+    learning = config.learning
+    if hub.draft is None:
+        raise PreconditionError(
+            "there is no draft model to train (models.draft is 'none'); configure a draft"
+        )
+    cases = store.recent(params.max_cases)
+    if len(cases) < learning.min_cases:
+        raise PreconditionError(
+            f"training needs at least {learning.min_cases} failure cases and the store has "
+            f"{len(cases)}; generate more with recording on (learning.record) and retry"
+        )
+    weight = learning.rejected_weight if params.rejected_weight is None else params.rejected_weight
+    examples = prepare_examples(cases, config.lora.max_seq_len, weight)
+    train, heldout = split_examples(examples, learning.heldout_fraction)
+    if not train or not heldout:
+        raise PreconditionError(
+            f"{len(examples)} usable cases cannot be split into train and held-out sets; "
+            "record more cases"
+        )
+    through_id = max(int(c.id or 0) for c in cases)
+    return _run(hub, store, adapters, config, params, train, heldout, through_id, weight)
+
+
+def _run(
+    hub: ModelHub,
+    store: FailureStore,
+    adapters: AdapterStore,
+    config: Config,
+    params: TrainParams,
+    train: list[Example],
+    heldout: list[Example],
+    through_id: int,
+    rejected_weight: float,
+) -> Iterator[TrainEvent]:
+    start = time.monotonic()
+    learning, lora_cfg = config.learning, config.lora
+    steps = params.steps or lora_cfg.steps
+    lr = params.learning_rate or lora_cfg.learning_rate
+    parent = hub.adapter_version
+    self_draft = is_self_draft(hub)
+    log.info(
+        "training_started",
+        train_cases=len(train),
+        heldout_cases=len(heldout),
+        steps=steps,
+        parent=parent or "none",
+    )
+    yield TrainStarted(len(train), len(heldout), steps, parent)
+
+    vocab = vocab_size(hub.target, hub.draft)
+    target = LossPositionLogits(hub.target)
+
+    # Held-out acceptance of the draft that serves now: the bar a new adapter must clear.
+    served = LossPositionLogits(hub.draft)
+    before = yield from _evaluate(target, served, heldout, vocab)
+    yield TrainEvaluation("before", before)
+
+    # Teacher distributions, once per training case, kept in memory for the whole run.
+    teacher: dict[int, TeacherRows] = {}
+    batches = token_batches(train, SLICE_TOKENS)
+    for n, batch in enumerate(batches, 1):
+        rows = teacher_rows(target, batch, learning.teacher_top_k, vocab)
+        teacher.update((id(e), r) for e, r in zip(batch, rows, strict=True))
+        yield TrainTick("teacher", n, len(batches))
+    if params.shuffle_teacher:
+        shuffled = shuffle_teacher([teacher[id(e)] for e in train], params.seed)
+        teacher = {id(e): rows for e, rows in zip(train, shuffled, strict=True)}
+
+    adapter_config = lora.adapter_config(
+        lora.resolve_num_layers(hub.draft, lora_cfg.layers),
+        lora_cfg.rank,
+        lora_cfg.scale,
+        lora_cfg.dropout,
+    )
+    trainer = DraftTrainer(
+        hub.draft,
+        adapter_config,
+        train_norm=self_draft,
+        learning_rate=lr,
+        vocab=vocab,
+        seed=params.seed,
+    )
+    if lora.current_config(hub.draft) != adapter_config:
+        parent = ""  # LoRA shape changed since the active adapter: train from the base draft
+        base_norm = hub.extras.get(BASE_NORM_KEY)
+        if self_draft and base_norm:
+            trainer.model.load_weights(list(base_norm.items()), strict=False)
+
+    rng = np.random.default_rng(params.seed)
+    order: list[Example] = []
+    loss = float("nan")
+    done = 0
+    for step in range(1, steps + 1):
+        if learning.max_train_s and time.monotonic() - start > learning.max_train_s:
+            log.info("training_time_budget_reached", steps_done=done, budget_s=learning.max_train_s)
+            break
+        if len(order) < lora_cfg.batch_size:
+            order.extend(train[i] for i in rng.permutation(len(train)))
+        batch, order = order[: lora_cfg.batch_size], order[lora_cfg.batch_size :]
+        t0 = time.perf_counter()
+        loss, tokens = trainer.step(batch, [teacher[id(e)] for e in batch])
+        done = step
+        rate = tokens / max(time.perf_counter() - t0, 1e-9)
+        yield TrainProgress(step, steps, loss, rate)
+
+    model = trainer.finish()
+    after = yield from _evaluate(target, LossPositionLogits(model), heldout, vocab)
+    yield TrainEvaluation("after", after)
+
+    margin = learning.promotion_margin
+    if after >= before + margin:
+        promoted = True
+        reason = f"held-out acceptance rose {before:.3f} -> {after:.3f} (margin {margin:.3f})"
+    elif params.force_promote:
+        promoted = True
+        reason = f"forced: held-out acceptance {before:.3f} -> {after:.3f} (margin {margin:.3f})"
+    else:
+        promoted = False
+        reason = (
+            f"held-out acceptance {before:.3f} -> {after:.3f} did not rise by the margin "
+            f"{margin:.3f}; kept for inspection, not used"
+        )
+    metadata = {
+        "parent": parent,
+        "status": PROMOTED if promoted else REJECTED,
+        "reason": reason,
+        "acceptance_before": before,
+        "acceptance_after": after,
+        "train_cases": len(train),
+        "heldout_cases": len(heldout),
+        "case_id_range": [min(e.case_id for e in train + heldout), through_id],
+        "steps": done,
+        "final_loss": loss,
+        "learning_rate": lr,
+        "rejected_weight": rejected_weight,
+        "teacher_top_k": learning.teacher_top_k,
+        "shuffle_teacher": params.shuffle_teacher,
+        "target_id": hub.target_name,
+        "draft_id": hub.draft_name,
+        "draft_spec": hub.draft_spec,
+        "duration_s": time.monotonic() - start,
+    }
+    info = save_adapter(adapters, model, adapter_config, metadata, with_norm=self_draft)
+    if promoted:
+        try:
+            apply_adapter(hub, adapters, info.version)
+            adapters.activate(info.version, force=True)
+        except AdapterError as exc:  # should not happen: we just wrote it
+            promoted = False
+            reason = f"could not swap in the new adapter: {exc}"
+            adapters.set_status(info.version, REJECTED, reason)
+            log.exception("adapter_swap_failed", version=info.version)
+    store.mark_trained(through_id)
+    duration = time.monotonic() - start
+    log.info(
+        "training_finished",
+        version=info.version,
+        promoted=promoted,
+        before=round(before, 4),
+        after=round(after, 4),
+        steps=done,
+        duration_s=round(duration, 1),
+    )
+    yield TrainResult(info.version, promoted, reason, before, after, duration)
+
+
+def _evaluate(
+    target: LossPositionLogits,
+    draft: LossPositionLogits,
+    examples: Sequence[Example],
+    vocab: int,
+) -> Iterator[TrainTick]:
+    """Mean expected acceptance over held-out positions, one slice per batch."""
+    total, count = 0.0, 0
+    batches = token_batches(examples, SLICE_TOKENS)
+    for n, batch in enumerate(batches, 1):
+        s, c = expected_acceptance(target, draft, batch, vocab)
+        total, count = total + s, count + c
+        yield TrainTick("evaluate", n, len(batches))
+    return total / count if count else 0.0

@@ -1,0 +1,326 @@
+"""LoRA distillation of the draft towards the target on recorded failure cases.
+
+Loss: KL(target || draft) at every position that predicts a completion token, with the target
+run teacher-forced over the stored token ids (nothing but ids is stored) and positions where
+the draft's proposal was rejected weighted up (Online Speculative Decoding's idea). The
+target's distributions are computed once per case per run and kept in memory as their top-k
+(plus one bucket for the remaining mass), which is exact where it matters for acceptance and
+small enough to cache for thousands of positions; `teacher_top_k = 0` keeps full rows.
+
+Evaluation is the engine's own acceptance rule in expectation, by teacher forcing, so it
+needs no generation: at temperature 0 a position counts 1 when the draft's argmax equals the
+target's; at T > 0 it counts sum_x min(p(x), q(x)) of the tempered distributions.
+
+Only logits at loss positions go through the LM head (a large part of a small draft's cost),
+when the model's body/head split is recognised; otherwise the full forward is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from speclora.daemon.learning import lora
+from speclora.daemon.learning.store import FailureCase
+
+
+@dataclass(frozen=True)
+class Example:
+    """One case as model input: `tokens` in, loss at positions first .. len(tokens) - 2."""
+
+    case_id: int
+    tokens: tuple[int, ...]
+    first: int  # first position whose logits predict a completion token
+    weights: tuple[float, ...]  # one per loss position
+    temperature: float
+
+    @property
+    def positions(self) -> range:
+        return range(self.first, len(self.tokens) - 1)
+
+
+@dataclass
+class TeacherRows:
+    """The target's distributions at one example's loss positions (top-k or full)."""
+
+    logp: mx.array  # (n, k) log-probs of the top-k tokens, or (n, V) full log-probs
+    index: mx.array | None  # (n, k) token ids of the top-k; None for full rows
+    logp_rest: mx.array | None  # (n,) log of the mass outside the top-k
+
+
+def prepare_examples(
+    cases: Sequence[FailureCase], max_seq_len: int, rejected_weight: float
+) -> list[Example]:
+    """Token sequences with per-position weights; long cases keep their last tokens."""
+    examples = []
+    for case in cases:
+        seq = list(case.prompt_ids) + list(case.completion_ids)
+        n_prompt = len(case.prompt_ids)
+        cut = max(0, len(seq) - max_seq_len)
+        tokens = seq[cut:]
+        first = max(n_prompt - 1 - cut, 0)
+        rejected = set(case.rejection_positions)
+        # Position i (in `tokens`) predicts completion index i + cut + 1 - n_prompt.
+        weights = tuple(
+            rejected_weight if (i + cut + 1 - n_prompt) in rejected else 1.0
+            for i in range(first, len(tokens) - 1)
+        )
+        if weights:
+            examples.append(
+                Example(int(case.id or 0), tuple(tokens), first, weights, case.temperature)
+            )
+    return examples
+
+
+def is_heldout(case_id: int, fraction: float) -> bool:
+    """Deterministic split by case id: a case stays on its side across runs."""
+    digest = hashlib.blake2b(str(case_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def split_examples(
+    examples: Sequence[Example], heldout_fraction: float
+) -> tuple[list[Example], list[Example]]:
+    train = [e for e in examples if not is_heldout(e.case_id, heldout_fraction)]
+    heldout = [e for e in examples if is_heldout(e.case_id, heldout_fraction)]
+    # Tiny stores can land all on one side; move the newest case across so both have one.
+    if not heldout and len(train) > 1:
+        heldout.append(train.pop())
+    if not train and len(heldout) > 1:
+        train.append(heldout.pop(0))
+    return train, heldout
+
+
+def token_batches(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]:
+    """Consecutive groups of examples of at most `max_tokens` padded tokens (>= 1 example)."""
+    batches: list[list[Example]] = []
+    current: list[Example] = []
+    longest = 0
+    for e in examples:
+        longest_with = max(longest, len(e.tokens))
+        if current and longest_with * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, longest_with = [], len(e.tokens)
+        current.append(e)
+        longest = longest_with
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _inputs(batch: Sequence[Example]) -> tuple[mx.array, mx.array]:
+    """Right-padded input ids (B, L) and the flat indices of every loss position."""
+    length = max(len(e.tokens) for e in batch)
+    ids = np.zeros((len(batch), length), dtype=np.int32)
+    flat: list[int] = []
+    for b, e in enumerate(batch):
+        ids[b, : len(e.tokens)] = e.tokens
+        flat.extend(b * length + i for i in e.positions)
+    return mx.array(ids), mx.array(np.asarray(flat, dtype=np.int32))
+
+
+class LossPositionLogits:
+    """logits at chosen positions only: body once, LM head on the rows that need it.
+
+    The split (model.model -> hidden, then lm_head or tied embeddings) is checked once
+    against the model's own forward; when it does not match, the full forward is used.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._split: Callable[[mx.array], tuple[mx.array, Callable[[mx.array], mx.array]]]
+        self._split_ok = self._check_split()
+
+    def _body_head(self, inputs: mx.array) -> tuple[mx.array, Callable[[mx.array], mx.array]]:
+        m = self.model
+        hidden = m.model(inputs)
+        if "lm_head" in m:
+            return hidden, m.lm_head
+        return hidden, m.model.embed_tokens.as_linear
+
+    def _check_split(self) -> bool:
+        try:
+            probe = mx.array([[1, 2, 3, 4]], dtype=mx.int32)
+            hidden, head = self._body_head(probe)
+            ok = mx.allclose(head(hidden), self.model(probe), atol=1e-4, rtol=1e-4).item()
+            return bool(ok)
+        except Exception:  # a model whose anatomy we do not know: use its own forward
+            return False
+
+    def __call__(self, inputs: mx.array, flat: mx.array) -> mx.array:
+        b, length = inputs.shape
+        if self._split_ok:
+            hidden, head = self._body_head(inputs)
+            rows = hidden.reshape(b * length, -1)[flat]
+            return head(rows).astype(mx.float32)
+        logits = self.model(inputs)
+        return logits.reshape(b * length, -1)[flat].astype(mx.float32)
+
+
+def _log_softmax(logits: mx.array) -> mx.array:
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def teacher_rows(
+    target: LossPositionLogits, batch: Sequence[Example], top_k: int, vocab: int
+) -> list[TeacherRows]:
+    """The target's teacher-forced distributions for a batch, split per example."""
+    inputs, flat = _inputs(batch)
+    logp = _log_softmax(target(inputs, flat)[:, :vocab])
+    if 0 < top_k < vocab:
+        index = mx.argpartition(-logp, kth=top_k - 1, axis=-1)[:, :top_k].astype(mx.int32)
+        logp_k = mx.take_along_axis(logp, index, axis=-1)
+        rest = mx.log(mx.maximum(1.0 - mx.exp(logp_k).sum(axis=-1), 1e-9))
+        mx.eval(index, logp_k, rest)
+    else:
+        index, logp_k, rest = None, logp, None
+        mx.eval(logp_k)
+    out, start = [], 0
+    for e in batch:
+        n = len(e.weights)
+        sl = slice(start, start + n)
+        out.append(
+            TeacherRows(
+                logp_k[sl], None if index is None else index[sl], None if rest is None else rest[sl]
+            )
+        )
+        start += n
+    return out
+
+
+def shuffle_teacher(rows: list[TeacherRows], seed: int) -> list[TeacherRows]:
+    """Permute teacher rows across all positions: a deliberately wrong target (ablation)."""
+    sizes = [r.logp.shape[0] for r in rows]
+    perm = mx.array(np.random.default_rng(seed).permutation(sum(sizes)).astype(np.int32))
+
+    def cat(get: Callable[[TeacherRows], Any]) -> Any:
+        parts = [get(r) for r in rows]
+        return None if parts[0] is None else mx.concatenate(parts)[perm]
+
+    logp, index, rest = cat(lambda r: r.logp), cat(lambda r: r.index), cat(lambda r: r.logp_rest)
+    out, start = [], 0
+    for n in sizes:
+        sl = slice(start, start + n)
+        out.append(
+            TeacherRows(
+                logp[sl], None if index is None else index[sl], None if rest is None else rest[sl]
+            )
+        )
+        start += n
+    return out
+
+
+def weighted_kl(
+    draft_logits: mx.array,
+    logp: mx.array,
+    index: mx.array | None,
+    logp_rest: mx.array | None,
+    weights: mx.array,
+) -> mx.array:
+    """sum_i w_i KL(p_i || q_i) / sum_i w_i over rows; top-k rows carry one rest bucket."""
+    logq = _log_softmax(draft_logits)
+    if index is None:
+        kl = (mx.exp(logp) * (logp - logq)).sum(axis=-1)
+    else:
+        logq_k = mx.take_along_axis(logq, index, axis=-1)
+        q_rest = mx.maximum(1.0 - mx.exp(logq_k).sum(axis=-1), 1e-9)
+        kl = (mx.exp(logp) * (logp - logq_k)).sum(axis=-1)
+        kl = kl + mx.exp(logp_rest) * (logp_rest - mx.log(q_rest))
+    return (kl * weights).sum() / weights.sum()
+
+
+def expected_acceptance(
+    target: LossPositionLogits,
+    draft: LossPositionLogits,
+    batch: Sequence[Example],
+    vocab: int,
+) -> tuple[float, int]:
+    """(sum of per-position expected acceptance, positions) under the engine's rule."""
+    inputs, flat = _inputs(batch)
+    t = target(inputs, flat)[:, :vocab]
+    d = draft(inputs, flat)[:, :vocab]
+    temps = mx.array(
+        np.concatenate([np.full(len(e.weights), e.temperature, np.float32) for e in batch])
+    )
+    greedy = (mx.argmax(t, axis=-1) == mx.argmax(d, axis=-1)).astype(mx.float32)
+    safe_t = mx.maximum(temps, 1e-6)[:, None]
+    p = mx.softmax(t / safe_t, axis=-1)
+    q = mx.softmax(d / safe_t, axis=-1)
+    sampled = mx.minimum(p, q).sum(axis=-1)
+    per_position = mx.where(temps == 0, greedy, sampled)
+    total = per_position.sum().item()
+    return float(total), int(flat.shape[0])
+
+
+def vocab_size(target: nn.Module, draft: nn.Module) -> int:
+    """Shared vocabulary width (drafts may pad their head differently)."""
+    probe = mx.array([[1]], dtype=mx.int32)
+    return int(min(target(probe).shape[-1], draft(probe).shape[-1]))
+
+
+class DraftTrainer:
+    """LoRA training state for one run: a clone of the draft, its optimizer, one step at a time.
+
+    The clone shares every base array with the serving draft (and, for a self-draft, with the
+    target), so it costs only the LoRA matrices; the serving draft is untouched until the
+    session promotes the result.
+    """
+
+    def __init__(
+        self,
+        draft: nn.Module,
+        adapter_config: dict[str, Any],
+        *,
+        train_norm: bool,
+        learning_rate: float,
+        vocab: int,
+        seed: int = 0,
+    ) -> None:
+        self.vocab = vocab
+        self.model = lora.clone_tree(draft)
+        self.config = adapter_config
+        mx.random.seed(seed)  # LoRA init; the worker's generations seed their own keys
+        lora.attach(self.model, adapter_config)
+        self.train_norm = train_norm
+        self.trainable = lora.set_trainable(self.model, train_norm=train_norm)
+        self.model.train()
+        self.logits = LossPositionLogits(self.model)
+        self.optimizer = optim.Adam(learning_rate=learning_rate)
+        self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
+
+    def _loss(
+        self,
+        inputs: mx.array,
+        flat: mx.array,
+        logp: mx.array,
+        index: mx.array | None,
+        rest: mx.array | None,
+        weights: mx.array,
+    ) -> mx.array:
+        logits = self.logits(inputs, flat)[:, : self.vocab]
+        return weighted_kl(logits, logp, index, rest, weights)
+
+    def step(self, batch: Sequence[Example], teacher: Sequence[TeacherRows]) -> tuple[float, int]:
+        """One optimizer step on a batch; returns (loss, tokens processed)."""
+        inputs, flat = _inputs(batch)
+        logp = mx.concatenate([t.logp for t in teacher])
+        index = None if teacher[0].index is None else mx.concatenate([t.index for t in teacher])
+        rest = (
+            None if teacher[0].logp_rest is None else mx.concatenate([t.logp_rest for t in teacher])
+        )
+        weights = mx.array(np.concatenate([np.asarray(e.weights, np.float32) for e in batch]))
+        loss, grads = self._loss_and_grad(inputs, flat, logp, index, rest, weights)
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state, loss)
+        return float(loss.item()), int(inputs.size)
+
+    def finish(self) -> nn.Module:
+        """The trained clone, in eval mode (dropout off)."""
+        self.model.eval()
+        return self.model

@@ -1,0 +1,333 @@
+"""The learning loop on tiny models: examples, evaluation, training, the gate, hot swap."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from speclora.daemon import models
+from speclora.daemon.errors import PreconditionError
+from speclora.daemon.learning import lora, toy
+from speclora.daemon.learning.adapters import PROMOTED, REJECTED, AdapterStore
+from speclora.daemon.learning.autotrain import should_auto_train
+from speclora.daemon.learning.events import (
+    TrainEvaluation,
+    TrainParams,
+    TrainProgress,
+    TrainResult,
+    TrainStarted,
+    TrainTick,
+)
+from speclora.daemon.learning.session import run_training
+from speclora.daemon.learning.store import FailureCase, FailureStore
+from speclora.daemon.learning.trainer import (
+    LossPositionLogits,
+    expected_acceptance,
+    prepare_examples,
+    split_examples,
+)
+from speclora.daemon.state import ModelHub
+from speclora.shared.config import Config, LearningConfig, LoraConfig
+
+# Steps and learning rate that fit the toy domain in about a second of training.
+TRAIN = Config(lora=LoraConfig(steps=100, learning_rate=1e-3, batch_size=4))
+
+
+@pytest.fixture(scope="session")
+def domain_target_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return toy.write_domain_target(tmp_path_factory.getbasetemp() / "toy-domain-target")
+
+
+@pytest.fixture
+def hub(domain_target_path: Path) -> ModelHub:
+    """The toy target and its one-layer self-draft (a poor drafter of the domain)."""
+    target = models.load_model(str(domain_target_path))
+    draft = models.make_self_draft(target, 1)
+    return ModelHub(
+        target=target.model,
+        draft=draft.model,
+        tokenizer=target.tokenizer,
+        target_name=target.name,
+        draft_name=draft.name,
+        draft_spec="self:1",
+    )
+
+
+def greedy(model: object, ids: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    seq = list(ids)
+    for _ in range(n):
+        token = int(mx.argmax(model(mx.array([seq]))[0, -1]).item())  # type: ignore[operator]
+        out.append(token)
+        seq.append(token)
+    return out
+
+
+def record_domain_cases(hub: ModelHub, store: FailureStore, n: int, seed: int = 0) -> None:
+    """Cases as the engine records them at T = 0: target output, where the draft was wrong."""
+    for prompt in toy.domain_prompts(n, seed):
+        ids = hub.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
+        completion = greedy(hub.target, ids, 24)
+        guesses = mx.argmax(hub.draft(mx.array([ids + completion]))[0], axis=-1).tolist()
+        rejected = tuple(j for j, tok in enumerate(completion) if guesses[len(ids) - 1 + j] != tok)
+        store.add(
+            FailureCase(
+                tuple(ids),
+                tuple(completion),
+                rejection_positions=rejected,
+                proposed=len(completion),
+                accepted=len(completion) - len(rejected),
+            )
+        )
+
+
+@pytest.fixture
+def separate_hub(domain_target_path: Path, tiny_draft_path: Path) -> ModelHub:
+    """The toy target and an unrelated random two-layer draft (accepts ~nothing)."""
+    target = models.load_model(str(domain_target_path))
+    draft = models.load_model(str(tiny_draft_path))
+    return ModelHub(
+        target=target.model,
+        draft=draft.model,
+        tokenizer=target.tokenizer,
+        target_name=target.name,
+        draft_name=draft.name,
+        draft_spec=str(tiny_draft_path),
+    )
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> tuple[FailureStore, AdapterStore]:
+    return FailureStore(tmp_path / "f.sqlite3"), AdapterStore(tmp_path / "adapters")
+
+
+def drain(events: object) -> list[object]:
+    return [e for e in events if not isinstance(e, TrainTick)]  # type: ignore[attr-defined]
+
+
+# -- pieces ------------------------------------------------------------------------------
+
+
+def test_examples_weight_rejected_positions_and_keep_the_tail() -> None:
+    case = FailureCase((1, 2, 3), (4, 5, 6, 7), rejection_positions=(0, 2), id=1)
+    (e,) = prepare_examples([case], max_seq_len=64, rejected_weight=4.0)
+    assert e.tokens == (1, 2, 3, 4, 5, 6, 7)
+    assert list(e.positions) == [2, 3, 4, 5]  # the logits that predict 4, 5, 6, 7
+    assert e.weights == (4.0, 1.0, 4.0, 1.0)
+    (short,) = prepare_examples([case], max_seq_len=4, rejected_weight=4.0)
+    assert short.tokens == (4, 5, 6, 7)
+    assert short.weights == (1.0, 4.0, 1.0)  # predicts 5, 6, 7
+
+
+def test_split_is_deterministic_and_never_empty() -> None:
+    cases = [FailureCase((1,), (2, 3), id=i) for i in range(1, 101)]
+    examples = prepare_examples(cases, 64, 1.0)
+    train, heldout = split_examples(examples, 0.2)
+    assert 10 <= len(heldout) <= 30 and len(train) + len(heldout) == 100
+    assert split_examples(examples, 0.2) == (train, heldout)
+    # A held-out case stays held out when more cases arrive.
+    more = prepare_examples(
+        cases + [FailureCase((1,), (2, 3), id=i) for i in range(101, 150)], 64, 1.0
+    )
+    assert {e.case_id for e in heldout} <= {e.case_id for e in split_examples(more, 0.2)[1]}
+    two = split_examples(examples[:2], 0.2)
+    assert len(two[0]) == 1 and len(two[1]) == 1
+
+
+def test_identical_draft_has_expected_acceptance_one(hub: ModelHub) -> None:
+    cases = [
+        FailureCase((1, 2, 3), (4, 5, 6, 7), id=1, temperature=0.0),
+        FailureCase((1, 2, 9), (8, 5, 6), id=2, temperature=0.8),
+    ]
+    examples = prepare_examples(cases, 64, 1.0)
+    target = LossPositionLogits(hub.target)
+    total, count = expected_acceptance(target, target, examples, vocab=256)
+    assert count == 7
+    assert total / count == pytest.approx(1.0, abs=1e-5)
+    weak, _ = expected_acceptance(target, LossPositionLogits(hub.draft), examples, vocab=256)
+    assert weak / count < 1.0
+
+
+def test_auto_train_rule() -> None:
+    on = LearningConfig(auto_train=True, auto_train_idle_s=60, auto_train_min_new_cases=10)
+    ready = dict(idle_s=61.0, pending_cases=10, total_cases=50, training=False)
+    assert should_auto_train(on, **ready)
+    assert not should_auto_train(LearningConfig(), **ready)  # off by default
+    assert not should_auto_train(on, **{**ready, "idle_s": 5.0})
+    assert not should_auto_train(on, **{**ready, "pending_cases": 9})
+    assert not should_auto_train(on, **{**ready, "training": True})
+    assert not should_auto_train(on, **ready, has_draft=False)
+
+
+# -- runs ----------------------------------------------------------------------------------
+
+
+def test_too_few_cases_is_a_clear_precondition(hub: ModelHub, stores: tuple) -> None:
+    store, adapters = stores
+    record_domain_cases(hub, store, 3)
+    with pytest.raises(PreconditionError, match=r"at least 8 failure cases .* has 3"):
+        run_training(hub, store, adapters, TRAIN)
+    hub.draft = None
+    with pytest.raises(PreconditionError, match="no draft model"):
+        run_training(hub, store, adapters, TRAIN)
+
+
+@pytest.mark.parametrize(("kind", "margin"), [("self", 0.08), ("separate", 0.5)])
+def test_training_raises_heldout_acceptance_and_promotes(
+    request: pytest.FixtureRequest, stores: tuple, kind: str, margin: float
+) -> None:
+    hub: ModelHub = request.getfixturevalue("hub" if kind == "self" else "separate_hub")
+    store, adapters = stores
+    record_domain_cases(hub, store, 40)
+    target_before = hub.target(mx.array([[1, 2, 3]]))
+    events = drain(run_training(hub, store, adapters, TRAIN))
+
+    started, before, *progress, after, result = events
+    assert isinstance(started, TrainStarted) and started.steps == 100
+    assert started.train_cases + started.heldout_cases == 40 and started.heldout_cases >= 4
+    assert isinstance(before, TrainEvaluation) and before.phase == "before"
+    assert [p.step for p in progress] == list(range(1, 101))
+    assert all(isinstance(p, TrainProgress) and p.tokens_per_second > 0 for p in progress)
+    assert progress[-1].loss < progress[0].loss
+    assert isinstance(after, TrainEvaluation) and after.phase == "after"
+    assert isinstance(result, TrainResult)
+    # The clear margin: the draft learns the toy domain's continuations from the cases. The
+    # one-layer self-draft starts high (~0.8: the grammar is mostly local), the unrelated
+    # random draft near 0.
+    assert after.heldout_acceptance - before.heldout_acceptance >= margin, (before, after)
+    assert after.heldout_acceptance >= 0.85
+    assert result.promoted and "rose" in result.reason
+    assert hub.adapter_version == result.adapter_version == adapters.active_version()
+    info = adapters.verify(result.adapter_version)
+    assert info.status == PROMOTED and info.metadata["train_cases"] == started.train_cases
+    assert store.pending_count() == 0
+    assert mx.array_equal(hub.target(mx.array([[1, 2, 3]])), target_before).item()
+    # The served draft is now the trained one: its held-out acceptance is what "after" said.
+    again = drain(run_training(hub, store, adapters, Config(lora=LoraConfig(steps=1))))
+    assert again[1].heldout_acceptance == pytest.approx(after.heldout_acceptance, abs=1e-6)
+    assert again[0].parent_version == result.adapter_version
+
+
+def test_gate_rejects_an_adapter_trained_on_shuffled_targets(hub: ModelHub, stores: tuple) -> None:
+    store, adapters = stores
+    record_domain_cases(hub, store, 40)
+    probe = mx.array([[1, 2, 3, 4, 5]])
+    draft_before = hub.draft(probe)
+    events = drain(run_training(hub, store, adapters, TRAIN, TrainParams(shuffle_teacher=True)))
+    before, after, result = events[1], events[-2], events[-1]
+    assert after.heldout_acceptance < before.heldout_acceptance
+    assert not result.promoted and "did not rise" in result.reason
+    assert hub.adapter_version == "" and adapters.active_version() == ""
+    assert adapters.get(result.adapter_version).status == REJECTED  # kept for inspection
+    assert mx.array_equal(hub.draft(probe), draft_before).item()
+
+
+def test_sampled_cases_train_on_expected_acceptance(separate_hub: ModelHub, stores: tuple) -> None:
+    """T > 0 cases are evaluated with sum(min(p, q)); uniform KL (the ablation) trains too."""
+    hub = separate_hub
+    store, adapters = stores
+    rng = mx.random.key(3)
+    for i, prompt in enumerate(toy.domain_prompts(30, seed=1)):
+        ids = hub.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
+        seq = list(ids)
+        for j in range(20):
+            logits = hub.target(mx.array([seq]))[0, -1]
+            seq.append(int(mx.random.categorical(logits, key=mx.random.split(rng, 100)[j]).item()))
+        rng = mx.random.split(rng)[0]
+        store.add(FailureCase(tuple(ids), tuple(seq[len(ids) :]), temperature=1.0, id=i))
+    events = drain(run_training(hub, store, adapters, TRAIN, TrainParams(rejected_weight=1.0)))
+    before, after = events[1].heldout_acceptance, events[-2].heldout_acceptance
+    assert 0.0 < before < 1.0
+    assert after > before + 0.2, (before, after)
+
+
+def test_closing_a_run_early_leaves_no_trace(hub: ModelHub, stores: tuple) -> None:
+    store, adapters = stores
+    record_domain_cases(hub, store, 12)
+    run = run_training(hub, store, adapters, TRAIN)
+    for event in run:
+        if isinstance(event, TrainProgress) and event.step == 5:
+            break
+    run.close()
+    assert adapters.versions() == []
+    assert hub.adapter_version == ""
+    assert store.pending_count() == 12
+
+
+def test_separate_draft_adapter_loads_with_mlx_lm(
+    separate_hub: ModelHub, tiny_draft_path: Path, stores: tuple
+) -> None:
+    from mlx_lm import load
+
+    hub = separate_hub
+    store, adapters = stores
+    record_domain_cases(hub, store, 16)
+    config = Config(lora=LoraConfig(steps=20, learning_rate=1e-3))
+    result = drain(run_training(hub, store, adapters, config, TrainParams(force_promote=True)))[-1]
+    assert result.promoted and hub.adapter_version == result.adapter_version
+    assert not (adapters.path(result.adapter_version) / "draft_extras.safetensors").exists()
+    reference, _ = load(
+        str(tiny_draft_path), adapter_path=str(adapters.path(result.adapter_version))
+    )
+    probe = mx.array([[5, 17, 42, 99, 7]])
+    assert mx.allclose(hub.draft(probe), reference(probe), atol=1e-5).item()
+
+
+# -- hot swap during a running stream -------------------------------------------------------
+
+
+def _engine_generate():  # the engine may not exist yet in every checkout
+    try:
+        engine = importlib.import_module("speclora.daemon.engine")
+    except ImportError:
+        return None
+    return getattr(engine, "generate", None)
+
+
+def test_hot_swap_during_a_stream_keeps_greedy_output(hub: ModelHub, stores: tuple) -> None:
+    generate = _engine_generate()
+    if generate is None:
+        pytest.skip("speclora.daemon.engine.generate is not written yet")
+    from speclora.daemon.engine.events import GenerationRequest, GenerationSummary, StepEvent
+    from speclora.shared.config import SpeculationConfig
+
+    store, adapters = stores
+    record_domain_cases(hub, store, 24)
+    result = drain(run_training(hub, store, adapters, TRAIN, TrainParams(force_promote=True)))[-1]
+    trained = result.adapter_version
+    from speclora.daemon.learning.swap import activate_version
+
+    activate_version(hub, adapters, "none")  # serve the base draft, then swap mid-stream
+
+    request = GenerationRequest(
+        messages=(), prompt="Write about the moon.", max_tokens=40, draft_tokens=3, record=False
+    )
+    ids = hub.tokenizer.apply_chat_template(
+        [{"role": "user", "content": request.prompt}], add_generation_prompt=True
+    )
+    expected = greedy(hub.target, ids, 40)
+    stream = generate(hub.target, hub.draft, hub.tokenizer, request, SpeculationConfig())
+    tokens: list[int] = []
+    summary = None
+    swapped = False
+    for event in stream:
+        if isinstance(event, StepEvent) and event.chunk is not None:
+            tokens.extend(event.chunk.token_ids)
+            if not swapped and len(tokens) >= 8:
+                activate_version(hub, adapters, trained)  # what the worker does between steps
+                swapped = True
+        elif isinstance(event, GenerationSummary):
+            summary = event
+    assert swapped and summary is not None
+    assert list(summary.completion_token_ids) == expected[: len(summary.completion_token_ids)]
+    assert hub.adapter_version == trained
+    # Later requests run with the new draft: on the domain it accepts more than the base did.
+    assert summary.completion_tokens > 8
+    lora_layers = lora.current_config(hub.draft)
+    assert lora_layers is not None
