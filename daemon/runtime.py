@@ -1,0 +1,211 @@
+"""What the daemon holds while it runs: the model pair, the worker, the learning loop.
+
+`build_runtime` loads everything `serve` needs before it listens; `Runtime.close` flushes and
+closes it after the server has drained. The learning package plugs in here: its recorder sees
+every summary, its training run is a worker task, adapter swaps run in the worker thread.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from speclora.daemon.errors import SpecLoRAError
+from speclora.daemon.learning.adapters import NONE_VERSIONS, AdapterInfo, AdapterStore
+from speclora.daemon.learning.autotrain import should_auto_train
+from speclora.daemon.learning.events import TrainParams, TrainResult
+from speclora.daemon.learning.recorder import FailureRecorder
+from speclora.daemon.learning.session import run_training
+from speclora.daemon.learning.store import FailureStore
+from speclora.daemon.learning.swap import apply_adapter, load_active_adapter
+from speclora.daemon.servicer import TRAINING_TASK
+from speclora.daemon.state import ModelHub
+from speclora.daemon.worker import TaskFactory, Worker
+from speclora.shared.config import Config
+from speclora.shared.paths import Paths, ensure_private_dir
+
+log = structlog.get_logger(__name__)
+
+AUTO_TRAIN_CHECK_S = 5.0
+
+
+def _stderr_progress() -> Callable[[int, int, str], None]:
+    """Model download/convert progress on stderr: a bar on a terminal, a line per 10% else."""
+    last = [-1]
+
+    def report(done: int, total: int, what: str) -> None:
+        pct = int(100 * done / total) if total else 100
+        if sys.stderr.isatty():
+            sys.stderr.write(f"\r{what[:40]:40s} {pct:3d}%")
+            if done >= total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif pct // 10 != last[0] // 10:
+            log.info("model_progress", what=what, percent=pct)
+        last[0] = pct
+
+    return report
+
+
+def build_hub(config: Config) -> ModelHub:
+    """Load the configured model pair (downloading or converting on first use)."""
+    from speclora.daemon.models import load_pair
+
+    m = config.models
+    target, draft = load_pair(m.target, m.draft, m.dtype, progress=_stderr_progress())
+    extras: dict[str, Any] = {}
+    if draft is not None:
+        from speclora.daemon.engine import DraftVocab, measure_cost_ratio
+
+        # Adaptive K needs a drafted token's price in target passes on this machine.
+        extras["cost_ratio"] = measure_cost_ratio(target.model, draft.model)
+        if config.speculation.draft_vocab_size:
+            extras["draft_vocab"] = DraftVocab(
+                vocab_size=target.vocab_size,
+                size=config.speculation.draft_vocab_size,
+                always=tuple(getattr(target.tokenizer, "eos_token_ids", ()) or ()),
+            )
+        log.info("draft_ready", draft=draft.name, cost_ratio=extras["cost_ratio"])
+    return ModelHub(
+        target=target.model,
+        draft=draft.model if draft else None,
+        tokenizer=target.tokenizer,
+        target_name=target.name,
+        draft_name=draft.name if draft else "",
+        draft_spec=m.draft,
+        weight_bytes=target.weight_bytes + (draft.weight_bytes if draft else 0),
+        max_context=target.max_context,
+        extras=extras,
+    )
+
+
+class Learning:
+    """The servicer's LearningLoop over the learning package's store, adapters and trainer."""
+
+    def __init__(self, config: Config, store: FailureStore, adapters: AdapterStore) -> None:
+        self.config = config
+        self.store = store
+        self.adapters = adapters
+
+    def training_task(self, params: TrainParams) -> TaskFactory:
+        # run_training checks its preconditions when the worker calls this, so a Train with
+        # too few cases fails at once with FAILED_PRECONDITION.
+        return lambda hub: run_training(hub, self.store, self.adapters, self.config, params)
+
+    def activate(self, hub: ModelHub, version: str | None) -> AdapterInfo | None:
+        """Swap first, then move the pointer: a refused adapter leaves both as they were."""
+        if version is None:
+            history = self.adapters.pointer()["history"]
+            if not history and not hub.adapter_version:
+                self.adapters.rollback()  # raises the store's "nothing to roll back"
+            previous = history[-1] if history else ""
+            apply_adapter(hub, self.adapters, previous or "none")
+            self.adapters.rollback()
+            version = previous
+        else:
+            apply_adapter(hub, self.adapters, version)
+            # The client checked the promotion gate (`adapters activate --force` overrides it).
+            self.adapters.activate(version, force=True)
+        if version in NONE_VERSIONS:
+            return None
+        return self.adapters.get(version, active=version)
+
+    def failure_counts(self) -> tuple[int, int]:
+        return self.store.count(), self.store.pending_count()
+
+
+class AutoTrainer:
+    """Starts a training run when the daemon has been idle long enough with enough new cases
+    (learning.auto_train); the run itself is an ordinary worker task."""
+
+    def __init__(self, worker: Worker, learning: Learning, check_s: float = AUTO_TRAIN_CHECK_S):
+        self._worker = worker
+        self._learning = learning
+        self._check_s = check_s
+        self._stop = threading.Event()
+        self._job: Any = None
+        self._thread = threading.Thread(target=self._run, name="auto-train", daemon=True)
+
+    def start(self) -> AutoTrainer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._job is not None:
+            self._job.cancel()
+        self._thread.join(5)
+
+    def _due(self) -> bool:
+        store = self._learning.store
+        return should_auto_train(
+            self._learning.config.learning,
+            idle_s=self._worker.idle_seconds,
+            pending_cases=store.pending_count(),
+            total_cases=store.count(),
+            training=self._worker.task_state(TRAINING_TASK) == "running",
+            has_draft=self._worker.hub.draft is not None,
+        )
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._check_s):
+            try:
+                if not self._due():
+                    continue
+                log.info("auto_train_starting")
+                self._job = self._worker.submit_task(
+                    TRAINING_TASK, self._learning.training_task(TrainParams())
+                )
+                for event in self._job:
+                    if isinstance(event, TrainResult):
+                        log.info(
+                            "auto_train_finished",
+                            version=event.adapter_version,
+                            promoted=event.promoted,
+                            reason=event.reason,
+                        )
+            except SpecLoRAError as exc:  # busy, shutting down, too few cases: try later
+                log.info("auto_train_skipped", reason=str(exc))
+            except Exception:
+                log.exception("auto_train_failed")
+            finally:
+                self._job = None
+
+
+@dataclass
+class Runtime:
+    """Everything `serve` builds before it listens, and closes after it stops."""
+
+    worker: Worker
+    learning: Learning | None = None
+    closers: list[Callable[[], Any]] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.worker.stop()
+        for close in self.closers:  # in order: auto-trainer, then flush and close the store
+            try:
+                close()
+            except Exception:
+                log.exception("close_failed", what=getattr(close, "__qualname__", repr(close)))
+
+
+def build_runtime(config: Config, paths: Paths) -> Runtime:
+    hub = build_hub(config)
+    ensure_private_dir(paths.data_dir)
+    store = FailureStore(paths.database, cap=config.learning.buffer_cap)
+    adapters = AdapterStore(paths.adapters_dir)
+    recorder = FailureRecorder(store, config.learning)
+    worker = Worker(hub, config, recorder=recorder).start()
+    learning = Learning(config, store, adapters)
+    runtime = Runtime(worker, learning)
+    if hub.draft is not None:
+        version = worker.call("load_adapter", lambda h: load_active_adapter(h, adapters))
+        log.info("adapter_loaded", version=version or "none")
+    if config.learning.auto_train:
+        runtime.closers.append(AutoTrainer(worker, learning).start().stop)
+    runtime.closers += [recorder.close, store.close]
+    return runtime

@@ -1,0 +1,367 @@
+"""The gRPC server and the daemon's life: lock, load, bind, serve, drain, exit.
+
+`create_server(config, worker)` builds and binds a server without starting anything else, so
+tests run a real one in-process on a temporary socket. `serve(config)` is `speclora serve`:
+single-instance lock, models, worker, server, then SIGTERM/SIGINT -> drain -> exit 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hmac
+import ipaddress
+import os
+import secrets
+import signal
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from speclora.daemon.errors import SpecLoRAError
+from speclora.daemon.servicer import LearningLoop, SpecLoRAServicer
+from speclora.daemon.worker import Worker
+from speclora.shared.config import Config
+from speclora.shared.paths import MAX_SOCKET_PATH_BYTES, Paths, ensure_private_dir, resolve_paths
+from speclora.shared.pb import speclora_pb2 as pb
+from speclora.shared.pb import speclora_pb2_grpc as pb_grpc
+
+import speclora
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecLoRA"].full_name
+TOKEN_METADATA_KEY = "authorization"
+# RPCs beyond the engine's capacity (streams, watchers, health) that may be in flight at once.
+_EXTRA_RPCS = 32
+# Room after the drain deadline for handlers to send their final status before grpc cancels.
+_STOP_MARGIN_S = 2.0
+
+
+class ServerSetupError(SpecLoRAError):
+    """The daemon cannot listen as configured; the message says what to change."""
+
+
+class AlreadyRunningError(SpecLoRAError):
+    def __init__(self, pid: int | None, lock_file: Path) -> None:
+        who = f"pid {pid}" if pid else "pid unknown"
+        super().__init__(f"speclora is already running ({who}); lock held on {lock_file}")
+        self.pid = pid
+
+
+# ---------------------------------------------------------------------- single instance
+
+
+class InstanceLock:
+    """An exclusive flock on the lock file, holding the daemon's pid while it runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, retry_s: float = 0.5) -> InstanceLock:
+        ensure_private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + retry_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    os.close(fd)
+                    raise
+                # `speclora daemon status` probes the lock for an instant; retry briefly.
+                if time.monotonic() >= deadline:
+                    pid = _read_pid(fd)
+                    os.close(fd)
+                    raise AlreadyRunningError(pid, self.path) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        # Empty the pid first: a stale pid must never point `daemon stop` at another process.
+        os.ftruncate(self._fd, 0)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------- addresses and tokens
+
+
+def socket_path_for(config: Config, paths: Paths) -> Path:
+    path = Path(config.server.socket_path).expanduser() if config.server.socket_path else None
+    path = (path or paths.socket_path).absolute()
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH_BYTES:
+        raise ServerSetupError(
+            f"socket path {path} is {size} bytes; Unix sockets allow {MAX_SOCKET_PATH_BYTES}. "
+            "Set server.socket_path (or SPECLORA_SERVER_SOCKET_PATH) to a shorter path"
+        )
+    return path
+
+
+def check_tcp_address(address: str, allow_non_loopback: bool) -> str:
+    host, _, port = address.rpartition(":")
+    bare = host.strip("[]")
+    try:
+        loopback = bare == "localhost" or ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not allow_non_loopback:
+        raise ServerSetupError(
+            f"server.tcp_address {address!r} is not a loopback address; anyone who can reach it "
+            "could use the daemon. Use 127.0.0.1, or set server.allow_non_loopback: true"
+        )
+    return f"{host}:{port}"
+
+
+def ensure_token(path: Path) -> str:
+    """The TCP token: created once (0600) in the data dir; clients read the same file."""
+    ensure_private_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            os.chmod(path, 0o600)
+            log.warning("token_file_permissions_fixed", path=str(path))
+        token = path.read_text().strip()
+        if token:
+            return token
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Calls over TCP must carry `authorization: Bearer <token>`; the Unix socket's 0600 mode
+    is its own access control. Health checks stay open so supervisors can probe."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = continuation(details)
+        if handler is None or details.method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        return _guarded(handler, self._check)
+
+    def _check(self, context: grpc.ServicerContext) -> None:
+        if not context.peer().startswith(("ipv4:", "ipv6:")):
+            return
+        for key, value in context.invocation_metadata():
+            if key == TOKEN_METADATA_KEY:
+                given = value.removeprefix("Bearer ").strip().encode()
+                if hmac.compare_digest(given, self._token):
+                    return
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong token")
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"TCP calls need '{TOKEN_METADATA_KEY}: Bearer <token>' from the daemon's token file",
+        )
+
+
+def _guarded(handler: Any, check: Callable[[grpc.ServicerContext], None]) -> Any:
+    def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            check(context)
+            return behavior(request, context)
+
+        return guarded
+
+    kinds = {
+        "unary_unary": grpc.unary_unary_rpc_method_handler,
+        "unary_stream": grpc.unary_stream_rpc_method_handler,
+        "stream_unary": grpc.stream_unary_rpc_method_handler,
+        "stream_stream": grpc.stream_stream_rpc_method_handler,
+    }
+    for attr, make in kinds.items():
+        behavior = getattr(handler, attr)
+        if behavior is not None:
+            return make(
+                wrap(behavior),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
+
+
+# ---------------------------------------------------------------------- the server
+
+
+class DaemonServer:
+    """A bound grpc server plus what shutting it down cleanly needs."""
+
+    def __init__(
+        self,
+        server: grpc.Server,
+        servicer: SpecLoRAServicer,
+        health_servicer: health.HealthServicer,
+        worker: Worker,
+        socket_path: Path,
+        tcp_address: str | None,
+    ) -> None:
+        self.grpc_server = server
+        self.servicer = servicer
+        self.health = health_servicer
+        self.worker = worker
+        self.socket_path = socket_path
+        self.tcp_address = tcp_address
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def shutdown(self, grace_s: float) -> bool:
+        """Refuse new calls, let streams finish for up to `grace_s`, then cancel the rest.
+        Returns True when every stream finished on its own."""
+        log.info("shutdown_started", grace_s=grace_s, active=self.worker.active_count)
+        self.health.enter_graceful_shutdown()
+        self.servicer.begin_shutdown()
+        stopped = self.grpc_server.stop(grace_s + _STOP_MARGIN_S)
+        drained = self.worker.drain(grace_s)
+        self.worker.stop()
+        stopped.wait()
+        if self.socket_path.is_socket():
+            self.socket_path.unlink()
+        log.info("shutdown_finished", drained=drained)
+        return drained
+
+
+def create_server(
+    config: Config,
+    worker: Worker,
+    *,
+    learning: LearningLoop | None = None,
+    paths: Paths | None = None,
+) -> tuple[DaemonServer, str]:
+    """Build and bind the server (not started). Returns it and the Unix address to dial."""
+    paths = paths or resolve_paths()
+    s = config.server
+    socket_path = socket_path_for(config, paths)
+    ensure_private_dir(socket_path.parent)
+    capacity = s.max_active + s.queue_size + _EXTRA_RPCS
+    interceptors = []
+    tcp = None
+    if s.tcp_address:
+        tcp = check_tcp_address(s.tcp_address, s.allow_non_loopback)
+        interceptors.append(TokenAuthInterceptor(ensure_token(paths.token_file)))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=capacity, thread_name_prefix="rpc"),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+        # Past this many in-flight calls grpc answers RESOURCE_EXHAUSTED instead of queueing.
+        maximum_concurrent_rpcs=capacity,
+    )
+    servicer = SpecLoRAServicer(worker, config, learning)
+    pb_grpc.add_SpecLoRAServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"unix:{socket_path}"
+    old_umask = os.umask(0o177)  # the socket is created 0600, never briefly wider
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ServerSetupError(f"cannot listen on {socket_path}: {exc}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(socket_path, 0o600)
+    if tcp is not None:
+        try:
+            port = server.add_insecure_port(tcp)
+        except RuntimeError as exc:
+            raise ServerSetupError(f"cannot listen on {tcp}: {exc}") from None
+        tcp = f"{tcp.rpartition(':')[0]}:{port}"
+    return DaemonServer(server, servicer, health_servicer, worker, socket_path, tcp), address
+
+
+# ---------------------------------------------------------------------- serve
+
+
+def serve(config: Config, paths: Paths | None = None) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT; the process exit code."""
+    from speclora.daemon.blas import log_blas  # before anything imports mlx
+
+    paths = paths or resolve_paths()
+    log.info("daemon_starting", version=speclora.__version__, pid=os.getpid())
+    lock = InstanceLock(paths.lock_file).acquire()
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop_requested.is_set():
+            log.info("shutdown_already_requested", signal=signal.Signals(signum).name)
+        stop_requested.set()
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    runtime = None
+    try:
+        log_blas()
+        # Imported after the lock: a refused second instance should not pay for mlx-lm.
+        from speclora.daemon.runtime import build_runtime
+
+        runtime = build_runtime(config, paths)
+        if stop_requested.is_set():
+            return 0
+        server, address = create_server(
+            config, runtime.worker, learning=runtime.learning, paths=paths
+        )
+        server.start()
+        log.info(
+            "daemon_ready",
+            address=address,
+            tcp=server.tcp_address,
+            target=runtime.worker.hub.target_name,
+            draft=runtime.worker.hub.draft_name,
+            pid=os.getpid(),
+        )
+        while not stop_requested.wait(1.0):
+            if not runtime.worker.alive:
+                log.error("worker_died", hint="exiting non-zero so the supervisor restarts us")
+                server.shutdown(0)
+                return 1
+        server.shutdown(config.server.shutdown_grace_s)
+        return 0
+    finally:
+        if runtime is not None:
+            runtime.close()
+        lock.release()
+        log.info("daemon_exited")
+        sys.stderr.flush()
