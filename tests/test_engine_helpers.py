@@ -61,3 +61,41 @@ def untied_loaded(tmp_path_factory: pytest.TempPathFactory):
     target, tokenizer = load(str(target_path))
     draft, _ = load(str(draft_path))
     return target, draft, self_draft(target, 2), tokenizer
+
+
+def sharpened_copy(path: Path, factor: float) -> Any:
+    """A second instance of the model at `path` with its (untied) head scaled by `factor`:
+    a draft that ranks tokens like the target but is more (factor > 1) or less peaked, so p
+    and q overlap without being equal and the residual resampling matters a lot."""
+    from mlx_lm import load
+
+    model, _ = load(str(path))
+    model.lm_head.weight = model.lm_head.weight * factor
+    return model
+
+
+def chi_square_p_value(observed: list[int], expected: list[float], min_expected: float = 5.0):
+    """Pearson's chi-square goodness of fit; cells with small expectations are pooled.
+
+    The p-value uses the Wilson-Hilferty normal approximation (no scipy here); it is accurate
+    to a few percent in the tails that matter for a 1e-3 threshold.
+    """
+    import math
+
+    pairs = sorted(zip(expected, observed, strict=True), reverse=True)
+    if any(e <= 0 and o > 0 for e, o in pairs):
+        return 0.0, math.inf, len(pairs) - 1  # an impossible outcome happened
+    cells: list[list[float]] = []
+    pool = [0.0, 0.0]
+    for e, o in pairs:
+        if e >= min_expected:
+            cells.append([e, o])
+        else:
+            pool[0] += e
+            pool[1] += o
+    if pool[0] > 0:
+        cells.append(pool)
+    stat = sum((o - e) ** 2 / e for e, o in cells if e > 0)
+    df = max(len(cells) - 1, 1)
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return 0.5 * math.erfc(z / math.sqrt(2)), stat, df

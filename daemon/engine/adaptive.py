@@ -60,8 +60,8 @@ class AdaptiveK:
     probe_interval: int = 16
     cost_ratio: float = DEFAULT_COST_RATIO
     memory: float = 0.8  # per-step decay of the acceptance evidence (~5 steps of memory)
-    prior_accepts: float = 1.0  # a weak prior of a = 0.5
-    prior_trials: float = 2.0
+    prior_accepts: float = 0.5  # a weak prior of a = 0.5, worth one proposal
+    prior_trials: float = 1.0
     _accepts: float = field(default=0.0, init=False)
     _trials: float = field(default=0.0, init=False)
     _steps: int = field(default=0, init=False)

@@ -1,0 +1,222 @@
+"""Engine parts on their own: cache rewind, the adaptive K controller, the restricted draft
+head and prompt building."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+from speclora.daemon.engine import (
+    AdaptiveK,
+    ChatTurn,
+    DraftVocab,
+    GenerationRequest,
+    SamplingParams,
+    StepEvent,
+    build_prompt_tokens,
+    generate,
+    speedup_bound,
+)
+from speclora.daemon.engine.speculative import _Decoder
+from speclora.daemon.errors import InvalidRequestError
+from speclora.shared.config import SpeculationConfig
+from test_engine_helpers import untied_loaded  # noqa: F401  (fixture)
+
+# ---------------------------------------------------------------------------- caches
+
+
+def _fresh_last_logits(model, tokens: list[int]) -> mx.array:
+    cache = make_prompt_cache(model)
+    return model(mx.array([tokens]), cache=cache)[0, -1]
+
+
+def _cached_last_logits(model, cache, tokens: list[int]) -> mx.array:
+    return model(mx.array([tokens]), cache=cache)[0, -1]
+
+
+@pytest.mark.parametrize(
+    ("draft_name", "temperature", "k"),
+    [("random", 0.0, 4), ("self", 1.0, 3), ("identical", 0.0, 3), ("self", 0.0, 5)],
+)
+def test_caches_match_a_fresh_prefill_after_rejections(untied_loaded, draft_name, temperature, k):  # noqa: F811
+    target, random_draft, self_draft, tokenizer = untied_loaded
+    draft = {"random": random_draft, "self": self_draft, "identical": target}[draft_name]
+    prompt = build_prompt_tokens(tokenizer, GenerationRequest(prompt="Paris is the capital of"))
+    decoder = _Decoder(target, draft, SamplingParams(temperature, seed=3), prompt, None)
+    decoder.prefill(prompt[:-1])
+    rejected = bonus = 0
+    for _ in range(8):
+        emitted, accepted, _, _ = decoder.speculative_step(k)
+        rejected += accepted < k
+        bonus += accepted == k
+    if draft_name == "identical":
+        assert bonus == 8  # the draft cache lags by its last proposal every step
+    else:
+        assert rejected > 0
+    seq = decoder.seq
+    assert decoder.target_cache[0].offset == len(seq) - 1
+    assert decoder.draft_cache[0].offset == decoder.draft_len
+    # Continuing from each cache gives what a fresh prefill of the same tokens gives.
+    np.testing.assert_allclose(
+        np.array(_cached_last_logits(target, decoder.target_cache, seq[-1:])),
+        np.array(_fresh_last_logits(target, seq)),
+        atol=1e-4,
+    )
+    np.testing.assert_allclose(
+        np.array(_cached_last_logits(draft, decoder.draft_cache, seq[decoder.draft_len :])),
+        np.array(_fresh_last_logits(draft, seq)),
+        atol=1e-4,
+    )
+
+
+def test_plain_steps_then_probe_catch_the_draft_up(untied_loaded):  # noqa: F811
+    target, _, self_draft, tokenizer = untied_loaded
+    prompt = build_prompt_tokens(tokenizer, GenerationRequest(prompt="1 2 3"))
+    decoder = _Decoder(target, self_draft, SamplingParams(), prompt, None)
+    decoder.prefill(prompt[:-1])
+    for i in range(6):
+        decoder.plain_step(pipeline_next=i < 5)
+    decoder.drop_lookahead()
+    assert decoder.draft_len == len(prompt) - 1  # the draft fell behind during plain steps
+    decoder.speculative_step(2)
+    seq = decoder.seq
+    assert decoder.target_cache[0].offset == len(seq) - 1
+    np.testing.assert_allclose(
+        np.array(_cached_last_logits(self_draft, decoder.draft_cache, seq[decoder.draft_len :])),
+        np.array(_fresh_last_logits(self_draft, seq)),
+        atol=1e-4,
+    )
+
+
+# ---------------------------------------------------------------------------- adaptive K
+
+
+def test_adaptive_k_drops_to_zero_and_probes_with_backoff():
+    ctl = AdaptiveK(min_k=0, max_k=8, start_k=4, probe_interval=4, cost_ratio=0.4)
+    assert ctl.next_k() == 4
+    ctl.update(4, 0)
+    ks = []
+    for _ in range(60):
+        k = ctl.next_k()
+        ks.append(k)
+        ctl.update(k, 0)
+    assert ks[0] == 0
+    probes = [i for i, k in enumerate(ks) if k > 0]
+    assert all(ks[i] == 1 for i in probes)
+    gaps = np.diff(probes).tolist()
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0]  # waits longer after each failure
+
+
+def test_adaptive_k_rises_with_a_good_draft_and_recovers_after_probe():
+    ctl = AdaptiveK(min_k=0, max_k=6, start_k=2, probe_interval=3, cost_ratio=0.2)
+    for _ in range(10):
+        k = ctl.next_k()
+        ctl.update(k, k)
+    assert ctl.next_k() == 6
+    for _ in range(25):  # the draft goes bad ...
+        k = ctl.next_k()
+        ctl.update(k, 0)
+    assert ctl.next_k() == 0
+    for _ in range(40):  # ... and good again: a probe notices
+        k = ctl.next_k()
+        ctl.update(k, k)
+    assert ctl.next_k() >= 4
+
+
+def test_adaptive_k_respects_min_and_bounds():
+    ctl = AdaptiveK(min_k=2, max_k=3, start_k=2, probe_interval=4)
+    for _ in range(10):
+        k = ctl.next_k()
+        assert 2 <= k <= 3
+        ctl.update(k, 0)
+
+
+def test_speedup_bound():
+    assert speedup_bound(0.0, 4, 0.0) == pytest.approx(1.0)
+    assert speedup_bound(1.0, 4, 0.0) == pytest.approx(5.0)
+    assert speedup_bound(0.5, 1, 0.5) == pytest.approx(1.5 / 1.5)
+
+
+def test_useless_draft_with_adaptive_k_is_mostly_plain_decoding(untied_loaded):  # noqa: F811
+    target, random_draft, _, tokenizer = untied_loaded
+    request = GenerationRequest(prompt="Write a haiku", max_tokens=80)
+    events = list(generate(target, random_draft, tokenizer, request, SpeculationConfig()))
+    traces = [e.trace for e in events if isinstance(e, StepEvent)]
+    drafted = sum(t.k for t in traces)
+    assert drafted <= 12  # the opening K plus a few probes
+    assert sum(1 for t in traces if t.k == 0) >= 60
+
+
+# ---------------------------------------------------------------------------- draft vocabulary
+
+
+def test_draft_vocab_ranks_by_observed_frequency():
+    vocab = DraftVocab(vocab_size=100, size=3, always=(99,))
+    vocab.observe([7, 7, 7, 42, 42, 5])
+    assert sorted(np.array(vocab.ids()).tolist()) == [5, 7, 42, 99]
+    assert vocab.coverage([7, 42, 1]) == pytest.approx(2 / 3)
+    cold = DraftVocab(vocab_size=100, size=4)
+    assert np.array(cold.ids()).tolist() == [0, 1, 2, 3]  # prior: low ids first
+
+
+def test_restricted_draft_head_is_lossless_at_t0(untied_loaded):  # noqa: F811
+    target, _, self_draft, tokenizer = untied_loaded
+    request = GenerationRequest(prompt="Paris is the capital of", max_tokens=30, draft_tokens=3)
+    *_, full = generate(target, self_draft, tokenizer, request, SpeculationConfig())
+    vocab = DraftVocab(vocab_size=target.lm_head.weight.shape[0], size=16)
+    vocab.observe(full.completion_token_ids[:10])
+    events = list(
+        generate(target, self_draft, tokenizer, request, SpeculationConfig(), draft_vocab=vocab)
+    )
+    restricted = events[-1]
+    assert restricted.completion_token_ids == full.completion_token_ids
+    allowed = set(np.array(vocab.ids()).tolist())
+    proposals = [x for e in events if isinstance(e, StepEvent) for x in e.trace.proposed]
+    assert proposals and set(proposals) <= allowed
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def test_chat_template_by_default_raw_on_request(untied_loaded):  # noqa: F811
+    *_, tokenizer = untied_loaded
+    chat = build_prompt_tokens(tokenizer, GenerationRequest(prompt="Hello there"))
+    text = tokenizer.decode(chat)
+    assert text.startswith("<|im_start|>user\nHello there<|im_end|>")
+    assert text.endswith("<|im_start|>assistant\n")
+    raw = build_prompt_tokens(tokenizer, GenerationRequest(prompt="Hello there", raw=True))
+    assert tokenizer.decode(raw) == "Hello there"
+
+
+def test_multi_turn_messages(untied_loaded):  # noqa: F811
+    *_, tokenizer = untied_loaded
+    turns = (
+        ChatTurn("system", "Be brief."),
+        ChatTurn("user", "Hi"),
+        ChatTurn("assistant", "Hello!"),
+        ChatTurn("user", "Capital of France?"),
+    )
+    text = tokenizer.decode(build_prompt_tokens(tokenizer, GenerationRequest(messages=turns)))
+    assert text.index("Be brief.") < text.index("Hi") < text.index("Hello!") < text.index("France")
+    assert text.endswith("<|im_start|>assistant\n")
+    prefilled = turns[:2] + (ChatTurn("assistant", "Sure, the answer"),)
+    text = tokenizer.decode(build_prompt_tokens(tokenizer, GenerationRequest(messages=prefilled)))
+    assert text.endswith("Sure, the answer")  # the assistant's turn is continued
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (GenerationRequest(), "prompt"),
+        (GenerationRequest(messages=(ChatTurn("robot", "x"),)), "messages[0].role"),
+        (GenerationRequest(prompt="a", messages=(ChatTurn("user", "x"),)), "prompt"),
+        (GenerationRequest(messages=(ChatTurn("user", "x"),), raw=True), "raw"),
+        (GenerationRequest(messages=(ChatTurn("system", "x"),)), "messages"),
+    ],
+)
+def test_bad_requests_name_the_field(untied_loaded, request_, field):  # noqa: F811
+    *_, tokenizer = untied_loaded
+    with pytest.raises(InvalidRequestError) as info:
+        build_prompt_tokens(tokenizer, request_)
+    assert info.value.field == field
