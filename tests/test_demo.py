@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -36,6 +37,9 @@ def test_demo_tiny_runs_every_step_and_leaves_nothing_running() -> None:
     rows = re.findall(r"^\s+Explain what .*?(\d+\.\d+)x$", out, flags=re.MULTILINE)
     assert len(rows) == 2 and all(float(r) > 0 for r in rows)
     pid = int(re.search(r"daemon started \(pid (\d+)\)", out + result.stderr).group(1))
+    deadline = time.monotonic() + 10  # the lock is released just before the process exits
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not _alive(pid), f"the demo left its daemon (pid {pid}) running"
 
 
