@@ -4,17 +4,15 @@ SIGTERM during a stream, `daemon start|stop|status`, file modes. Tiny models, se
 from __future__ import annotations
 
 import json
-import os
 import signal
 import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.daemons import Proc, daemon_env, run_cli, socket_path, start_daemon
 from speclora.client.stub import (
     DaemonNotRunning,
     DaemonShuttingDown,
@@ -26,76 +24,19 @@ from speclora.client.stub import (
 pytestmark = pytest.mark.slow
 
 
-def _env(home: Path, target: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECLORA_")}
-    env.update(
-        SPECLORA_HOME=str(home),
-        SPECLORA_MODELS_TARGET=str(target),
-        SPECLORA_MODELS_DRAFT="self:2",
-        PYTHONUNBUFFERED="1",
-        **extra,
-    )
-    if "SPECLORA_BLAS_PATH" in os.environ:
-        env["SPECLORA_BLAS_PATH"] = os.environ["SPECLORA_BLAS_PATH"]
-    return env
-
-
-def _cli(
-    env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "speclora", *args],
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _socket(home: Path) -> Path:
-    return home / "state" / "run" / "speclora.sock"
-
-
-def _start(env: dict[str, str], home: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "speclora", "serve"], env=env, stdout=out, stderr=out
-        )
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, f"daemon exited early:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"daemon did not start:\n{log.read_text()}"
-        try:
-            with SpecLoRAClient(str(_socket(home)), connect_timeout=0.5) as client:
-                if client.health() == "SERVING":
-                    return proc
-        except DaemonNotRunning:
-            pass
-        time.sleep(0.2)
-
-
-class Proc:
-    def __init__(self, proc: subprocess.Popen[bytes], home: Path, env: dict[str, str], log: Path):
-        self.proc, self.home, self.env, self.log = proc, home, env, log
-
-    def client(self) -> SpecLoRAClient:
-        return SpecLoRAClient(str(_socket(self.home)))
-
-
 @pytest.fixture(scope="module")
 def daemon(tiny_target_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     home = tmp_path_factory.mktemp("proc")
-    env = _env(home, tiny_target_path)
+    env = daemon_env(home, tiny_target_path)
     log = home / "serve.log"
-    proc = _start(env, home, log)
+    proc = start_daemon(env, home, log)
     yield Proc(proc, home, env, log)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
 
 
 def test_cli_generate_json(daemon: Proc) -> None:
-    result = _cli(
+    result = run_cli(
         daemon.env, "generate", "Explain quantum computing simply.", "--max-tokens", "12", "--json"
     )
     assert result.returncode == 0, result.stderr
@@ -118,29 +59,29 @@ def test_cli_generate_json(daemon: Proc) -> None:
 
 
 def test_cli_generate_streams_text_and_reports_on_stderr(daemon: Proc) -> None:
-    result = _cli(
+    result = run_cli(
         daemon.env, "generate", "Hello", "--max-tokens", "6", "--temperature", "0.7", "--seed", "1"
     )
     assert result.returncode == 0, result.stderr
     assert "tokens" in result.stderr and "tok/s" in result.stderr
-    bad = _cli(daemon.env, "generate", "Hello", "--top-p", "0")
+    bad = run_cli(daemon.env, "generate", "Hello", "--top-p", "0")
     assert bad.returncode == 1 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_cli_stats_and_status(daemon: Proc) -> None:
-    result = _cli(daemon.env, "stats", "--json")
+    result = run_cli(daemon.env, "stats", "--json")
     assert result.returncode == 0, result.stderr
     snap = json.loads(result.stdout)
     assert snap["target_model"] == "tiny-target" and snap["draft_model"] == "tiny-target[self:2]"
-    human = _cli(daemon.env, "stats")
+    human = run_cli(daemon.env, "stats")
     assert "acceptance" in human.stdout and human.returncode == 0
-    status = _cli(daemon.env, "daemon", "status")
+    status = run_cli(daemon.env, "daemon", "status")
     assert status.returncode == 0 and f"pid {daemon.proc.pid}" in status.stdout
     assert "SERVING" in status.stdout
 
 
 def test_cli_interactive_session(daemon: Proc) -> None:
-    result = _cli(
+    result = run_cli(
         daemon.env,
         "interactive",
         "--max-tokens",
@@ -155,14 +96,14 @@ def test_cli_interactive_session(daemon: Proc) -> None:
 
 
 def test_socket_and_directory_modes(daemon: Proc) -> None:
-    sock = _socket(daemon.home)
+    sock = socket_path(daemon.home)
     assert stat.S_ISSOCK(sock.stat().st_mode)
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
     assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
 
 
 def test_second_instance_is_refused_and_the_first_keeps_serving(daemon: Proc) -> None:
-    second = _cli(daemon.env, "serve", timeout=60)
+    second = run_cli(daemon.env, "serve", timeout=60)
     assert second.returncode != 0
     assert f"already running (pid {daemon.proc.pid})" in second.stderr
     assert "Traceback" not in second.stderr
@@ -173,16 +114,16 @@ def test_second_instance_is_refused_and_the_first_keeps_serving(daemon: Proc) ->
 
 def test_sigterm_during_a_stream_exits_zero(tiny_target_path: Path, tmp_path: Path) -> None:
     home = tmp_path / "h"
-    env = _env(home, tiny_target_path, SPECLORA_SERVER_SHUTDOWN_GRACE_S="1")
+    env = daemon_env(home, tiny_target_path, SPECLORA_SERVER_SHUTDOWN_GRACE_S="1")
     log = tmp_path / "serve.log"
-    proc = _start(env, home, log)
+    proc = start_daemon(env, home, log)
     events: list[object] = []
     errors: list[Exception] = []
     first = threading.Event()
 
     def stream() -> None:
         try:
-            with SpecLoRAClient(str(_socket(home))) as client:
+            with SpecLoRAClient(str(socket_path(home))) as client:
                 for event in client.generate("Explain quantum computing simply.", max_tokens=2000):
                     events.append(event)
                     first.set()
@@ -205,28 +146,28 @@ def test_sigterm_during_a_stream_exits_zero(tiny_target_path: Path, tmp_path: Pa
         assert isinstance(events[-1], GenerationSummary)
         assert events[-1].finish_reason in ("cancelled", "length", "eos")
         assert any(isinstance(e, TextChunk) for e in events)
-    assert not _socket(home).exists()
+    assert not socket_path(home).exists()
     text = log.read_text()
     assert "shutdown_started" in text and "daemon_exited" in text
 
 
 def test_daemon_start_status_stop(tiny_target_path: Path, tmp_path: Path) -> None:
     home = tmp_path / "h"
-    env = _env(home, tiny_target_path)
-    started = _cli(env, "daemon", "start", timeout=180)
+    env = daemon_env(home, tiny_target_path)
+    started = run_cli(env, "daemon", "start", timeout=180)
     try:
         assert started.returncode == 0, started.stderr + started.stdout
         assert "speclora daemon started (pid" in started.stdout
-        assert str(_socket(home)) in started.stdout
+        assert str(socket_path(home)) in started.stdout
         pid = int(started.stdout.split("(pid ")[1].split(")")[0])
-        again = _cli(env, "daemon", "start")
+        again = run_cli(env, "daemon", "start")
         assert again.returncode == 0 and f"already running (pid {pid})" in again.stdout
-        assert _cli(env, "generate", "Hi", "--max-tokens", "3").returncode == 0
+        assert run_cli(env, "generate", "Hi", "--max-tokens", "3").returncode == 0
         assert (home / "logs" / "daemon.log").read_text()
     finally:
-        stopped = _cli(env, "daemon", "stop", timeout=60)
+        stopped = run_cli(env, "daemon", "stop", timeout=60)
     assert stopped.returncode == 0 and f"stopped (pid {pid})" in stopped.stdout
-    status = _cli(env, "daemon", "status")
+    status = run_cli(env, "daemon", "status")
     assert status.returncode == 2
     assert "not running" in status.stderr and "speclora daemon start" in status.stderr
-    assert not _socket(home).exists()
+    assert not socket_path(home).exists()
