@@ -4,7 +4,9 @@ The worker calls `offer` right after a generation's summary; it only builds a sm
 and puts it on a bounded queue, so it never waits for SQLite or the disk. A background thread
 writes queued cases in batches (one transaction, one fsync per burst). When the disk is full or
 the database is broken the error is logged once per streak, the case is dropped, and serving
-carries on.
+carries on. Each offer can carry an `on_stored(committed)` callback, called once its case is
+durably committed (True) or dropped (False): the daemon tells a client "recorded" only then,
+so a kill -9 can never lose a case a client was told about.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 from speclora.daemon.engine.events import GenerationRequest, GenerationSummary
@@ -22,6 +25,12 @@ from speclora.shared.config import LearningConfig
 log = structlog.get_logger(__name__)
 
 _STOP = object()
+
+
+@dataclass(frozen=True)
+class _Offered:
+    case: FailureCase
+    on_stored: Callable[[bool], None] | None
 
 
 def is_failure(
@@ -97,15 +106,20 @@ class FailureRecorder:
         target_id: str,
         draft_id: str,
         adapter_version: str,
+        *,
+        on_stored: Callable[[bool], None] | None = None,
     ) -> bool:
-        """Queue the request as a failure case if it is one; True when queued. Never blocks."""
+        """Queue the request as a failure case if it is one; True when queued. Never blocks.
+
+        When queued, `on_stored(committed)` is later called once from the writer thread: True
+        after the case's transaction committed, False if the write failed and it was dropped."""
         if self._closed or not is_failure(summary, request, self.config):
             return False
         case = case_from_summary(summary, request, target_id, draft_id, adapter_version)
         with self._idle:
             self._unfinished += 1
         try:
-            self._queue.put_nowait(case)
+            self._queue.put_nowait(_Offered(case, on_stored))
         except queue.Full:
             self._done(1)
             self.dropped += 1
@@ -165,15 +179,17 @@ class FailureRecorder:
             if stop:
                 return
 
-    def _write(self, batch: list[FailureCase]) -> None:
+    def _write(self, batch: list[_Offered]) -> None:
+        committed = False
         try:
-            ids = self.store.add_many(batch)
+            ids = self.store.add_many([item.case for item in batch])
         except Exception as exc:  # disk full, read-only fs, corrupt file: never kill serving
             self.dropped += len(batch)
             if not self._failing:
                 log.error("failure_store_write_failed", error=str(exc), cases=len(batch))
             self._failing = True
         else:
+            committed = True
             self.committed += len(ids)
             if self._failing:
                 log.info("failure_store_write_recovered")
@@ -185,4 +201,10 @@ class FailureRecorder:
                 except Exception:
                     log.exception("failure_commit_callback_failed")
         finally:
+            for item in batch:
+                if item.on_stored is not None:
+                    try:
+                        item.on_stored(committed)
+                    except Exception:
+                        log.exception("failure_stored_callback_failed")
             self._done(len(batch))
