@@ -28,12 +28,11 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from speclora.daemon.errors import SpecLoRAError
-from speclora.daemon.servicer import LearningLoop, SpecLoRAServicer
+from speclora.daemon.servicer import LearningLoop, SpecLoRAServicer, add_to_server
 from speclora.daemon.worker import Worker
 from speclora.shared.config import Config
 from speclora.shared.paths import MAX_SOCKET_PATH_BYTES, Paths, ensure_private_dir, resolve_paths
 from speclora.shared.pb import speclora_pb2 as pb
-from speclora.shared.pb import speclora_pb2_grpc as pb_grpc
 
 import speclora
 
@@ -285,7 +284,7 @@ def create_server(
         maximum_concurrent_rpcs=capacity,
     )
     servicer = SpecLoRAServicer(worker, config, learning)
-    pb_grpc.add_SpecLoRAServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -324,10 +323,13 @@ def serve(config: Config, paths: Paths | None = None) -> int:
     stop_requested = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
-        if stop_requested.is_set():
-            log.info("shutdown_already_requested", signal=signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop_requested.is_set():  # a second Ctrl-C: the user does not want to wait
+            log.warning("shutdown_forced", signal=name)
+            sys.stderr.flush()
+            os._exit(1)
         stop_requested.set()
-        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        log.info("shutdown_requested", signal=name)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

@@ -15,7 +15,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import structlog
@@ -316,6 +316,40 @@ def snapshot_to_pb(snap: StatsSnapshot) -> pb.StatsSnapshot:
 
 
 # ---------------------------------------------------------------------- the service
+
+
+def add_to_server(servicer: SpecLoRAServicer, server: grpc.Server) -> None:
+    """Register the service, parsing request bytes ourselves.
+
+    grpc answers a request its deserializer cannot parse (garbage, invalid UTF-8 in a string)
+    with INTERNAL, which we reserve for bugs; here it is INVALID_ARGUMENT naming the message.
+    """
+    service = pb.DESCRIPTOR.services_by_name["SpecLoRA"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+            _parsing(getattr(servicer, method.name), request_cls),
+            request_deserializer=None,  # raw bytes
+            response_serializer=response_cls.SerializeToString,
+        )
+    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _parsing(behavior: Any, request_cls: Any) -> Any:
+    def handle(raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            request = request_cls.FromString(raw)
+        except Exception as exc:  # DecodeError and friends: the bytes, not us
+            name = request_cls.DESCRIPTOR.full_name
+            log.info("rpc_rejected", code="INVALID_ARGUMENT", error=f"unparsable {name}: {exc}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {name} ({exc})")
+        return behavior(request, context)
+
+    return handle
 
 
 class SpecLoRAServicer(pb_grpc.SpecLoRAServicer):

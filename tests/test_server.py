@@ -452,3 +452,21 @@ def test_second_instance_lock_names_the_pid(tmp_path: Path) -> None:
 
 def test_invalid_request_error_names_field() -> None:
     assert str(InvalidRequestError("top_p", "bad")) == "top_p: bad"
+
+
+_METHODS = ("Generate", "Stats", "Train", "ActivateAdapter")
+
+
+@pytest.mark.parametrize(
+    ("method", "payload"),
+    [(m, b"\xff\xff\xff") for m in _METHODS]  # garbage
+    + [(m, b"\x0a\x05ab") for m in _METHODS]  # truncated
+    # Invalid UTF-8 in a string field (field 1 is a string in these two).
+    + [("Generate", b"\x0a\x02\xff\xfe"), ("ActivateAdapter", b"\x0a\x02\xff\xfe")],
+)
+def test_unparsable_bytes_are_invalid_argument(daemon: Daemon, method: str, payload: bytes) -> None:
+    call = daemon.channel.unary_stream(f"/speclora.v1.SpecLoRA/{method}")
+    with pytest.raises(grpc.RpcError) as err:
+        list(call(payload, timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("request: not a valid speclora.v1.")
