@@ -1,0 +1,232 @@
+"""Daemon overhead and fairness: tokens/s through the daemon against the engine in-process, and
+4 concurrent clients against one.
+
+Per round, on the same prompts at T = 0 (identical work each time):
+  a. in-process: the engine driven directly in this process (no gRPC, no worker);
+  b. daemon, 1 client: a `speclora serve` subprocess, prompts one after another;
+  c. daemon, N clients: N threads each sending every prompt (rotated order) at once.
+Rounds alternate the phases so load drift on a shared machine hits all of them alike.
+Rates are completion tokens over wall time measured by the caller (prefill included).
+
+    .venv/bin/python bench/daemon.py                 # the embedded SmolLM2 pair (minutes)
+    .venv/bin/python bench/daemon.py --smoke         # tiny random models (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import speclora.daemon.blas  # noqa: F401  (OpenBLAS before mlx)
+from speclora.client.stub import DaemonNotRunning, GenerationSummary, SpecLoRAClient
+from speclora.daemon.engine import GenerationRequest, generate
+from speclora.daemon.engine import GenerationSummary as EngineSummary
+from speclora.daemon.runtime import build_hub
+from speclora.daemon.state import ModelHub
+from speclora.shared.config import Config, load_config
+from speclora.shared.logging import configure_logging
+
+PROMPTS = (
+    "Explain quantum computing simply.",
+    "Write a haiku about the sea.",
+    "What is the capital of France, and why is it famous?",
+    "Give three tips for writing clean Python code.",
+)
+
+
+@dataclass
+class Phase:
+    tokens: int = 0
+    seconds: float = 0.0
+    per_client: list[float] = field(default_factory=list)  # tokens/s of each client (phase c)
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def in_process(hub: ModelHub, config: Config, prompts: list[str], max_tokens: int) -> Phase:
+    phase = Phase()
+    for prompt in prompts:
+        request = GenerationRequest(prompt=prompt, max_tokens=max_tokens, record=False)
+        start = time.perf_counter()
+        events = generate(
+            hub.target,
+            hub.draft,
+            hub.tokenizer,
+            request,
+            config.speculation,
+            draft_vocab=hub.extras.get("draft_vocab"),
+            cost_ratio=hub.extras.get("cost_ratio"),
+        )
+        for event in events:
+            if isinstance(event, EngineSummary):
+                phase.tokens += event.completion_tokens
+        phase.seconds += time.perf_counter() - start
+    return phase
+
+
+def run_client(address: str, prompts: list[str], max_tokens: int) -> tuple[int, float]:
+    tokens = 0
+    with SpecLoRAClient(address) as client:
+        start = time.perf_counter()
+        for prompt in prompts:
+            for event in client.generate(
+                prompt, max_tokens=max_tokens, temperature=0.0, record=False
+            ):
+                if isinstance(event, GenerationSummary):
+                    tokens += event.completion_tokens
+        return tokens, time.perf_counter() - start
+
+
+def concurrent(address: str, prompts: list[str], max_tokens: int, clients: int) -> Phase:
+    results: list[tuple[int, float]] = [(0, 0.0)] * clients
+    barrier = threading.Barrier(clients + 1)
+
+    def one(i: int) -> None:
+        rotated = prompts[i % len(prompts) :] + prompts[: i % len(prompts)]
+        barrier.wait()
+        results[i] = run_client(address, rotated, max_tokens)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return Phase(
+        tokens=sum(n for n, _ in results),
+        seconds=wall,
+        per_client=[n / s for n, s in results],
+    )
+
+
+def start_daemon(env: dict[str, str], home: Path) -> tuple[subprocess.Popen[bytes], str]:
+    log = open(home / "daemon.log", "ab")  # noqa: SIM115  (kept open for the child)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "speclora", "serve"], env=env, stdout=log, stderr=log
+    )
+    address = f"unix:{home / 'state' / 'run' / 'speclora.sock'}"
+    deadline = time.monotonic() + 900
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"daemon exited; see {home / 'daemon.log'}")
+        if time.monotonic() > deadline:
+            raise SystemExit("daemon did not start")
+        try:
+            with SpecLoRAClient(address, connect_timeout=0.5) as client:
+                if client.health() == "SERVING":
+                    return proc, address
+        except DaemonNotRunning:
+            pass
+        time.sleep(0.5)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny random models, seconds")
+    parser.add_argument("--target", help="models.target (default: the configured/embedded one)")
+    parser.add_argument("--draft", help="models.draft (default: the configured one)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    configure_logging("warning", stream=sys.stderr)  # stdout is the table
+
+    work = Path(tempfile.mkdtemp(prefix="speclora-bench-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECLORA_MODELS_")}
+    env["SPECLORA_HOME"] = str(work / "home")
+    prompts = list(PROMPTS)
+    if args.smoke:
+        from speclora.daemon.tiny import write_tiny_pair
+
+        target, _ = write_tiny_pair(work / "models")
+        args.target, args.draft = str(target), args.draft or "self:2"
+        args.max_tokens, args.rounds, prompts = min(args.max_tokens, 32), 1, prompts[:2]
+    for key, value in (("TARGET", args.target), ("DRAFT", args.draft)):
+        if value:
+            env[f"SPECLORA_MODELS_{key}"] = value
+    config = load_config(env=env)
+    (work / "home").mkdir(parents=True, exist_ok=True)
+
+    hub = build_hub(config)
+    in_process(hub, config, prompts[:1], 8)  # warm up MLX kernels
+    proc, address = start_daemon(env, work / "home")
+    try:
+        run_client(address, prompts[:1], 8)  # warm up the daemon
+        phases: dict[str, list[Phase]] = {"in_process": [], "daemon": [], "concurrent": []}
+        for _ in range(args.rounds):
+            phases["in_process"].append(in_process(hub, config, prompts, args.max_tokens))
+            tokens, seconds = run_client(address, prompts, args.max_tokens)
+            phases["daemon"].append(Phase(tokens, seconds))
+            phases["concurrent"].append(concurrent(address, prompts, args.max_tokens, args.clients))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+    def total(name: str) -> Phase:
+        ps = phases[name]
+        return Phase(sum(p.tokens for p in ps), sum(p.seconds for p in ps))
+
+    inproc, single, multi = total("in_process"), total("daemon"), total("concurrent")
+    fairness = [max(p.per_client) / min(p.per_client) for p in phases["concurrent"]]
+    per_client = [r for p in phases["concurrent"] for r in p.per_client]
+    results = {
+        "target": config.models.target,
+        "draft": config.models.draft,
+        "prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "clients": args.clients,
+        "in_process_tokens_per_s": inproc.rate,
+        "daemon_tokens_per_s": single.rate,
+        "daemon_vs_in_process": single.rate / inproc.rate,
+        "concurrent_aggregate_tokens_per_s": multi.rate,
+        "concurrent_vs_single": multi.rate / single.rate,
+        "per_client_tokens_per_s": per_client,
+        "fairness_max_over_min": max(fairness),
+        "fairness_per_round": fairness,
+        "targets": {"daemon_vs_in_process": 0.95, "concurrent_vs_single": 1.0, "fairness": 1.5},
+    }
+    print(
+        f"target {results['target']}, draft {results['draft']}, {len(prompts)} prompts x "
+        f"{args.max_tokens} tokens, T=0, {args.rounds} round(s)\n"
+    )
+    print("| measure | tokens/s | ratio | target |")
+    print("|---|---:|---:|---:|")
+    print(f"| in-process engine | {inproc.rate:.1f} | 1.00 | |")
+    print(
+        f"| daemon, 1 client | {single.rate:.1f} | {results['daemon_vs_in_process']:.3f} | >= 0.95 |"
+    )
+    print(
+        f"| daemon, {args.clients} clients (aggregate) | {multi.rate:.1f} | "
+        f"{results['concurrent_vs_single']:.3f} vs 1 client | >= 1.0 |"
+    )
+    print(
+        f"| per-client rate, min / median / max | {min(per_client):.1f} / "
+        f"{statistics.median(per_client):.1f} / {max(per_client):.1f} | "
+        f"max/min {results['fairness_max_over_min']:.3f} | <= 1.5 |"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
