@@ -209,7 +209,8 @@ class Worker:
         self.hub = hub
         self.config = config
         self.stats = stats or StatsTracker()
-        self.recorder = recorder  # learning.FailureRecorder or None: .offer(...) -> bool
+        # learning.FailureRecorder or None: .offer(..., on_stored=callback) -> bool (queued)
+        self.recorder = recorder
         self._generate = generate_fn or engine_generate(config.speculation)
         self._queue_size = config.server.queue_size
         self._max_active = config.server.max_active
@@ -449,21 +450,30 @@ class Worker:
     def _finish_generation(self, running: _Running, summary: GenerationSummary) -> None:
         job: GenerateJob = running.job  # type: ignore[assignment]
         request = job.request
-        recorded = False
+        version = running.adapter_version
+
+        def send(recorded: bool) -> None:
+            job._emit(GenerationResult(summary, request.request_id, version, recorded))
+            job._finish()
+
+        queued = False
         if self.recorder is not None:
             try:
-                recorded = bool(
+                # A failure case's summary waits for its commit (the recorder's thread calls
+                # `send`, this one never waits), so failure_recorded=True survives a kill -9.
+                queued = bool(
                     self.recorder.offer(
                         summary,
                         request,
                         self.hub.target_name,
                         self.hub.draft_name,
-                        running.adapter_version,
+                        version,
+                        on_stored=send,
                     )
                 )
             except Exception:  # recording is best effort; the answer still goes out
                 log.exception("failure_record_failed", request_id=request.request_id)
-        self.stats.record(summary, running.adapter_version)
+        self.stats.record(summary, version)
         vocab = self.hub.extras.get("draft_vocab")
         if vocab is not None:  # the restricted draft head follows what the target writes
             vocab.observe(summary.completion_token_ids)
@@ -479,11 +489,11 @@ class Worker:
             acceptance=round(summary.acceptance_rate, 3),
             tokens_per_second=round(summary.tokens_per_second, 1),
             finish_reason=summary.finish_reason,
-            adapter_version=running.adapter_version,
-            failure_recorded=recorded,
+            adapter_version=version,
+            failure_case_queued=queued,
         )
-        job._emit(GenerationResult(summary, request.request_id, running.adapter_version, recorded))
-        job._finish()
+        if not queued:
+            send(False)
 
     def _retire(self, running: _Running) -> None:
         self._close(running)
