@@ -3,6 +3,7 @@ generation, adapter activation and rollback over the RPC. Toy domain target, sel
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -152,3 +153,21 @@ def test_train_with_too_few_cases_is_a_precondition(tmp_path: Path, served: tupl
     runtime.learning.store.purge()
     with pytest.raises(PreconditionFailed, match="failure cases"):
         list(client.train())
+
+
+def test_cli_train_json_and_progress(served: tuple) -> None:
+    from click.testing import CliRunner
+    from speclora.client.cli import main
+
+    _, _, client = served
+    _record_cases(client, 8)
+    args = ["train", "--steps", "3", "--force-promote", "--address", client.address]
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])  # the daemon logs here too
+    assert out["promoted"] and out["adapter_version"] and len(out["losses"]) == 3
+    assert {"acceptance_before", "acceptance_after", "train_cases", "heldout_cases"} <= set(out)
+    _record_cases(client, 8)
+    human = CliRunner().invoke(main, args)
+    assert human.exit_code == 0, human.output
+    assert "held-out acceptance before" in human.output and "promoted" in human.output

@@ -40,7 +40,7 @@ def interactive(
         click.echo(f"SpecLoRA chat. {HELP}")
         while True:
             try:
-                line = input(click.style("> ", bold=True) if colour else "> ")
+                line = input("> ")  # plain: readline miscounts the width of coloured prompts
             except EOFError:
                 click.echo()
                 break
