@@ -30,7 +30,7 @@ from speclora.shared.pb import speclora_pb2_grpc as pb_grpc
 
 DEFAULT_CONNECT_TIMEOUT_S = 3.0
 TOKEN_METADATA_KEY = "authorization"
-SERVICE_NAME = "speclora.v1.SpecLoRA"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecLoRA"].full_name
 
 
 # ---------------------------------------------------------------------- errors

@@ -16,7 +16,6 @@ KV caches in the engine's `finally`.
 
 from __future__ import annotations
 
-import itertools
 import queue
 import sys
 import threading
@@ -47,7 +46,7 @@ from speclora.shared.config import Config, SpeculationConfig
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-GenerateFn = Callable[[ModelHub, GenerationRequest, "list[int] | None"], Iterator[EngineEvent]]
+GenerateFn = Callable[[ModelHub, GenerationRequest, list[int] | None], Iterator[EngineEvent]]
 TaskFactory = Callable[[ModelHub], Iterator[Any]]
 
 _END = object()
@@ -71,11 +70,8 @@ class _Failure:
 class Job(Generic[T]):
     """Something submitted to the worker. Iterate it (from one RPC thread) for its events."""
 
-    _ids = itertools.count(1)
-
     def __init__(self, kind: str, on_cancel: Callable[[Job[Any]], None]) -> None:
         self.kind = kind
-        self.id = next(self._ids)
         self._results: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._cancelled = threading.Event()
         self._on_cancel = on_cancel
