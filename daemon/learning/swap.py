@@ -77,6 +77,13 @@ def _read_adapter(
         extras = mx.load(str(path / EXTRAS_FILE)) if (path / EXTRAS_FILE).exists() else {}
     except Exception as exc:  # mx.load raises plain RuntimeError/ValueError on damage
         raise AdapterError(f"adapter {version}: cannot read weights: {exc}") from None
+    # A diverged run or a damaged file can hold NaN/inf with valid checksums: such a draft
+    # would reject every proposal, so refuse it like any other corrupt adapter.
+    for name, array in [*weights.items(), *extras.items()]:  # type: ignore[union-attr]
+        if not mx.all(mx.isfinite(array)).item():
+            raise AdapterError(
+                f"adapter {version}: {name} holds values that are not finite (NaN or inf)"
+            )
     return info, config, weights, extras  # type: ignore[return-value]
 
 
@@ -104,7 +111,10 @@ def apply_adapter(hub: ModelHub, adapters: AdapterStore, version: str) -> Adapte
         lora.own_final_norm(hub.draft, hub.target)
         base_norm = hub.extras.setdefault(BASE_NORM_KEY, lora.norm_weights(hub.draft))
         extras = extras or base_norm  # an adapter without a norm runs on the base norm
-    lora.check_weights(hub.draft, config, weights, extras)
+    try:
+        lora.check_weights(hub.draft, config, weights, extras)
+    except AdapterError as exc:  # say which adapter: the message reaches the RPC and the log
+        raise AdapterError(f"adapter {version}: {exc}") from None
     lora.load(hub.draft, config, weights, extras)
     previous = hub.adapter_version
     hub.adapter_version = version
