@@ -13,6 +13,7 @@ import math
 import re
 import threading
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -362,10 +363,14 @@ class SpecLoRAServicer(pb_grpc.SpecLoRAServicer):
         self._config = config
         self._learning = learning
         self._shutting_down = threading.Event()
+        # One event per open Stats watch; set when its client goes away or the daemon stops.
+        self._watch_wakers: weakref.WeakSet[threading.Event] = weakref.WeakSet()
 
     def begin_shutdown(self) -> None:
         """Watchers end and new calls are refused with UNAVAILABLE."""
         self._shutting_down.set()
+        for waker in list(self._watch_wakers):
+            waker.set()
 
     @contextmanager
     def _rpc(self, name: str, context: grpc.ServicerContext) -> Iterator[str]:
@@ -417,9 +422,16 @@ class SpecLoRAServicer(pb_grpc.SpecLoRAServicer):
     ) -> Iterator[pb.StatsSnapshot]:
         with self._rpc("Stats", context):
             interval = check_stats_request(request)
+            # A watcher sleeps between snapshots; a cancelled one must wake at once, or it holds
+            # a server thread and a concurrency slot for up to interval_s (an hour).
+            waker = threading.Event()
+            self._watch_wakers.add(waker)
+            if not context.add_callback(waker.set) or self._shutting_down.is_set():
+                waker.set()
             yield snapshot_to_pb(self.snapshot())
             while request.watch:
-                if self._shutting_down.wait(interval):
+                waker.wait(interval)
+                if self._shutting_down.is_set():
                     raise ShuttingDownError("the daemon is shutting down")
                 if not context.is_active():
                     return
