@@ -365,11 +365,14 @@ class SpecLoRAServicer(pb_grpc.SpecLoRAServicer):
         self._shutting_down = threading.Event()
         # One event per open Stats watch; set when its client goes away or the daemon stops.
         self._watch_wakers: weakref.WeakSet[threading.Event] = weakref.WeakSet()
+        self._watch_lock = threading.Lock()
 
     def begin_shutdown(self) -> None:
         """Watchers end and new calls are refused with UNAVAILABLE."""
         self._shutting_down.set()
-        for waker in list(self._watch_wakers):
+        with self._watch_lock:
+            wakers = list(self._watch_wakers)
+        for waker in wakers:
             waker.set()
 
     @contextmanager
@@ -425,7 +428,8 @@ class SpecLoRAServicer(pb_grpc.SpecLoRAServicer):
             # A watcher sleeps between snapshots; a cancelled one must wake at once, or it holds
             # a server thread and a concurrency slot for up to interval_s (an hour).
             waker = threading.Event()
-            self._watch_wakers.add(waker)
+            with self._watch_lock:
+                self._watch_wakers.add(waker)
             if not context.add_callback(waker.set) or self._shutting_down.is_set():
                 waker.set()
             yield snapshot_to_pb(self.snapshot())
