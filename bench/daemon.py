@@ -55,10 +55,14 @@ class Phase:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def in_process(hub: ModelHub, config: Config, prompts: list[str], max_tokens: int) -> Phase:
+def in_process(
+    hub: ModelHub, config: Config, prompts: list[str], max_tokens: int, k: int | None
+) -> Phase:
     phase = Phase()
     for prompt in prompts:
-        request = GenerationRequest(prompt=prompt, max_tokens=max_tokens, record=False)
+        request = GenerationRequest(
+            prompt=prompt, max_tokens=max_tokens, draft_tokens=k, record=False
+        )
         start = time.perf_counter()
         events = generate(
             hub.target,
@@ -76,27 +80,31 @@ def in_process(hub: ModelHub, config: Config, prompts: list[str], max_tokens: in
     return phase
 
 
-def run_client(address: str, prompts: list[str], max_tokens: int) -> tuple[int, float]:
+def run_client(
+    address: str, prompts: list[str], max_tokens: int, k: int | None
+) -> tuple[int, float]:
     tokens = 0
     with SpecLoRAClient(address) as client:
         start = time.perf_counter()
         for prompt in prompts:
             for event in client.generate(
-                prompt, max_tokens=max_tokens, temperature=0.0, record=False
+                prompt, max_tokens=max_tokens, temperature=0.0, draft_tokens=k, record=False
             ):
                 if isinstance(event, GenerationSummary):
                     tokens += event.completion_tokens
         return tokens, time.perf_counter() - start
 
 
-def concurrent(address: str, prompts: list[str], max_tokens: int, clients: int) -> Phase:
+def concurrent(
+    address: str, prompts: list[str], max_tokens: int, k: int | None, clients: int
+) -> Phase:
     results: list[tuple[int, float]] = [(0, 0.0)] * clients
     barrier = threading.Barrier(clients + 1)
 
     def one(i: int) -> None:
         rotated = prompts[i % len(prompts) :] + prompts[: i % len(prompts)]
         barrier.wait()
-        results[i] = run_client(address, rotated, max_tokens)
+        results[i] = run_client(address, rotated, max_tokens, k)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -144,6 +152,13 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=2,
+        help="fixed K for every run (-1 = adaptive; adaptive K depends on a cost ratio each "
+        "process measures at start, so the two sides would not do identical work)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     configure_logging("warning", stream=sys.stderr)  # stdout is the table
@@ -162,19 +177,22 @@ def main() -> int:
         if value:
             env[f"SPECLORA_MODELS_{key}"] = value
     config = load_config(env=env)
+    k = None if args.draft_tokens < 0 else args.draft_tokens
     (work / "home").mkdir(parents=True, exist_ok=True)
 
     hub = build_hub(config)
-    in_process(hub, config, prompts[:1], 8)  # warm up MLX kernels
+    in_process(hub, config, prompts[:1], 8, k)  # warm up MLX kernels
     proc, address = start_daemon(env, work / "home")
     try:
-        run_client(address, prompts[:1], 8)  # warm up the daemon
+        run_client(address, prompts[:1], 8, k)  # warm up the daemon
         phases: dict[str, list[Phase]] = {"in_process": [], "daemon": [], "concurrent": []}
         for _ in range(args.rounds):
-            phases["in_process"].append(in_process(hub, config, prompts, args.max_tokens))
-            tokens, seconds = run_client(address, prompts, args.max_tokens)
+            phases["in_process"].append(in_process(hub, config, prompts, args.max_tokens, k))
+            tokens, seconds = run_client(address, prompts, args.max_tokens, k)
             phases["daemon"].append(Phase(tokens, seconds))
-            phases["concurrent"].append(concurrent(address, prompts, args.max_tokens, args.clients))
+            phases["concurrent"].append(
+                concurrent(address, prompts, args.max_tokens, k, args.clients)
+            )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -193,6 +211,8 @@ def main() -> int:
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
         "clients": args.clients,
+        "draft_tokens": "adaptive" if k is None else k,
+        "load_average": os.getloadavg()[0],
         "in_process_tokens_per_s": inproc.rate,
         "daemon_tokens_per_s": single.rate,
         "daemon_vs_in_process": single.rate / inproc.rate,
@@ -204,8 +224,9 @@ def main() -> int:
         "targets": {"daemon_vs_in_process": 0.95, "concurrent_vs_single": 1.0, "fairness": 1.5},
     }
     print(
-        f"target {results['target']}, draft {results['draft']}, {len(prompts)} prompts x "
-        f"{args.max_tokens} tokens, T=0, {args.rounds} round(s)\n"
+        f"target {results['target']}, draft {results['draft']}, K={results['draft_tokens']}, "
+        f"{len(prompts)} prompts x {args.max_tokens} tokens, T=0, {args.rounds} round(s), "
+        f"load average {results['load_average']:.1f} on {os.cpu_count()} cores\n"
     )
     print("| measure | tokens/s | ratio | target |")
     print("|---|---:|---:|---:|")
