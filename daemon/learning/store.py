@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -193,6 +194,10 @@ class FailureStore:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # SQLite creates -wal and -shm with the database file's mode, and the WAL holds
+            # the prompts too: create the file 0600 before SQLite does.
+            with contextlib.suppress(OSError):
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             self._db = sqlite3.connect(
                 str(self.path),
                 timeout=busy_timeout_s,
@@ -214,8 +219,9 @@ class FailureStore:
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open failure database {self.path}: {exc}") from exc
-        with contextlib.suppress(OSError):
-            self.path.chmod(0o600)  # prompts are private
+        for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            with contextlib.suppress(OSError):
+                path.chmod(0o600)  # prompts are private (files made before the 0600 create)
 
     # -- writing ------------------------------------------------------------------------
 
