@@ -18,21 +18,18 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers.daemons import LocalDaemon, local_daemon, wait_until
 from speclora.daemon.errors import InvalidRequestError
-from speclora.daemon.runtime import build_hub
 from speclora.daemon.server import (
     SERVICE_NAME,
     AlreadyRunningError,
-    DaemonServer,
     InstanceLock,
     ServerSetupError,
     check_tcp_address,
     create_server,
 )
 from speclora.daemon.state import ModelHub
-from speclora.daemon.worker import Worker
-from speclora.shared.config import Config, load_config
-from speclora.shared.paths import Paths, resolve_paths
+from speclora.shared.paths import resolve_paths
 from speclora.shared.pb import speclora_pb2 as pb
 from speclora.shared.pb import speclora_pb2_grpc as pb_grpc
 
@@ -43,42 +40,24 @@ PROMPT = "Explain quantum computing simply."
 LONG = 2000  # tokens: with the prompt, just inside the tiny model's 2048 context
 
 
-@dataclasses.dataclass
-class Daemon:
-    config: Config
-    paths: Paths
-    worker: Worker
-    server: DaemonServer
-    address: str
-    stub: pb_grpc.SpecLoRAStub
-    channel: grpc.Channel
-
-
 @pytest.fixture(scope="module")
 def daemon(
     tiny_paths: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Daemon]:
-    home = tmp_path_factory.mktemp("srv")
-    env = {"SPECLORA_HOME": str(home)}
-    config = load_config(
-        env=env,
-        overrides={
+) -> Iterator[LocalDaemon]:
+    d = local_daemon(
+        tmp_path_factory.mktemp("srv"),
+        {
             "models": {"target": str(tiny_paths[0]), "draft": str(tiny_paths[1])},
             "server": {"max_active": MAX_ACTIVE, "queue_size": QUEUE_SIZE},
             "generation": {"max_prompt_tokens": MAX_PROMPT_TOKENS, "max_tokens_cap": 4000},
         },
+        learning=False,
     )
-    paths = resolve_paths(env)
-    worker = Worker(build_hub(config), config).start()
-    server, address = create_server(config, worker, paths=paths)
-    server.start()
-    channel = grpc.insecure_channel(address)
-    yield Daemon(config, paths, worker, server, address, pb_grpc.SpecLoRAStub(channel), channel)
-    channel.close()
-    server.shutdown(1.0)
+    yield d
+    d.close()
 
 
-def _generate(daemon: Daemon, **fields: object) -> list[pb.GenerateEvent]:
+def _generate(daemon: LocalDaemon, **fields: object) -> list[pb.GenerateEvent]:
     fields.setdefault("prompt", PROMPT)
     return list(daemon.stub.Generate(pb.GenerateRequest(**fields), timeout=60))
 
@@ -91,18 +70,11 @@ def _ids(events: list[pb.GenerateEvent]) -> list[int]:
     return [t for e in events if e.HasField("chunk") for t in e.chunk.token_ids]
 
 
-def _wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
-
-
 # ---------------------------------------------------------------------- generation
 
 
 @pytest.mark.parametrize("mode", [pb.MODE_DETAILED, pb.MODE_FAST])
-def test_generate_streams_chunks_then_a_full_summary(daemon: Daemon, mode: int) -> None:
+def test_generate_streams_chunks_then_a_full_summary(daemon: LocalDaemon, mode: int) -> None:
     events = _generate(daemon, max_tokens=24, temperature=0.0, mode=mode)
     assert all(e.HasField("chunk") for e in events[:-1]) and len(events) >= 2
     summary = events[-1].summary
@@ -126,7 +98,7 @@ def test_generate_streams_chunks_then_a_full_summary(daemon: Daemon, mode: int) 
     assert summary.adapter_version == "" and not summary.failure_recorded
 
 
-def test_greedy_output_equals_target_alone(daemon: Daemon) -> None:
+def test_greedy_output_equals_target_alone(daemon: LocalDaemon) -> None:
     """T = 0 through the daemon is token for token mlx-lm's target-only greedy decoding."""
     n = 32
     events = _generate(daemon, prompt="The quick brown fox", max_tokens=n, temperature=0.0)
@@ -148,7 +120,7 @@ def test_greedy_output_equals_target_alone(daemon: Daemon) -> None:
     assert _ids(events) == daemon.worker.call("reference", reference, timeout=60)
 
 
-def test_stop_strings_and_chat_messages(daemon: Daemon) -> None:
+def test_stop_strings_and_chat_messages(daemon: LocalDaemon) -> None:
     events = _generate(
         daemon,
         prompt="",
@@ -170,7 +142,7 @@ def test_stop_strings_and_chat_messages(daemon: Daemon) -> None:
 # ---------------------------------------------------------------------- stats, health, reflection
 
 
-def test_stats_reports_models_counters_and_memory(daemon: Daemon) -> None:
+def test_stats_reports_models_counters_and_memory(daemon: LocalDaemon) -> None:
     _generate(daemon, max_tokens=8)
     snap = next(iter(daemon.stub.Stats(pb.StatsRequest(), timeout=10)))
     assert snap.target_model == "tiny-target" and snap.draft_model == "tiny-draft"
@@ -185,7 +157,7 @@ def test_stats_reports_models_counters_and_memory(daemon: Daemon) -> None:
     assert snap.training_state == "idle"
 
 
-def test_stats_watch_streams_until_cancelled(daemon: Daemon) -> None:
+def test_stats_watch_streams_until_cancelled(daemon: LocalDaemon) -> None:
     call = daemon.stub.Stats(pb.StatsRequest(watch=True, interval_s=0.1))
     started = time.monotonic()
     snaps = [next(call) for _ in range(3)]
@@ -194,14 +166,14 @@ def test_stats_watch_streams_until_cancelled(daemon: Daemon) -> None:
     assert snaps[2].uptime_s > snaps[0].uptime_s
 
 
-def test_health_is_serving(daemon: Daemon) -> None:
+def test_health_is_serving(daemon: LocalDaemon) -> None:
     health = health_pb2_grpc.HealthStub(daemon.channel)
     for service in ("", SERVICE_NAME):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_reflection_lists_the_service(daemon: Daemon) -> None:
+def test_reflection_lists_the_service(daemon: LocalDaemon) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(daemon.channel)
     replies = stub.ServerReflectionInfo(
         iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
@@ -213,7 +185,7 @@ def test_reflection_lists_the_service(daemon: Daemon) -> None:
 # ---------------------------------------------------------------------- concurrency
 
 
-def test_two_streams_interleave(daemon: Daemon) -> None:
+def test_two_streams_interleave(daemon: LocalDaemon) -> None:
     """The second stream's first token arrives while the first is still running."""
     first = daemon.stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=LONG), timeout=60)
     assert next(first).HasField("chunk")
@@ -226,7 +198,7 @@ def test_two_streams_interleave(daemon: Daemon) -> None:
     first.cancel()
 
 
-def test_cancelling_frees_the_worker(daemon: Daemon) -> None:
+def test_cancelling_frees_the_worker(daemon: LocalDaemon) -> None:
     longs = [
         daemon.stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=LONG), timeout=60)
         for _ in range(MAX_ACTIVE)
@@ -235,14 +207,14 @@ def test_cancelling_frees_the_worker(daemon: Daemon) -> None:
         next(call)
     for call in longs:
         call.cancel()
-    _wait_until(lambda: daemon.worker.active_count == 0, timeout=5)
+    wait_until(lambda: daemon.worker.active_count == 0, timeout=5)
     started = time.monotonic()
     events = _generate(daemon, max_tokens=4)
     assert events[-1].HasField("summary")
     assert time.monotonic() - started < 5
 
 
-def test_full_queue_answers_resource_exhausted_at_once(daemon: Daemon) -> None:
+def test_full_queue_answers_resource_exhausted_at_once(daemon: LocalDaemon) -> None:
     # Hold the worker inside a call so queued requests stay queued, deterministically.
     entered, release = threading.Event(), threading.Event()
     blocker = threading.Thread(
@@ -256,7 +228,7 @@ def test_full_queue_answers_resource_exhausted_at_once(daemon: Daemon) -> None:
         for _ in range(QUEUE_SIZE)
     ]
     try:
-        _wait_until(lambda: daemon.worker.queue_depth == QUEUE_SIZE)
+        wait_until(lambda: daemon.worker.queue_depth == QUEUE_SIZE)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             _generate(daemon, max_tokens=2)
@@ -268,7 +240,7 @@ def test_full_queue_answers_resource_exhausted_at_once(daemon: Daemon) -> None:
         blocker.join(10)
     for call in calls:  # the queued ones are then served normally
         assert list(call)[-1].HasField("summary")
-    _wait_until(lambda: daemon.worker.active_count == 0 and daemon.worker.queue_depth == 0)
+    wait_until(lambda: daemon.worker.active_count == 0 and daemon.worker.queue_depth == 0)
 
 
 # ---------------------------------------------------------------------- validation
@@ -306,7 +278,7 @@ BAD_GENERATE = [
 
 @pytest.mark.parametrize(("fields", "field"), BAD_GENERATE)
 def test_bad_generate_requests_name_the_field(
-    daemon: Daemon, fields: dict[str, object], field: str
+    daemon: LocalDaemon, fields: dict[str, object], field: str
 ) -> None:
     with pytest.raises(grpc.RpcError) as err:
         _generate(daemon, **fields)
@@ -315,7 +287,7 @@ def test_bad_generate_requests_name_the_field(
 
 
 @pytest.mark.parametrize("interval", [0.0, -1.0, 0.05, 4000.0, float("nan")])
-def test_bad_stats_interval(daemon: Daemon, interval: float) -> None:
+def test_bad_stats_interval(daemon: LocalDaemon, interval: float) -> None:
     with pytest.raises(grpc.RpcError) as err:
         list(daemon.stub.Stats(pb.StatsRequest(watch=True, interval_s=interval), timeout=5))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -332,7 +304,7 @@ def test_bad_stats_interval(daemon: Daemon, interval: float) -> None:
         ({"learning_rate": 2.0}, "learning_rate"),
     ],
 )
-def test_bad_train_requests(daemon: Daemon, fields: dict[str, object], field: str) -> None:
+def test_bad_train_requests(daemon: LocalDaemon, fields: dict[str, object], field: str) -> None:
     with pytest.raises(grpc.RpcError) as err:
         list(daemon.stub.Train(pb.TrainRequest(**fields), timeout=5))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -340,34 +312,34 @@ def test_bad_train_requests(daemon: Daemon, fields: dict[str, object], field: st
 
 
 @pytest.mark.parametrize("version", ["", "../etc", "/abs/path", "a" * 100])
-def test_bad_adapter_versions(daemon: Daemon, version: str) -> None:
+def test_bad_adapter_versions(daemon: LocalDaemon, version: str) -> None:
     with pytest.raises(grpc.RpcError) as err:
         list(daemon.stub.ActivateAdapter(pb.ActivateAdapterRequest(version=version), timeout=5))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("version:")
 
 
-def test_train_without_learning_loop_is_a_precondition(daemon: Daemon) -> None:
+def test_train_without_learning_loop_is_a_precondition(daemon: LocalDaemon) -> None:
     with pytest.raises(grpc.RpcError) as err:
         list(daemon.stub.Train(pb.TrainRequest(), timeout=5))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_serving_continues_after_bad_input(daemon: Daemon) -> None:
+def test_serving_continues_after_bad_input(daemon: LocalDaemon) -> None:
     health = health_pb2_grpc.HealthStub(daemon.channel)
     reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert _generate(daemon, max_tokens=2)[-1].HasField("summary")
 
 
-def test_oversized_message_is_refused(daemon: Daemon) -> None:
+def test_oversized_message_is_refused(daemon: LocalDaemon) -> None:
     with pytest.raises(grpc.RpcError) as err:
         _generate(daemon, prompt="x" * (daemon.config.server.max_message_bytes + 10))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_a_bug_is_internal_with_a_request_id(
-    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+    daemon: LocalDaemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*args: object) -> list[int]:
         raise ZeroDivisionError("oops")
@@ -382,14 +354,14 @@ def test_a_bug_is_internal_with_a_request_id(
 # ---------------------------------------------------------------------- transport and access
 
 
-def test_socket_and_directory_are_private(daemon: Daemon) -> None:
+def test_socket_and_directory_are_private(daemon: LocalDaemon) -> None:
     socket_path = Path(daemon.address.removeprefix("unix:"))
     assert stat.S_ISSOCK(socket_path.stat().st_mode)
     assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
     assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o700
 
 
-def test_tcp_needs_the_token(daemon: Daemon, tmp_path: Path) -> None:
+def test_tcp_needs_the_token(daemon: LocalDaemon, tmp_path: Path) -> None:
     env = {"SPECLORA_HOME": str(tmp_path)}
     config = dataclasses.replace(
         daemon.config,
@@ -431,7 +403,7 @@ def test_non_loopback_tcp_is_refused_without_the_flag() -> None:
         check_tcp_address(ok, allow_non_loopback=False)
 
 
-def test_overlong_socket_path_is_a_clear_error(daemon: Daemon, tmp_path: Path) -> None:
+def test_overlong_socket_path_is_a_clear_error(daemon: LocalDaemon, tmp_path: Path) -> None:
     config = dataclasses.replace(
         daemon.config,
         server=dataclasses.replace(daemon.config.server, socket_path=str(tmp_path / ("s" * 120))),
@@ -464,7 +436,9 @@ _METHODS = ("Generate", "Stats", "Train", "ActivateAdapter")
     # Invalid UTF-8 in a string field (field 1 is a string in these two).
     + [("Generate", b"\x0a\x02\xff\xfe"), ("ActivateAdapter", b"\x0a\x02\xff\xfe")],
 )
-def test_unparsable_bytes_are_invalid_argument(daemon: Daemon, method: str, payload: bytes) -> None:
+def test_unparsable_bytes_are_invalid_argument(
+    daemon: LocalDaemon, method: str, payload: bytes
+) -> None:
     call = daemon.channel.unary_stream(f"/speclora.v1.SpecLoRA/{method}")
     with pytest.raises(grpc.RpcError) as err:
         list(call(payload, timeout=10))
