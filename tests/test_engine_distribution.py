@@ -25,7 +25,7 @@ def spread_pair(tmp_path_factory):
     from mlx_lm import load
 
     path = write_untied_model(
-        tmp_path_factory.mktemp("spread"), TinyModelSpec(num_layers=2, seed=3), head_scale=0.3
+        tmp_path_factory.mktemp("spread"), TinyModelSpec(num_layers=2, seed=3), head_scale=0.6
     )
     target, tokenizer = load(str(path))
     return target, sharpened_copy(path, 3.0), tokenizer

@@ -1,10 +1,8 @@
-"""Tiny models for engine tests whose greedy output is not degenerate.
+"""Tiny models and statistics helpers for the engine tests.
 
-The shared tiny models tie their output head to large random embeddings, so every one of them
-just repeats the last prompt token at temperature 0 and any draft "agrees" with any target.
-Giving them an untied random head makes the next token a varied function of the context, so a
-random draft really disagrees with the target, a shallow self-draft agrees sometimes, and
-greedy equality tests mean something.
+The shared tiny models have an untied random head, so the next token is a varied function of
+the context: a random draft really disagrees with the target, a shallow self-draft agrees
+sometimes, and greedy equality tests mean something.
 """
 
 from __future__ import annotations
@@ -18,18 +16,16 @@ from speclora.daemon.tiny import TinyModelSpec, write_tiny_model
 
 
 def write_untied_model(path: Path, spec: TinyModelSpec, head_scale: float = 1.0) -> Path:
+    """A tiny model whose (untied) output head is scaled: < 1 flattens its distributions."""
     import mlx.core as mx
 
     write_tiny_model(path, spec)
-    weights = mx.load(str(path / "model.safetensors"))
     config = json.loads((path / "config.json").read_text())
-    config["tie_word_embeddings"] = False
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    vocab, hidden = weights["model.embed_tokens.weight"].shape
-    weights["lm_head.weight"] = head_scale * mx.random.normal(
-        (vocab, hidden), key=mx.random.key(spec.seed + 7)
-    )
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    assert config["tie_word_embeddings"] is False
+    if head_scale != 1.0:
+        weights = mx.load(str(path / "model.safetensors"))
+        weights["lm_head.weight"] = head_scale * weights["lm_head.weight"]
+        mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     return path
 
 

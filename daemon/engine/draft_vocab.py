@@ -69,7 +69,9 @@ class ModelParts:
         computing the output head for that position only."""
         if self.splittable:
             hidden = self.model.model(tokens[None], cache)
-            return self.head(hidden[:, -1:, :])[0, 0]
+            if tokens.shape[0] > 1:
+                hidden = hidden[:, -1:, :]
+            return self.head(hidden)[0, -1]
         return self.model(tokens[None], cache=cache)[0, -1]
 
 

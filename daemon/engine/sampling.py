@@ -75,7 +75,7 @@ def probabilities(logits: mx.array, params: SamplingParams) -> mx.array:
     return mx.softmax(filtered_logits(logits, params), axis=-1)
 
 
-def sample(logits: mx.array, params: SamplingParams, key: mx.array) -> mx.array:
+def sample(logits: mx.array, params: SamplingParams, key: mx.array | None) -> mx.array:
     """One token per row: argmax when greedy, else a draw from the filtered distribution."""
     if params.greedy:
         return mx.argmax(logits, axis=-1)

@@ -89,7 +89,9 @@ class _Decoder:
         self.vocab: int | None = None  # the target's logits width, learned on the first pass
         self.lookahead: mx.array | None = None  # a queued plain-step token (lazy)
 
-    def _next_key(self) -> mx.array:
+    def _next_key(self) -> mx.array | None:
+        if self.params.greedy:
+            return None  # argmax needs no randomness; skip the split ops
         self.key, sub = split_key(self.key)
         return sub
 
@@ -230,8 +232,10 @@ def detailed_steps(
 ) -> Generator[EngineEvent, None, None]:
     """The detailed-mode event generator (see module docstring). `tracker` is filled in as it
     goes, so a caller can summarise a cancelled generation."""
-    speculate = draft is not None and request.draft_tokens != 0
-    policy: KPolicy = make_policy(request.draft_tokens, spec, cost_ratio)
+    # The request's K, else the configured default; None means adaptive.
+    draft_tokens = request.draft_tokens if request.draft_tokens is not None else spec.draft_tokens
+    speculate = draft is not None and draft_tokens != 0
+    policy: KPolicy = make_policy(draft_tokens, spec, cost_ratio)
     prompt = list(tracker.prompt_ids)
     decoder = _Decoder(target, draft if speculate else None, request.sampling, prompt, draft_vocab)
     chunk = spec.prefill_chunk
