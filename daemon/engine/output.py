@@ -166,12 +166,15 @@ class Generation(Iterator[EngineEvent]):
 
     `next()` advances one bounded unit of work. `close()` stops it and releases its caches
     (the engine's `finally`); `cancel()` does the same and returns a summary of what was
-    generated so far, with finish_reason "cancelled".
+    generated so far, with finish_reason "cancelled". Text still held back at that moment
+    (a partial character, a tail that could grow into a stop string) is flushed into
+    `final_chunk`: send it before the summary so the chunks add up to the summary's tokens.
     """
 
     def __init__(self, steps: Generator[EngineEvent, None, None], tracker: CompletionTracker):
         self._steps = steps
         self.tracker = tracker
+        self.final_chunk: TextChunk | None = None
 
     def __iter__(self) -> Generation:
         return self
@@ -185,7 +188,7 @@ class Generation(Iterator[EngineEvent]):
     def cancel(self) -> GenerationSummary:
         self._steps.close()
         if not self.tracker.finished:
-            self.tracker.finish("cancelled")
+            self.final_chunk = self.tracker.finish("cancelled")
         if self.tracker.end is None:
             self.tracker.end = time.perf_counter()
         return self.tracker.summary()
