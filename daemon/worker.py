@@ -591,6 +591,11 @@ class Worker:
             except Exception:
                 log.exception("cancel_failed", request_id=running.job.request.request_id)
                 continue
+            # What the engine still held back goes out first, so the chunks add up.
+            chunk = getattr(running.events, "final_chunk", None)
+            if chunk is not None and chunk.token_ids:
+                running.tokens += len(chunk.token_ids)
+                running.job._emit(chunk)
             self._finish_generation(running, summary)
         self._fail_everything(
             ShuttingDownError("the daemon shut down before this request finished"), extra=waiting
