@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers.daemons import daemon_env, socket_path, start_daemon, wait_until
+from helpers.daemons import daemon_env, local_daemon, socket_path, start_daemon, wait_until
 from speclora.daemon.server import SERVICE_NAME
 from speclora.shared.paths import resolve_paths
 from speclora.shared.pb import speclora_pb2 as pb
@@ -130,3 +130,36 @@ def test_sigterm_with_open_streams_exits_cleanly_and_restarts(
         f"(grace {GRACE_S} s); {len(finished)} finished ({', '.join(reasons)}), "
         f"{len(streams) - len(finished)} UNAVAILABLE; restart served"
     )
+
+
+def test_a_stream_cut_at_shutdown_still_adds_up(
+    tiny_paths: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A stream ended by shutdown gets a summary whose tokens are exactly the ones streamed,
+    including any the engine was still holding back (a partial character, or text that could
+    still grow into a stop string). Here the stop string is the greedy completion itself plus
+    a character that never comes, so the engine holds back everything until the end."""
+    d = local_daemon(
+        tmp_path / "home",
+        {
+            "models": {"target": str(tiny_paths[0]), "draft": str(tiny_paths[1])},
+            "generation": {"max_stop_string_chars": 65_536},
+        },
+        learning=False,
+    )
+    try:
+        request = pb.GenerateRequest(prompt="Explain quantum computing.", max_tokens=400)
+        full = list(d.stub.Generate(request, timeout=60))
+        request.stop.append("".join(e.chunk.text for e in full[:-1]) + "\0")
+        call = d.stub.Generate(request, timeout=60)
+        wait_until(lambda: d.worker.active_count == 1, what="generation running")
+        time.sleep(0.2)  # a few dozen steps, all of them held back
+        d.server.shutdown(0)
+        events = list(call)
+    finally:
+        d.close()
+    summary = events[-1].summary
+    assert summary.finish_reason == pb.FINISH_REASON_CANCELLED, "finished before the shutdown"
+    streamed = [t for e in events[:-1] for t in e.chunk.token_ids]
+    assert 0 < summary.completion_tokens < full[-1].summary.completion_tokens
+    assert len(streamed) == summary.completion_tokens, "tokens held back were never streamed"
