@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-
 from speclora.daemon.blas import blas_info
 
 

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import structlog
-
 from speclora.shared.logging import configure_logging
 from speclora.shared.paths import ensure_private_dir, resolve_paths
 
