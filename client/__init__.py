@@ -1,6 +1,6 @@
 """The client side: click CLI and the Python stub. Never imports MLX.
 
-    from speclora.client import SpecLoRAClient, TextChunk, GenerationSummary
+from speclora.client import SpecLoRAClient, TextChunk, GenerationSummary
 """
 
 from __future__ import annotations

@@ -78,8 +78,12 @@ class LearningConfig:
     auto_train: bool = _opt(False)
     auto_train_idle_s: float = _opt(300.0, lo=1.0, hi=1e7)
     auto_train_min_new_cases: int = _opt(32, lo=1, hi=1_000_000)
-    teacher_top_k: int = _opt(64, lo=0, hi=1_000_000, doc="target probs cached per position; 0 = all")
-    max_train_s: float = _opt(0.0, lo=0.0, hi=1e7, doc="stop a run's steps after this; 0 = no limit")
+    teacher_top_k: int = _opt(
+        64, lo=0, hi=1_000_000, doc="target probs cached per position; 0 = all"
+    )
+    max_train_s: float = _opt(
+        0.0, lo=0.0, hi=1e7, doc="stop a run's steps after this; 0 = no limit"
+    )
 
 
 @dataclass(frozen=True)
