@@ -221,6 +221,7 @@ def main() -> int:
         "per_client_tokens_per_s": per_client,
         "fairness_max_over_min": max(fairness),
         "fairness_per_round": fairness,
+        "per_round_tokens_per_s": {name: [p.rate for p in ps] for name, ps in phases.items()},
         "targets": {"daemon_vs_in_process": 0.95, "concurrent_vs_single": 1.0, "fairness": 1.5},
     }
     print(

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from speclora.shared.config import load_config
+from speclora.shared.config import Config, load_config
 from speclora.shared.paths import resolve_paths
 from speclora.shared.pb import speclora_pb2 as pb
 from speclora.shared.pb import speclora_pb2_grpc as pb_grpc
@@ -250,9 +250,8 @@ def _first(stream: Iterator[_D]) -> _D:
 # ---------------------------------------------------------------------- addresses
 
 
-def default_address(config_path: str | os.PathLike | None = None) -> str:
+def default_address(config: Config) -> str:
     """The daemon's Unix socket as the daemon computes it (config, then the state dir)."""
-    config = load_config(config_path)
     configured = config.server.socket_path
     path = Path(configured).expanduser() if configured else resolve_paths().socket_path
     return f"unix:{path.absolute()}"
@@ -290,11 +289,12 @@ class SpecLoRAClient:
     ) -> None:
         """address: "unix:/path", a socket path, or "host:port" (TCP, then a token is sent:
         `token`, else the daemon's token file). None = the configured default socket."""
-        self.address = _normalise(address) if address else default_address(config_path)
+        config = load_config(config_path)
+        self.address = _normalise(address) if address else default_address(config)
         self._tcp = not self.address.startswith("unix:")
         token = token or (read_token() if self._tcp else None)
         self._metadata = ((TOKEN_METADATA_KEY, f"Bearer {token}"),) if token else ()
-        limit = max_message_bytes or load_config(config_path).server.max_message_bytes
+        limit = max_message_bytes or config.server.max_message_bytes
         self._channel = grpc.insecure_channel(
             self.address,
             options=[
