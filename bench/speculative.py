@@ -37,6 +37,7 @@ import speclora.daemon.blas  # noqa: F401, I001  (before mlx: OpenBLAS on Linux)
 from mlx_lm import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 from speclora.daemon.engine import (
+    AcceptanceMemory,
     DraftVocab,
     GenerationRequest,
     SamplingParams,
@@ -132,6 +133,10 @@ class Row:
     def alpha(self) -> float | None:
         tested = self.accepted + self.rejections
         return self.accepted / tested if tested else None
+
+    @property
+    def accepted_per_step(self) -> float | None:
+        return self.accepted / self.passes if self.proposed and self.passes else None
 
     @property
     def tokens_per_pass(self) -> float:
@@ -358,6 +363,7 @@ def bench_draft(
     c_full = costs["draft_1_ms"] / costs["target_1_ms"]
     c_vocab = costs.get("draft_restricted_1_ms", costs["draft_1_ms"]) / costs["target_1_ms"]
     cost_ratio = measure_cost_ratio(target, draft, k=k)
+    vocab_ratio = measure_cost_ratio(target, draft, k=k, draft_vocab=vocab) if vocab else None
     sampling_of = lambda seed: SamplingParams(temperature, seed=seed)  # noqa: E731
 
     def ours(mode: str, dk: int | None, **kw):
@@ -383,12 +389,12 @@ def bench_draft(
             ours("detailed", k),
         ),
         (
+            # One AcceptanceMemory per row across prompts, as the daemon keeps one per draft.
             Row(temperature, label, "ours detailed", "adaptive", c=c_full),
-            ours("detailed", None, cost_ratio=cost_ratio),
+            ours("detailed", None, cost_ratio=cost_ratio, acceptance_memory=AcceptanceMemory()),
         ),
     ]
     if vocab is not None:
-        vocab_ratio = cost_ratio - c_full + c_vocab
         methods += [
             (
                 Row(temperature, label, f"ours detailed, draft vocab {vocab.size}", str(k),
@@ -398,7 +404,8 @@ def bench_draft(
             (
                 Row(temperature, label, f"ours detailed, draft vocab {vocab.size}", "adaptive",
                     c=c_vocab),
-                ours("detailed", None, draft_vocab=vocab, cost_ratio=round(vocab_ratio, 2)),
+                ours("detailed", None, draft_vocab=vocab, cost_ratio=vocab_ratio,
+                     acceptance_memory=AcceptanceMemory()),
             ),
         ]  # fmt: skip
     for seed, (prompt, ids) in enumerate(prompts):
@@ -503,9 +510,9 @@ def summarise(result: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
         )
         lines.append(f"Distillation ({data}): {result['training']}")
     lines.append("")
-    header = ("| T | draft | method | K | tok/s | speedup | acceptance | alpha | tok/pass | c "
-              "| bound | measured/bound | identical |")  # fmt: skip
-    lines += [header, "|" + "---|" * 13]
+    header = ("| T | draft | method | K | tok/s | speedup | acceptance | alpha | accepted/step "
+              "| tok/pass | c | bound | measured/bound | identical |")  # fmt: skip
+    lines += [header, "|" + "---|" * 14]
     for r in rows:
         speedup = r.tps / base[r.temperature] if base.get(r.temperature) else None
         bound = r.bound()
@@ -513,12 +520,14 @@ def summarise(result: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
         ident = "-" if r.identical is None else ("yes" if r.identical else "NO")
         lines.append(
             f"| {r.temperature:g} | {r.draft} | {r.method} | {r.k} | {r.tps:.1f} | {_fmt(speedup)} "
-            f"| {_fmt(r.acceptance)} | {_fmt(r.alpha)} | {r.tokens_per_pass:.2f} | {_fmt(r.c)} "
+            f"| {_fmt(r.acceptance)} | {_fmt(r.alpha)} | {_fmt(r.accepted_per_step)} "
+            f"| {r.tokens_per_pass:.2f} | {_fmt(r.c)} "
             f"| {_fmt(bound)} | {_fmt(ratio)} | {ident} |"
         )
         record = {k: v for k, v in asdict(r).items() if k != "outputs"}
         record.update(tokens_per_second=r.tps, speedup=speedup, acceptance=r.acceptance,
-                      alpha=r.alpha, tokens_per_pass=r.tokens_per_pass, bound=bound,
+                      alpha=r.alpha, accepted_per_step=r.accepted_per_step,
+                      tokens_per_pass=r.tokens_per_pass, bound=bound,
                       measured_over_bound=ratio)  # fmt: skip
         records.append(record)
     return records, "\n".join(lines)

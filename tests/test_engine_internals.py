@@ -171,7 +171,7 @@ def test_restricted_draft_head_is_lossless_at_t0(untied_loaded):  # noqa: F811
     )
     restricted = events[-1]
     assert restricted.completion_token_ids == full.completion_token_ids
-    allowed = set(np.array(vocab.ids()).tolist())
+    allowed = set(np.array(vocab.ids()).tolist()) | set(restricted.prompt_token_ids)
     proposals = [x for e in events if isinstance(e, StepEvent) for x in e.trace.proposed]
     assert proposals and set(proposals) <= allowed
 
@@ -220,3 +220,30 @@ def test_bad_requests_name_the_field(untied_loaded, request_, field):  # noqa: F
     with pytest.raises(InvalidRequestError) as info:
         build_prompt_tokens(tokenizer, request_)
     assert info.value.field == field
+
+
+def test_acceptance_memory_starts_a_useless_draft_at_zero(untied_loaded):  # noqa: F811
+    from speclora.daemon.engine import AcceptanceMemory
+
+    target, random_draft, self_draft, tokenizer = untied_loaded
+    memory = AcceptanceMemory()
+    request = GenerationRequest(prompt="Write a haiku", max_tokens=24)
+    spec = SpeculationConfig()
+    first = list(generate(target, random_draft, tokenizer, request, spec, acceptance_memory=memory))
+    assert first[-1].proposed >= spec.adaptive_start  # no memory yet: opens at adaptive_start
+    assert memory.alpha is not None and memory.alpha < 0.2
+    again = list(generate(target, random_draft, tokenizer, request, spec, acceptance_memory=memory))
+    traces = [e.trace for e in again if isinstance(e, StepEvent)]
+    assert traces[0].k == 0  # the memory says the draft is useless: no opening step
+    assert again[-1].completion_token_ids == first[-1].completion_token_ids
+    # An identical draft is believed at once.
+    memory.reset()
+    list(generate(target, target, tokenizer, request, spec, acceptance_memory=memory))
+    assert memory.alpha == 1.0
+    # Seeded sampling ignores the memory: same output whatever it holds.
+    seeded = GenerationRequest(
+        prompt="Write a haiku", max_tokens=24, sampling=SamplingParams(1.0, seed=4)
+    )
+    a = list(generate(target, self_draft, tokenizer, seeded, spec, acceptance_memory=memory))
+    b = list(generate(target, self_draft, tokenizer, seeded, spec))
+    assert a[-1].completion_token_ids == b[-1].completion_token_ids

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from speclora.daemon.engine.adaptive import (
+    AcceptanceMemory,
     AdaptiveK,
     FixedK,
     measure_cost_ratio,
@@ -31,6 +32,7 @@ from speclora.daemon.engine.output import CompletionTracker, Generation
 from speclora.daemon.engine.prompt import build_prompt_tokens
 
 __all__ = [
+    "AcceptanceMemory",
     "AdaptiveK",
     "ChatTurn",
     "DraftVocab",
@@ -61,6 +63,7 @@ def generate(
     draft_vocab: DraftVocab | None = None,
     prompt_tokens: list[int] | None = None,
     cost_ratio: float | None = None,
+    acceptance_memory: AcceptanceMemory | None = None,
 ) -> Generation:
     """Start a generation; iterate the result for events, the last being the summary.
 
@@ -69,6 +72,8 @@ def generate(
     draft_vocab: restrict the draft's head to a frequency-ranked vocabulary (detailed mode).
     prompt_tokens: already built with build_prompt_tokens (saves tokenizing twice).
     cost_ratio: a drafted token's cost in target passes, for adaptive K (measure_cost_ratio).
+    acceptance_memory: acceptance seen by earlier requests (one per draft, kept by the worker):
+        adaptive K starts from it instead of `adaptive_start`, and this request adds to it.
     Raises InvalidRequestError (from the prompt) before any work is done.
     """
     ids = prompt_tokens if prompt_tokens is not None else build_prompt_tokens(tokenizer, request)
@@ -88,5 +93,6 @@ def generate(
             tracker,
             draft_vocab=draft_vocab,
             cost_ratio=cost_ratio,
+            memory=acceptance_memory,
         )
     return Generation(steps, tracker)

@@ -84,6 +84,14 @@ class AdaptiveK:
             return 0
         return best
 
+    def seed_from(self, alpha: float, weight: float = 4.0) -> None:
+        """Start from what earlier requests saw (AcceptanceMemory) instead of `start_k`: a
+        draft known to be useless starts at K = 0 and pays no opening speculative step."""
+        self._accepts = alpha * weight
+        self._trials = weight
+        self._steps = max(self._steps, 1)
+        self._idle = 0
+
     def next_k(self) -> int:
         if self._steps == 0:
             return min(max(self.start_k, self.min_k), self.max_k)
@@ -111,36 +119,76 @@ class AdaptiveK:
                 self._backoff = 1
 
 
-def make_policy(draft_tokens: int | None, spec: Any, cost_ratio: float | None = None) -> KPolicy:
-    """Fixed K when the request sets one, else the adaptive controller from the config."""
+@dataclass
+class AcceptanceMemory:
+    """Per-position acceptance across requests, for the worker to keep per draft.
+
+    The engine reads it when an adaptive request starts and adds the request's evidence when
+    it ends. Evidence decays per request, so a swapped-in adapter is believed within a few
+    requests (call `reset()` on a swap to forget at once). Seeded requests neither read nor
+    depend on it, so their output is a function of the request alone.
+    """
+
+    decay: float = 0.5
+    _accepts: float = field(default=0.0, init=False)
+    _trials: float = field(default=0.0, init=False)
+
+    @property
+    def alpha(self) -> float | None:
+        return self._accepts / self._trials if self._trials >= 1.0 else None
+
+    def record(self, accepted: int, rejections: int) -> None:
+        self._accepts = self._accepts * self.decay + accepted
+        self._trials = self._trials * self.decay + accepted + rejections
+
+    def reset(self) -> None:
+        self._accepts = self._trials = 0.0
+
+
+def make_policy(
+    draft_tokens: int | None,
+    spec: Any,
+    cost_ratio: float | None = None,
+    prior_alpha: float | None = None,
+) -> KPolicy:
+    """Fixed K when the request sets one, else the adaptive controller from the config,
+    started from `prior_alpha` when earlier requests measured one."""
     if draft_tokens is not None:
         return FixedK(draft_tokens)
-    return AdaptiveK(
+    policy = AdaptiveK(
         min_k=spec.adaptive_min,
         max_k=spec.adaptive_max,
         start_k=spec.adaptive_start,
         probe_interval=spec.probe_interval,
         cost_ratio=DEFAULT_COST_RATIO if cost_ratio is None else cost_ratio,
     )
+    if prior_alpha is not None:
+        policy.seed_from(prior_alpha)
+    return policy
 
 
-def measure_cost_ratio(target: Any, draft: Any, k: int = 4, repeats: int = 5) -> float:
+def measure_cost_ratio(
+    target: Any, draft: Any, k: int = 4, repeats: int = 5, draft_vocab: Any | None = None
+) -> float:
     """Measure the cost of one drafted token in target passes on this machine.
 
     (draft pass + extra verification width per token) / one target pass, from short timed
-    forwards over fresh caches. The worker can call this once at load and pass the result to
+    forwards over fresh caches; with `draft_vocab` the draft pass uses the restricted head, as
+    generation will. The worker calls this once at load and passes the result to
     `generate(cost_ratio=...)`; it is rounded so restarts make the same K choices.
     """
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
+    from speclora.daemon.engine.draft_vocab import DraftHead, model_parts
 
-    def timed(model: Any, width: int) -> float:
+    def timed(model: Any, width: int, fn: Any = None) -> float:
         cache = make_prompt_cache(model)
         mx.eval(model(mx.zeros((1, 32), mx.uint32), cache=cache))
         best = float("inf")
         for _ in range(repeats):
+            x = mx.zeros((width,), mx.uint32)
             start = time.perf_counter()
-            mx.eval(model(mx.zeros((1, width), mx.uint32), cache=cache))
+            mx.eval(fn(x, cache) if fn else model(x[None], cache=cache))
             best = min(best, time.perf_counter() - start)
             for c in cache:
                 c.trim(width)
@@ -148,6 +196,7 @@ def measure_cost_ratio(target: Any, draft: Any, k: int = 4, repeats: int = 5) ->
 
     one = timed(target, 1)
     wide = timed(target, k + 1)
-    draft_one = timed(draft, 1)
+    head = DraftHead(model_parts(draft), draft_vocab)
+    draft_one = timed(draft, 1, lambda x, cache: head.logits(x, cache)[1])
     ratio = (draft_one + (wide - one) / k) / one
     return round(max(ratio, 0.01), 2)

@@ -146,9 +146,13 @@ class DraftHead:
     None for the full vocabulary, else the (N,) token ids the N logits refer to.
     """
 
-    def __init__(self, parts: ModelParts, vocab: DraftVocab | None = None):
+    def __init__(
+        self, parts: ModelParts, vocab: DraftVocab | None = None, extra: Iterable[int] = ()
+    ):
         self.parts = parts
         self.vocab = vocab if parts.splittable else None
+        # Tokens of this request's prompt join the set: answers reuse the prompt's words.
+        self.extra = tuple(extra)
         self._weight: mx.array | None = self.parts.head_weight() if self.vocab else None
         if self._weight is None:
             self.vocab = None
@@ -160,6 +164,12 @@ class DraftHead:
         if self._sub is None:
             assert self.vocab is not None and self._weight is not None
             ids = self.vocab.ids()
+            if self.extra:
+                known = np.array(ids)
+                extra = np.array(
+                    [t for t in set(self.extra) if 0 <= t < self.vocab.vocab_size], np.int32
+                )
+                ids = mx.array(np.union1d(known, extra).astype(np.int32))
             sub = mx.take(self._weight, ids, axis=0)
             mx.eval(sub)
             self._sub = (ids, sub)

@@ -24,7 +24,7 @@ from typing import Any
 import mlx.core as mx
 import structlog
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-from speclora.daemon.engine.adaptive import KPolicy, make_policy
+from speclora.daemon.engine.adaptive import AcceptanceMemory, KPolicy, make_policy
 from speclora.daemon.engine.draft_vocab import DraftHead, DraftVocab, model_parts
 from speclora.daemon.engine.events import (
     EngineEvent,
@@ -84,7 +84,9 @@ class _Decoder:
         self.draft = draft
         self.draft_cache = make_prompt_cache(draft) if draft is not None else None
         self.draft_parts = model_parts(draft) if draft is not None else None
-        self.head = DraftHead(self.draft_parts, draft_vocab) if self.draft_parts else None
+        self.head = (
+            DraftHead(self.draft_parts, draft_vocab, extra=prompt) if self.draft_parts else None
+        )
         self.draft_len = 0
         self.vocab: int | None = None  # the target's logits width, learned on the first pass
         self.lookahead: mx.array | None = None  # a queued plain-step token (lazy)
@@ -229,13 +231,17 @@ def detailed_steps(
     *,
     draft_vocab: DraftVocab | None = None,
     cost_ratio: float | None = None,
+    memory: AcceptanceMemory | None = None,
 ) -> Generator[EngineEvent, None, None]:
     """The detailed-mode event generator (see module docstring). `tracker` is filled in as it
     goes, so a caller can summarise a cancelled generation."""
     # The request's K, else the configured default; None means adaptive.
     draft_tokens = request.draft_tokens if request.draft_tokens is not None else spec.draft_tokens
     speculate = draft is not None and draft_tokens != 0
-    policy: KPolicy = make_policy(draft_tokens, spec, cost_ratio)
+    if request.sampling.seed is not None and not request.sampling.greedy:
+        memory = None  # a seeded sample must not depend on earlier requests
+    prior = memory.alpha if memory is not None else None
+    policy: KPolicy = make_policy(draft_tokens, spec, cost_ratio, prior)
     prompt = list(tracker.prompt_ids)
     decoder = _Decoder(target, draft if speculate else None, request.sampling, prompt, draft_vocab)
     chunk = spec.prefill_chunk
@@ -282,6 +288,8 @@ def detailed_steps(
             yield StepEvent(chunk=text, trace=trace)
         decoder.drop_lookahead()
         tracker.end = time.perf_counter()
+        if memory is not None and tracker.proposed:
+            memory.record(tracker.accepted, len(tracker.rejection_positions))
         summary = tracker.summary()
         log.debug(
             "generation_finished",
