@@ -45,6 +45,8 @@ class TinyModelSpec:
     vocab_size: int = 384
     seed: int = 0
     max_position_embeddings: int = 2048
+    # Tied like SmolLM2 (covers that loading path); random tied models only repeat themselves.
+    tie_embeddings: bool = False
 
 
 def build_tokenizer_json(vocab_size: int) -> str:
@@ -110,7 +112,7 @@ def write_tiny_model(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
         "rms_norm_eps": 1e-5,
         "vocab_size": vocab,
         "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": spec.tie_embeddings,
         "max_position_embeddings": spec.max_position_embeddings,
         "eos_token_id": 2,
         "torch_dtype": "float32",
@@ -124,7 +126,8 @@ def write_tiny_model(path: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     # (~2% of greedy tokens), while max next-token probabilities stay around 0.2-0.4.
     embed_key, head_key = mx.random.split(mx.random.key(spec.seed))
     model.model.embed_tokens.weight = mx.random.normal((vocab, spec.hidden_size), key=embed_key)
-    model.lm_head.weight = 0.5 * mx.random.normal((vocab, spec.hidden_size), key=head_key)
+    if not spec.tie_embeddings:
+        model.lm_head.weight = 0.5 * mx.random.normal((vocab, spec.hidden_size), key=head_key)
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     return path

@@ -166,7 +166,9 @@ def test_unpermute_inverts_llama_cpp_permutation() -> None:
 
 
 def test_llama_gguf_round_trip_reproduces_weights_and_logits(tmp_path: Path) -> None:
-    src = write_tiny_model(tmp_path / "src", TinyModelSpec(num_layers=2, seed=3))
+    src = write_tiny_model(
+        tmp_path / "src", TinyModelSpec(num_layers=2, seed=3, tie_embeddings=True)
+    )
     q8 = "model.layers.1.mlp.up_proj.weight"
     path = write_gguf(src, tmp_path / "tiny.gguf", q8_names=(q8,))
     out = conv.convert_gguf(path, tmp_path / "out")
