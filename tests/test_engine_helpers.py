@@ -42,6 +42,11 @@ def self_draft(target: Any, num_layers: int) -> Any:
     args = type(target.args).from_dict({**vars(target.args), "num_hidden_layers": num_layers})
     args.layer_types = args.layer_types[:num_layers]
     draft = type(target)(args)
+    quantized = getattr(target, "lm_head", None)
+    if hasattr(quantized, "scales"):  # quantize the same way so the packed arrays fit
+        import mlx.nn as nn
+
+        nn.quantize(draft, group_size=quantized.group_size, bits=quantized.bits)
     params = dict(tree_flatten(target.parameters()))
     draft.load_weights([(k, params[k]) for k, _ in tree_flatten(draft.parameters())])
     draft.eval()

@@ -47,7 +47,7 @@ def test_caches_match_a_fresh_prefill_after_rejections(untied_loaded, draft_name
     decoder.prefill(prompt[:-1])
     rejected = bonus = 0
     for _ in range(8):
-        emitted, accepted, _, _ = decoder.speculative_step(k)
+        accepted = decoder.speculative_step(k).accepted
         rejected += accepted < k
         bonus += accepted == k
     if draft_name == "identical":
@@ -247,3 +247,33 @@ def test_acceptance_memory_starts_a_useless_draft_at_zero(untied_loaded):  # noq
     a = list(generate(target, self_draft, tokenizer, seeded, spec, acceptance_memory=memory))
     b = list(generate(target, self_draft, tokenizer, seeded, spec))
     assert a[-1].completion_token_ids == b[-1].completion_token_ids
+
+
+def test_restricted_head_of_a_quantized_draft(tmp_path):
+    """Only the chosen rows of a quantized head are dequantized; output stays exact."""
+    import mlx.nn as nn
+    from mlx_lm import load
+    from speclora.daemon.engine.draft_vocab import model_parts
+    from speclora.daemon.tiny import TinyModelSpec, write_tiny_model
+    from test_engine_helpers import self_draft
+
+    path = write_tiny_model(tmp_path / "q", TinyModelSpec(num_layers=3, seed=5))
+    target, tokenizer = load(str(path))
+    nn.quantize(target, group_size=64, bits=8)
+    draft = self_draft(target, 1)
+    parts = model_parts(draft)
+    ids = mx.array([3, 17, 200])
+    rows = parts.head_rows(ids)
+    full = mx.dequantize(
+        draft.lm_head.weight,
+        draft.lm_head.scales,
+        draft.lm_head.biases,
+        draft.lm_head.group_size,
+        draft.lm_head.bits,
+    )
+    np.testing.assert_allclose(np.array(rows), np.array(full[ids]), atol=1e-6)
+    request = GenerationRequest(prompt="Hello", max_tokens=16, draft_tokens=2)
+    *_, plain = generate(target, None, tokenizer, request, SpeculationConfig())
+    vocab = DraftVocab(vocab_size=parts.vocab_rows(), size=32)
+    *_, fast = generate(target, draft, tokenizer, request, SpeculationConfig(), draft_vocab=vocab)
+    assert fast.completion_token_ids == plain.completion_token_ids

@@ -44,19 +44,35 @@ class ModelParts:
         self.model(tokens[None], cache=cache)
         return None
 
-    def head_weight(self) -> mx.array | None:
-        """The (V, D) output projection, dequantized if needed; None when not splittable."""
+    def _head_layer(self) -> Any | None:
         if not self.splittable:
             return None
         m = self.model
         layer = m.model.embed_tokens if m.args.tie_word_embeddings else m.lm_head
         if not hasattr(layer, "weight") or hasattr(layer, "lora_a"):
             return None  # e.g. an adapter wraps the head: keep the model's own path
+        return layer
+
+    def vocab_rows(self) -> int | None:
+        """Rows of the output projection (the logits' width), or None if unknown."""
+        layer = self._head_layer()
+        return None if layer is None else int(layer.weight.shape[0])
+
+    def head_rows(self, ids: mx.array) -> mx.array | None:
+        """The (len(ids), D) rows of the output projection for `ids`, dequantizing only those
+        rows of a quantized head; None when the model cannot be split."""
+        layer = self._head_layer()
+        if layer is None:
+            return None
         if isinstance(layer, nn.QuantizedEmbedding | nn.QuantizedLinear):
             return mx.dequantize(
-                layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits
+                mx.take(layer.weight, ids, axis=0),
+                mx.take(layer.scales, ids, axis=0),
+                mx.take(layer.biases, ids, axis=0),
+                layer.group_size,
+                layer.bits,
             )
-        return layer.weight
+        return mx.take(layer.weight, ids, axis=0)
 
     def head(self, hidden: mx.array) -> mx.array:
         m = self.model
@@ -153,16 +169,15 @@ class DraftHead:
         self.vocab = vocab if parts.splittable else None
         # Tokens of this request's prompt join the set: answers reuse the prompt's words.
         self.extra = tuple(extra)
-        self._weight: mx.array | None = self.parts.head_weight() if self.vocab else None
-        if self._weight is None:
-            self.vocab = None
+        if self.vocab is not None and parts.vocab_rows() is None:
+            self.vocab = None  # no separable head: score the full vocabulary
         self._sub: tuple[mx.array, mx.array] | None = None
 
     def _restricted(self) -> tuple[mx.array, mx.array]:
         # Snapshot the set once per generation: re-slicing the head whenever another request
         # updates the counts would cost more than the slightly stale set loses.
         if self._sub is None:
-            assert self.vocab is not None and self._weight is not None
+            assert self.vocab is not None
             ids = self.vocab.ids()
             if self.extra:
                 known = np.array(ids)
@@ -170,7 +185,8 @@ class DraftHead:
                     [t for t in set(self.extra) if 0 <= t < self.vocab.vocab_size], np.int32
                 )
                 ids = mx.array(np.union1d(known, extra).astype(np.int32))
-            sub = mx.take(self._weight, ids, axis=0)
+            sub = self.parts.head_rows(ids)
+            assert sub is not None
             mx.eval(sub)
             self._sub = (ids, sub)
         return self._sub

@@ -54,6 +54,15 @@ class _Proposal:
     q: mx.array | None  # (K, V) the distributions they were drawn from (T > 0 only)
 
 
+@dataclass(frozen=True)
+class _StepResult:
+    proposed: list[int]
+    accepted: int
+    emitted: list[int]  # accepted proposals + the correction or bonus token
+    target_probs: list[float]
+    draft_probs: list[float]
+
+
 def _to_vocab(row: mx.array, ids: mx.array | None, vocab: int) -> mx.array:
     """A draft distribution over the target's vocabulary (scatter a restricted head's N probs;
     pad or cut a draft whose embedding is sized differently)."""
@@ -169,9 +178,8 @@ class _Decoder:
             q=mx.stack(rows) if rows else None,
         )
 
-    def speculative_step(self, k: int) -> tuple[list[int], int, list[float], list[float]]:
-        """Draft k, verify k + 1 in one target pass, rewind. Returns (emitted tokens, accepted
-        count, target probs, draft probs of the proposals) and the proposals via self."""
+    def speculative_step(self, k: int) -> _StepResult:
+        """Draft k, verify k + 1 in one target pass, rewind both caches to the accepted prefix."""
         if self.vocab is None:
             self.vocab = self._vocab_width()
         self.drop_lookahead()
@@ -203,14 +211,18 @@ class _Decoder:
         else:
             self.draft_len = len(self.seq) + k - 1
         self.seq.extend(emitted)
-        self.last_proposed = proposed
-        return emitted, n, verdict.target_probs.tolist(), verdict.draft_probs.tolist()
+        return _StepResult(
+            proposed=proposed,
+            accepted=n,
+            emitted=emitted,
+            target_probs=verdict.target_probs.tolist(),
+            draft_probs=verdict.draft_probs.tolist(),
+        )
 
     def _vocab_width(self) -> int:
-        parts = self.target_parts
-        weight = parts.head_weight() if parts.splittable else None
-        if weight is not None:
-            return int(weight.shape[0])
+        rows = self.target_parts.vocab_rows()
+        if rows is not None:
+            return rows
         cache = make_prompt_cache(self.target)
         return int(self.target(mx.array([[0]], mx.uint32), cache=cache).shape[-1])
 
@@ -266,13 +278,14 @@ def detailed_steps(
                 token = decoder.plain_step(pipeline_next=pipeline)
                 emitted, accepted, trace = [token], 0, StepTrace(0, (), (), (), 0, (token,), None)
             else:
-                emitted, accepted, p, q = decoder.speculative_step(k)
+                step = decoder.speculative_step(k)
+                emitted, accepted = step.emitted, step.accepted
                 policy.update(k, accepted)
                 trace = StepTrace(
                     k=k,
-                    proposed=tuple(decoder.last_proposed),
-                    draft_probs=tuple(q),
-                    target_probs=tuple(p),
+                    proposed=tuple(step.proposed),
+                    draft_probs=tuple(step.draft_probs),
+                    target_probs=tuple(step.target_probs),
                     accepted=accepted,
                     emitted=tuple(emitted),
                     first_rejection=accepted if accepted < k else None,
