@@ -84,12 +84,24 @@ def current_config(model: nn.Module) -> dict[str, Any] | None:
     )
 
 
-def attach(model: nn.Module, config: dict[str, Any]) -> None:
-    """Wrap the last `num_layers` layers' linears with LoRA (no-op if already so)."""
+def attach(model: nn.Module, config: dict[str, Any], seed: int | None = None) -> bool:
+    """Wrap the last `num_layers` layers' linears with LoRA; False if already so (weights kept).
+
+    Fresh LoRA starts as the identity (lora_b = 0). With `seed`, lora_a is drawn from its own
+    key instead of MLX's global random state, which generation in the same thread uses.
+    """
     if current_config(model) == config:
-        return
+        return False
     strip(model)
     linear_to_lora_layers(model, config["num_layers"], dict(config["lora_parameters"]))
+    if seed is not None:
+        key = mx.random.key(seed)
+        for _, module in model.named_modules():
+            if isinstance(module, LoRALinear):
+                key, sub = mx.random.split(key)
+                bound = 1.0 / module.lora_a.shape[0] ** 0.5
+                module.lora_a = mx.random.uniform(-bound, bound, module.lora_a.shape, key=sub)
+    return True
 
 
 def strip(model: nn.Module) -> None:

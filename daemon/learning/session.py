@@ -143,6 +143,7 @@ def _run(
         train_norm=self_draft,
         learning_rate=lr,
         vocab=vocab,
+        steps=steps,
         seed=params.seed,
     )
     if lora.current_config(hub.draft) != adapter_config:

@@ -264,6 +264,16 @@ def vocab_size(target: nn.Module, draft: nn.Module) -> int:
     return int(min(target(probe).shape[-1], draft(probe).shape[-1]))
 
 
+MAX_GRAD_NORM = 1.0
+
+
+def lr_schedule(peak: float, steps: int) -> Callable[[mx.array], mx.array]:
+    """Short linear warm-up, then cosine decay to a tenth: stable start, settled end."""
+    warmup = max(1, min(20, steps // 10))
+    decay = optim.cosine_decay(peak, max(1, steps - warmup), end=peak / 10)
+    return optim.join_schedules([optim.linear_schedule(peak / 10, peak, warmup), decay], [warmup])
+
+
 class DraftTrainer:
     """LoRA training state for one run: a clone of the draft, its optimizer, one step at a time.
 
@@ -280,18 +290,18 @@ class DraftTrainer:
         train_norm: bool,
         learning_rate: float,
         vocab: int,
+        steps: int,
         seed: int = 0,
     ) -> None:
         self.vocab = vocab
         self.model = lora.clone_tree(draft)
         self.config = adapter_config
-        mx.random.seed(seed)  # LoRA init; the worker's generations seed their own keys
-        lora.attach(self.model, adapter_config)
+        lora.attach(self.model, adapter_config, seed=seed)
         self.train_norm = train_norm
         self.trainable = lora.set_trainable(self.model, train_norm=train_norm)
         self.model.train()
         self.logits = LossPositionLogits(self.model)
-        self.optimizer = optim.Adam(learning_rate=learning_rate)
+        self.optimizer = optim.Adam(learning_rate=lr_schedule(learning_rate, steps))
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
 
     def _loss(
@@ -316,6 +326,9 @@ class DraftTrainer:
         )
         weights = mx.array(np.concatenate([np.asarray(e.weights, np.float32) for e in batch]))
         loss, grads = self._loss_and_grad(inputs, flat, logp, index, rest, weights)
+        # The untrained draft's KL is large (10+ nats): unclipped first steps throw LoRA
+        # into a flat, useless optimum.
+        grads, _ = optim.clip_grad_norm(grads, MAX_GRAD_NORM)
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state, loss)
         return float(loss.item()), int(inputs.size)
@@ -324,3 +337,22 @@ class DraftTrainer:
         """The trained clone, in eval mode (dropout off)."""
         self.model.eval()
         return self.model
+
+
+def measure_acceptance(
+    target: nn.Module,
+    draft: nn.Module,
+    cases: Sequence[FailureCase],
+    *,
+    max_seq_len: int = 4096,
+    slice_tokens: int = 2048,
+) -> float:
+    """Mean expected acceptance of `draft` on the cases' completions (benchmarks, reports)."""
+    examples = prepare_examples(cases, max_seq_len, 1.0)
+    vocab = vocab_size(target, draft)
+    t, d = LossPositionLogits(target), LossPositionLogits(draft)
+    total, count = 0.0, 0
+    for batch in token_batches(examples, slice_tokens):
+        s, c = expected_acceptance(t, d, batch, vocab)
+        total, count = total + s, count + c
+    return total / count if count else 0.0
