@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -196,6 +197,7 @@ def main() -> int:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+        shutil.rmtree(work, ignore_errors=True)  # tiny models, the daemon's home and log
 
     def total(name: str) -> Phase:
         ps = phases[name]
