@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from speclora.shared.config import Config, load_config
-from speclora.shared.paths import resolve_paths
+from speclora.shared.paths import daemon_socket_path, resolve_paths
 from speclora.shared.pb import speclora_pb2 as pb
 from speclora.shared.pb import speclora_pb2_grpc as pb_grpc
 
@@ -252,9 +252,7 @@ def _first(stream: Iterator[_D]) -> _D:
 
 def default_address(config: Config) -> str:
     """The daemon's Unix socket as the daemon computes it (config, then the state dir)."""
-    configured = config.server.socket_path
-    path = Path(configured).expanduser() if configured else resolve_paths().socket_path
-    return f"unix:{path.absolute()}"
+    return f"unix:{daemon_socket_path(config.server.socket_path)}"
 
 
 def _normalise(address: str) -> str:

@@ -31,7 +31,13 @@ from speclora.daemon.errors import SpecLoRAError
 from speclora.daemon.servicer import LearningLoop, SpecLoRAServicer, add_to_server
 from speclora.daemon.worker import Worker
 from speclora.shared.config import Config
-from speclora.shared.paths import MAX_SOCKET_PATH_BYTES, Paths, ensure_private_dir, resolve_paths
+from speclora.shared.paths import (
+    MAX_SOCKET_PATH_BYTES,
+    Paths,
+    daemon_socket_path,
+    ensure_private_dir,
+    resolve_paths,
+)
 from speclora.shared.pb import speclora_pb2 as pb
 
 import speclora
@@ -111,8 +117,7 @@ def _read_pid(fd: int) -> int | None:
 
 
 def socket_path_for(config: Config, paths: Paths) -> Path:
-    path = Path(config.server.socket_path).expanduser() if config.server.socket_path else None
-    path = (path or paths.socket_path).absolute()
+    path = daemon_socket_path(config.server.socket_path, paths)
     size = len(os.fsencode(path))
     if size > MAX_SOCKET_PATH_BYTES:
         raise ServerSetupError(

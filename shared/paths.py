@@ -106,6 +106,14 @@ def resolve_paths(env: dict[str, str] | None = None) -> Paths:
     )
 
 
+def daemon_socket_path(configured: str | None, paths: Paths | None = None) -> Path:
+    """The daemon's Unix socket: `server.socket_path` if configured, else the state dir's.
+    Daemon and client both call this, so they always agree on where to meet."""
+    if configured:
+        return Path(configured).expanduser().absolute()
+    return (paths or resolve_paths()).socket_path.absolute()
+
+
 def ensure_private_dir(path: Path) -> Path:
     """Create `path` (and parents) and make it 0700: it holds sockets, tokens and prompts."""
     path.mkdir(parents=True, exist_ok=True)
