@@ -122,6 +122,37 @@ def concurrent(
     )
 
 
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token adds to a model's KV cache (keys and values, every layer)."""
+    args = model.args
+    heads = args.num_attention_heads
+    kv_heads = getattr(args, "num_key_value_heads", None) or heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
+    itemsize = model.layers[0].self_attn.k_proj.weight.dtype.size
+    return 2 * len(model.layers) * kv_heads * head_dim * itemsize
+
+
+def memory_report(address: str, hub: ModelHub, clients: int, context_tokens: int) -> dict:
+    """The daemon's RSS against weights + the KV caches the benchmark can have alive at once.
+
+    mlx-lm's KVCache grows in steps of 256 tokens, so that is the allocation counted."""
+    with SpecLoRAClient(address) as client:
+        snap = client.stats()
+    step = 256
+    allocated = -(-context_tokens // step) * step
+    per_token = kv_bytes_per_token(hub.target) + kv_bytes_per_token(hub.draft)
+    kv = clients * allocated * per_token
+    budget = snap.weight_bytes + kv
+    return {
+        "rss_bytes": snap.rss_bytes,
+        "peak_rss_bytes": snap.peak_rss_bytes,
+        "weight_bytes": snap.weight_bytes,
+        "kv_cache_bytes": kv,
+        "rss_over_weights_plus_kv": snap.rss_bytes / budget,
+        "peak_rss_over_weights_plus_kv": snap.peak_rss_bytes / budget,
+    }
+
+
 def start_daemon(env: dict[str, str], home: Path) -> tuple[subprocess.Popen[bytes], str]:
     log = open(home / "daemon.log", "ab")  # noqa: SIM115  (kept open for the child)
     proc = subprocess.Popen(
@@ -194,6 +225,8 @@ def main() -> int:
             phases["concurrent"].append(
                 concurrent(address, prompts, args.max_tokens, k, args.clients)
             )
+        longest_prompt = max(len(hub.tokenizer.encode(p)) for p in prompts) + 32  # + template
+        memory = memory_report(address, hub, args.clients, longest_prompt + args.max_tokens)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -224,7 +257,13 @@ def main() -> int:
         "fairness_max_over_min": max(fairness),
         "fairness_per_round": fairness,
         "per_round_tokens_per_s": {name: [p.rate for p in ps] for name, ps in phases.items()},
-        "targets": {"daemon_vs_in_process": 0.95, "concurrent_vs_single": 1.0, "fairness": 1.5},
+        "memory": memory,
+        "targets": {
+            "daemon_vs_in_process": 0.95,
+            "concurrent_vs_single": 1.0,
+            "fairness": 1.5,
+            "peak_rss_over_weights_plus_kv": 1.25,
+        },
     }
     print(
         f"target {results['target']}, draft {results['draft']}, K={results['draft_tokens']}, "
@@ -245,6 +284,13 @@ def main() -> int:
         f"| per-client rate, min / median / max | {min(per_client):.1f} / "
         f"{statistics.median(per_client):.1f} / {max(per_client):.1f} | "
         f"max/min {results['fairness_max_over_min']:.3f} | <= 1.5 |"
+    )
+    mib = 2**20
+    print(
+        f"| daemon memory: rss / peak rss vs weights {memory['weight_bytes'] / mib:.0f} MiB + "
+        f"KV {memory['kv_cache_bytes'] / mib:.0f} MiB | {memory['rss_bytes'] / mib:.0f} / "
+        f"{memory['peak_rss_bytes'] / mib:.0f} MiB | {memory['rss_over_weights_plus_kv']:.2f} / "
+        f"{memory['peak_rss_over_weights_plus_kv']:.2f} | <= 1.25 |"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
