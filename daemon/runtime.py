@@ -7,6 +7,7 @@ every summary, its training run is a worker task, adapter swaps run in the worke
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -51,11 +52,44 @@ def _stderr_progress() -> Callable[[int, int, str], None]:
     return report
 
 
+def convert_in_child(spec: str | None) -> None:
+    """Convert a GGUF (or the embedded model) in a child process if it is not cached yet.
+
+    Conversion holds every tensor in f32 at once (~1.7x the weights); done in the daemon, that
+    high-water mark would stay in its RSS for weeks. `speclora models pull` in a child process
+    does the same work and returns all of it to the OS when it exits."""
+    from speclora.daemon import gguf
+    from speclora.daemon.models import default_models_dir, parse_self_draft, resolve_model_source
+
+    if not spec or spec.lower() in ("none", "off") or parse_self_draft(spec) is not None:
+        return
+    source = resolve_model_source(spec)
+    if source.kind not in ("gguf", "embedded"):
+        return
+    if (
+        source.path is not None
+        and (gguf.cache_dir_for(source.path, default_models_dir()) / "config.json").exists()
+    ):
+        return
+    log.info("model_convert_started", model=spec, isolated=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "speclora", "models", "pull", spec],
+        stdin=subprocess.DEVNULL,
+        stdout=sys.stderr,  # its progress belongs in the daemon's log
+        check=False,
+    )
+    if result.returncode != 0:
+        # The in-process path below will raise the real, explained error.
+        log.warning("model_convert_child_failed", model=spec, status=result.returncode)
+
+
 def build_hub(config: Config) -> ModelHub:
     """Load the configured model pair (downloading or converting on first use)."""
     from speclora.daemon.models import load_pair
 
     m = config.models
+    for spec in (m.target, m.draft):
+        convert_in_child(spec)
     target, draft = load_pair(m.target, m.draft, m.dtype, progress=_stderr_progress())
     extras: dict[str, Any] = {}
     if draft is not None:
