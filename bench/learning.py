@@ -61,10 +61,12 @@ DOMAIN_TOPICS = (
     "friction", "planets", "shadows", "ice", "fire", "bones", "teeth", "butterflies", "frogs",
     "seeds", "air", "the ocean", "whales", "eclipses", "comets", "lightning", "fog", "caves",
     "glaciers", "coral reefs", "ants", "spiders", "bats", "owls", "the eyes", "sleep",
-    "muscles", "vaccines", "rockets", "the wind", "tornadoes", "hurricanes", "magnifying glasses",
-    "mirrors",
+    "muscles", "vaccines", "rockets", "tornadoes", "hurricanes", "mirrors", "magnifying glasses",
+    "soil", "worms", "mushrooms", "the stomach", "blood", "lungs", "dolphins", "penguins",
+    "sharks", "trees", "flowers", "honey", "salt water", "clocks", "batteries", "computers",
+    "airplanes",
 )  # fmt: skip
-DOMAIN_TEMPLATE = "Explain {} to a child."
+DOMAIN_TEMPLATES = ("Explain {} to a child.", "How would you describe {} to a five-year-old?")
 UNRELATED = (
     "Write a Python function that reverses a string.",
     "What is 17 times 23?",
@@ -117,9 +119,14 @@ def prompt_sets(args: argparse.Namespace) -> tuple[list[str], list[str], list[st
         train = toy.domain_prompts(args.train_prompts, seed=1)
         heldout = toy.domain_prompts(args.heldout_prompts, seed=2)
         return train, heldout, toy.unrelated_prompts(args.unrelated_prompts)
-    topics = [DOMAIN_TEMPLATE.format(t) for t in DOMAIN_TOPICS]
-    heldout = topics[::6][: args.heldout_prompts]  # spread over the list, never trained on
-    train = [t for t in topics if t not in heldout][: args.train_prompts]
+    heldout_topics = DOMAIN_TOPICS[::8][: args.heldout_prompts]  # spread over the list
+    heldout = [DOMAIN_TEMPLATES[0].format(t) for t in heldout_topics]
+    train = [
+        template.format(t)
+        for template in DOMAIN_TEMPLATES
+        for t in DOMAIN_TOPICS
+        if t not in heldout_topics  # never trained on, in any phrasing
+    ][: args.train_prompts]
     return train, heldout, list(UNRELATED[: args.unrelated_prompts])
 
 
@@ -201,7 +208,7 @@ def main() -> int:
     parser.add_argument("--rejected-weight", type=float, default=None)
     args = parser.parse_args()
     smoke = {"train_prompts": 12, "heldout_prompts": 4, "unrelated_prompts": 3, "max_tokens": 24}
-    full = {"train_prompts": 48, "heldout_prompts": 8, "unrelated_prompts": 6, "max_tokens": 64}
+    full = {"train_prompts": 96, "heldout_prompts": 8, "unrelated_prompts": 6, "max_tokens": 64}
     for key, value in (smoke if args.smoke else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -210,7 +217,7 @@ def main() -> int:
     lora_defaults = LoraConfig()
     lora_cfg = LoraConfig(
         rank=args.rank or lora_defaults.rank,
-        steps=args.steps or (40 if args.smoke else 300),
+        steps=args.steps or (40 if args.smoke else 200),
         learning_rate=args.learning_rate or (1e-3 if args.smoke else 5e-4),
         batch_size=args.batch_size or lora_defaults.batch_size,
     )

@@ -35,6 +35,7 @@ from speclora.daemon.learning.trainer import (
     LossPositionLogits,
     TeacherRows,
     expected_acceptance,
+    learning_rate_at,
     prepare_examples,
     shuffle_teacher,
     split_examples,
@@ -141,9 +142,7 @@ def _run(
         hub.draft,
         adapter_config,
         train_norm=self_draft,
-        learning_rate=lr,
         vocab=vocab,
-        steps=steps,
         seed=params.seed,
     )
     if lora.current_config(hub.draft) != adapter_config:
@@ -156,15 +155,23 @@ def _run(
     order: list[Example] = []
     loss = float("nan")
     done = 0
+    budget = learning.max_train_s
+    steps_start = time.monotonic()
+    horizon = steps
     for step in range(1, steps + 1):
-        if learning.max_train_s and time.monotonic() - start > learning.max_train_s:
-            log.info("training_time_budget_reached", steps_done=done, budget_s=learning.max_train_s)
+        now = time.monotonic()
+        if budget and now - start > budget:
+            log.info("training_time_budget_reached", steps_done=done, budget_s=budget)
             break
+        if budget and done >= 3:  # decay the learning rate by when the budget will stop us
+            per_step = (now - steps_start) / done
+            horizon = min(steps, done + int((budget - (now - start)) / per_step) + 1)
         if len(order) < lora_cfg.batch_size:
             order.extend(train[i] for i in rng.permutation(len(train)))
         batch, order = order[: lora_cfg.batch_size], order[lora_cfg.batch_size :]
         t0 = time.perf_counter()
-        loss, tokens = trainer.step(batch, [teacher[id(e)] for e in batch])
+        rate_lr = learning_rate_at(step, horizon, lr)
+        loss, tokens = trainer.step(batch, [teacher[id(e)] for e in batch], rate_lr)
         done = step
         rate = tokens / max(time.perf_counter() - t0, 1e-9)
         yield TrainProgress(step, steps, loss, rate)

@@ -18,6 +18,7 @@ when the model's body/head split is recognised; otherwise the full forward is us
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -267,11 +268,15 @@ def vocab_size(target: nn.Module, draft: nn.Module) -> int:
 MAX_GRAD_NORM = 1.0
 
 
-def lr_schedule(peak: float, steps: int) -> Callable[[mx.array], mx.array]:
-    """Short linear warm-up, then cosine decay to a tenth: stable start, settled end."""
-    warmup = max(1, min(20, steps // 10))
-    decay = optim.cosine_decay(peak, max(1, steps - warmup), end=peak / 10)
-    return optim.join_schedules([optim.linear_schedule(peak / 10, peak, warmup), decay], [warmup])
+def learning_rate_at(step: int, horizon: int, peak: float) -> float:
+    """Short linear warm-up, then cosine decay to a tenth by `horizon`: stable start, settled
+    end. The session may shorten the horizon when a time budget will stop the run early."""
+    floor = peak / 10
+    warmup = max(1, min(20, horizon // 10))
+    if step <= warmup:
+        return floor + (peak - floor) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class DraftTrainer:
@@ -288,9 +293,7 @@ class DraftTrainer:
         adapter_config: dict[str, Any],
         *,
         train_norm: bool,
-        learning_rate: float,
         vocab: int,
-        steps: int,
         seed: int = 0,
     ) -> None:
         self.vocab = vocab
@@ -301,7 +304,7 @@ class DraftTrainer:
         self.trainable = lora.set_trainable(self.model, train_norm=train_norm)
         self.model.train()
         self.logits = LossPositionLogits(self.model)
-        self.optimizer = optim.Adam(learning_rate=lr_schedule(learning_rate, steps))
+        self.optimizer = optim.Adam(learning_rate=0.0)  # set per step by the caller
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
 
     def _loss(
@@ -316,8 +319,11 @@ class DraftTrainer:
         logits = self.logits(inputs, flat)[:, : self.vocab]
         return weighted_kl(logits, logp, index, rest, weights)
 
-    def step(self, batch: Sequence[Example], teacher: Sequence[TeacherRows]) -> tuple[float, int]:
+    def step(
+        self, batch: Sequence[Example], teacher: Sequence[TeacherRows], learning_rate: float
+    ) -> tuple[float, int]:
         """One optimizer step on a batch; returns (loss, tokens processed)."""
+        self.optimizer.learning_rate = learning_rate
         inputs, flat = _inputs(batch)
         logp = mx.concatenate([t.logp for t in teacher])
         index = None if teacher[0].index is None else mx.concatenate([t.index for t in teacher])
