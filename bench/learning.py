@@ -31,7 +31,7 @@ from typing import Any
 
 import speclora.daemon.blas  # noqa: F401  (before mlx)
 from speclora.daemon import models
-from speclora.daemon.engine import generate
+from speclora.daemon.engine import DraftVocab, generate
 from speclora.daemon.engine.events import GenerationRequest, GenerationSummary
 from speclora.daemon.learning import toy
 from speclora.daemon.learning.adapters import AdapterStore
@@ -137,6 +137,7 @@ def run(
     max_tokens: int,
     draft_tokens: int | None,
     recorder: FailureRecorder | None = None,
+    draft_vocab: DraftVocab | None = None,
 ) -> list[GenerationSummary]:
     """Generate each prompt at T = 0 (detailed mode); the engine's summaries."""
     out = []
@@ -149,7 +150,15 @@ def run(
             request_id=f"bench-{i}",
         )
         summary = None
-        for event in generate(hub.target, hub.draft, hub.tokenizer, request, SpeculationConfig()):
+        events = generate(
+            hub.target,
+            hub.draft,
+            hub.tokenizer,
+            request,
+            SpeculationConfig(),
+            draft_vocab=draft_vocab,
+        )
+        for event in events:
             if isinstance(event, GenerationSummary):
                 summary = event
         assert summary is not None
@@ -178,14 +187,27 @@ def as_cases(runs: Sequence[GenerationSummary]) -> list[FailureCase]:
     ]
 
 
+Mode = int | str | None  # draft tokens (0 = target only, None = adaptive) or "vocab"
+
+
 def interleaved(
-    hub: ModelHub, prompts: Sequence[str], max_tokens: int, modes: Sequence[int | None]
-) -> dict[int | None, list[GenerationSummary]]:
-    """Each prompt under every draft length in turn, so machine load hits all alike."""
-    results: dict[int | None, list[GenerationSummary]] = {k: [] for k in modes}
+    hub: ModelHub,
+    prompts: Sequence[str],
+    max_tokens: int,
+    modes: Sequence[Mode],
+    vocab: DraftVocab | None = None,
+) -> dict[Mode, list[GenerationSummary]]:
+    """Each prompt under every mode in turn, so machine load hits all alike. "vocab" is
+    adaptive K with the draft's head restricted to `vocab` (the engine's cheap head)."""
+    results: dict[Mode, list[GenerationSummary]] = {k: [] for k in modes}
     for prompt in prompts:
         for k in modes:
-            results[k] += run(hub, [prompt], max_tokens=max_tokens, draft_tokens=k)
+            if k == "vocab":
+                results[k] += run(
+                    hub, [prompt], max_tokens=max_tokens, draft_tokens=None, draft_vocab=vocab
+                )
+            else:
+                results[k] += run(hub, [prompt], max_tokens=max_tokens, draft_tokens=k)  # type: ignore[arg-type]
     return results
 
 
@@ -206,6 +228,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--time-budget", type=float, default=300.0, help="training seconds")
     parser.add_argument("--rejected-weight", type=float, default=None)
+    parser.add_argument(
+        "--draft-vocab", type=int, default=0, help="also measure a draft head of N tokens after"
+    )
     args = parser.parse_args()
     smoke = {"train_prompts": 12, "heldout_prompts": 4, "unrelated_prompts": 3, "max_tokens": 24}
     full = {"train_prompts": 96, "heldout_prompts": 8, "unrelated_prompts": 6, "max_tokens": 64}
@@ -271,7 +296,19 @@ def main() -> int:
         gate_promoted = result.reason.startswith("held-out acceptance rose")
 
         log("[4/4] held-out after: target-only vs trained draft (adaptive and fixed K)")
-        after = interleaved(hub, heldout_prompts, args.max_tokens, (0, None, args.k))
+        vocab = None
+        modes: tuple[Mode, ...] = (0, None, args.k)
+        if args.draft_vocab:
+            # Token counts from the recorded (training) outputs only, as the daemon keeps them.
+            vocab = DraftVocab(
+                vocab_size=int(hub.target.model.embed_tokens.weight.shape[0]),
+                size=args.draft_vocab,
+                always=tuple(getattr(hub.tokenizer, "eos_token_ids", ()) or ()),
+            )
+            for r in recorded_runs:
+                vocab.observe(r.completion_token_ids)
+            modes += ("vocab",)
+        after = interleaved(hub, heldout_prompts, args.max_tokens, modes, vocab)
         tf_after = measure_acceptance(hub.target, hub.draft, heldout_cases)
         tf_unrelated_after = measure_acceptance(hub.target, hub.draft, unrelated_cases)
         remove_adapter(hub)  # sanity: the base draft measures as before
@@ -279,7 +316,7 @@ def main() -> int:
         apply_adapter(hub, adapters, result.adapter_version)
         identical = all(
             a.completion_token_ids == b.completion_token_ids
-            for k in (None, args.k)
+            for k in modes[1:]
             for a, b in zip(after[0], after[k], strict=True)
         )
 
@@ -338,6 +375,14 @@ def main() -> int:
             / max(target_tps_after, 1e-9),
             "identical_to_target_greedy": identical,
         },
+        "draft_vocab": None
+        if vocab is None
+        else {
+            "size": args.draft_vocab,
+            "engine_acceptance_after": engine_acceptance(after["vocab"]),
+            "tps_after": tokens_per_second(after["vocab"]),
+            "speedup_after": tokens_per_second(after["vocab"]) / max(target_tps_after, 1e-9),
+        },
         "unrelated": {
             "teacher_forced_acceptance_before": tf_unrelated_before,
             "teacher_forced_acceptance_after": tf_unrelated_after,
@@ -357,6 +402,12 @@ def main() -> int:
         (f"speedup vs target only (K={k})", None, h[f"speedup_k{k}_after"]),
         ("unrelated acceptance, teacher-forced per token", u["teacher_forced_acceptance_before"], u["teacher_forced_acceptance_after"]),
     ]  # fmt: skip
+    if report["draft_vocab"]:
+        v = report["draft_vocab"]
+        rows += [
+            (f"held-out acceptance, engine (adaptive, {v['size']}-token draft head)", None, v["engine_acceptance_after"]),
+            (f"speedup vs target only (adaptive, {v['size']}-token draft head)", None, v["speedup_after"]),
+        ]  # fmt: skip
 
     def cell(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}" if x < 10 else f"{x:.1f}"
