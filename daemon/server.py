@@ -249,9 +249,11 @@ class DaemonServer:
         log.info("shutdown_started", grace_s=grace_s, active=self.worker.active_count)
         self.health.enter_graceful_shutdown()
         self.servicer.begin_shutdown()
-        stopped = self.grpc_server.stop(grace_s + _STOP_MARGIN_S)
+        # grpc keeps accepting during the drain so that late calls reach our servicer and get a
+        # clear UNAVAILABLE; a stopped grpc server would cancel them (CANCELLED) instead.
         drained = self.worker.drain(grace_s)
         self.worker.stop()
+        stopped = self.grpc_server.stop(_STOP_MARGIN_S)
         stopped.wait()
         if self.socket_path.is_socket():
             self.socket_path.unlink()
