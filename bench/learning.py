@@ -103,14 +103,7 @@ def load_pair(args: argparse.Namespace, workdir: Path) -> Pair:
         target, draft = models.load_pair(args.target, args.draft)  # type: ignore[assignment]
         spec = args.draft
     assert draft is not None
-    hub = ModelHub(
-        target=target.model,
-        draft=draft.model,
-        tokenizer=target.tokenizer,
-        target_name=target.name,
-        draft_name=draft.name,
-        draft_spec=spec,
-    )
+    hub = ModelHub.from_loaded(target, draft, spec)
     return Pair(hub, f"{target.name} ({target.num_layers} layers) + {draft.name}")
 
 

@@ -230,13 +230,14 @@ def measure_costs(target, draft, k: int, vocab: DraftVocab | None) -> dict[str, 
 
 
 def target_completions(target, tokenizer, prompts, max_tokens) -> list[tuple[list[int], int]]:
-    """(prompt + greedy completion ids, prompt length) for each prompt, decoded as one batch
-    (a batch of rows costs little more than one row here, so this is several times faster)."""
-    from mlx_lm.generate import batch_generate
-
-    ids = [build_prompt_tokens(tokenizer, GenerationRequest(prompt=p)) for p in prompts]
-    out = batch_generate(target, tokenizer, ids, max_tokens=max_tokens, return_token_ids=True)
-    return [(p + list(c), len(p)) for p, c in zip(ids, out.token_ids, strict=True)]
+    """(prompt + greedy completion ids, prompt length) for each prompt, one after another
+    (mlx-lm's batch_generate measured 3x slower than this on 2 CPU cores)."""
+    out = []
+    for prompt in prompts:
+        ids = build_prompt_tokens(tokenizer, GenerationRequest(prompt=prompt))
+        run = mlx_lm_run(target, None, tokenizer, ids, max_tokens, 0.0, 0, 0)
+        out.append((ids + run.tokens, len(ids)))
+    return out
 
 
 def distill(

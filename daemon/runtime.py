@@ -104,17 +104,7 @@ def build_hub(config: Config) -> ModelHub:
                 always=tuple(getattr(target.tokenizer, "eos_token_ids", ()) or ()),
             )
         log.info("draft_ready", draft=draft.name, cost_ratio=extras["cost_ratio"])
-    return ModelHub(
-        target=target.model,
-        draft=draft.model if draft else None,
-        tokenizer=target.tokenizer,
-        target_name=target.name,
-        draft_name=draft.name if draft else "",
-        draft_spec=m.draft,
-        weight_bytes=target.weight_bytes + (draft.weight_bytes if draft else 0),
-        max_context=target.max_context,
-        extras=extras,
-    )
+    return ModelHub.from_loaded(target, draft, m.draft, extras=extras)
 
 
 class Learning:

@@ -23,3 +23,20 @@ class ModelHub:
     weight_bytes: int = 0  # target + draft weights, shared arrays counted once
     max_context: int = 2048  # tokens the target can attend to
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. the draft vocabulary table
+
+    @classmethod
+    def from_loaded(
+        cls, target: Any, draft: Any | None, draft_spec: str = "", **extra: Any
+    ) -> ModelHub:
+        """A hub over two `models.LoadedModel`s (draft None = no speculation)."""
+        return cls(
+            target=target.model,
+            draft=draft.model if draft else None,
+            tokenizer=target.tokenizer,
+            target_name=target.name,
+            draft_name=draft.name if draft else "",
+            draft_spec=draft_spec,
+            weight_bytes=target.weight_bytes + (draft.weight_bytes if draft else 0),
+            max_context=target.max_context,
+            **extra,
+        )

@@ -34,14 +34,7 @@ PROBE = mx.array([[5, 17, 42, 99, 7, 3, 250, 11]])
 
 
 def _hub(target: models.LoadedModel, draft: models.LoadedModel, spec: str) -> ModelHub:
-    return ModelHub(
-        target=target.model,
-        draft=draft.model,
-        tokenizer=target.tokenizer,
-        target_name=target.name,
-        draft_name=draft.name,
-        draft_spec=spec,
-    )
+    return ModelHub.from_loaded(target, draft, spec)
 
 
 @pytest.fixture

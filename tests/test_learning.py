@@ -45,14 +45,7 @@ def hub(domain_target_path: Path) -> ModelHub:
     """The toy target and its one-layer self-draft (a poor drafter of the domain)."""
     target = models.load_model(str(domain_target_path))
     draft = models.make_self_draft(target, 1)
-    return ModelHub(
-        target=target.model,
-        draft=draft.model,
-        tokenizer=target.tokenizer,
-        target_name=target.name,
-        draft_name=draft.name,
-        draft_spec="self:1",
-    )
+    return ModelHub.from_loaded(target, draft, "self:1")
 
 
 def greedy(model: object, ids: list[int], n: int) -> list[int]:
@@ -90,14 +83,7 @@ def separate_hub(domain_target_path: Path, tiny_draft_path: Path) -> ModelHub:
     """The toy target and an unrelated random two-layer draft (accepts ~nothing)."""
     target = models.load_model(str(domain_target_path))
     draft = models.load_model(str(tiny_draft_path))
-    return ModelHub(
-        target=target.model,
-        draft=draft.model,
-        tokenizer=target.tokenizer,
-        target_name=target.name,
-        draft_name=draft.name,
-        draft_spec=str(tiny_draft_path),
-    )
+    return ModelHub.from_loaded(target, draft, str(tiny_draft_path))
 
 
 @pytest.fixture

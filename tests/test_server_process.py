@@ -4,11 +4,8 @@ SIGTERM during a stream, `daemon start|stop|status`, file modes. Tiny models, se
 from __future__ import annotations
 
 import json
-import os
 import signal
 import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -174,23 +171,3 @@ def test_daemon_start_status_stop(tiny_target_path: Path, tmp_path: Path) -> Non
     assert status.returncode == 2
     assert "not running" in status.stderr and "speclora daemon start" in status.stderr
     assert not socket_path(home).exists()
-
-
-def test_bench_daemon_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "daemon.json"
-    bench = Path(__file__).resolve().parents[1] / "bench" / "daemon.py"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECLORA_")}
-    result = subprocess.run(
-        [sys.executable, str(bench), "--smoke", "--json", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "| daemon, 1 client |" in result.stdout
-    data = json.loads(out.read_text())
-    for key in ("in_process_tokens_per_s", "daemon_tokens_per_s", "concurrent_vs_single"):
-        assert data[key] > 0
-    assert len(data["per_client_tokens_per_s"]) == data["clients"] == 4
-    assert data["fairness_max_over_min"] >= 1.0

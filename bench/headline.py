@@ -1,0 +1,167 @@
+"""The headline figures of one `make bench` run, beside the targets the issues set.
+
+`make bench` (bench/run_all.py) puts this table at the top of bench/results/latest.md, and
+README's results table is copied from it. Every figure is read from that run's JSON; a
+benchmark that did not run simply has no rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+Row = tuple[str, str, str]  # (figure, measured, target)
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def speculative_rows(spec: dict[str, Any]) -> Iterator[Row]:
+    rows, k = spec["rows"], str(spec["k"])
+    checked = [
+        r
+        for r in rows
+        if r["temperature"] == 0.0 and r["identical"] is not None and r["draft"] != "-"
+    ]
+    same = sum(1 for r in checked if r["identical"])
+    yield (
+        "T = 0: output identical to target-only, every prompt",
+        f"{same} of {len(checked)} methods",
+        "all",
+    )
+    drafts = [d for d in ("untrained", "trained") if _find(rows, draft=d)]
+    for draft in drafts:
+        ours = _find(rows, temperature=0.0, draft=draft, method="ours detailed", k=k)
+        theirs = _find(rows, temperature=0.0, draft=draft, method="mlx-lm speculative", k=k)
+        if ours and theirs:
+            yield (
+                f"T = 0, {draft} draft: ours detailed / mlx-lm speculative tok/s, K = {k}",
+                _f(_ratio(ours["tokens_per_second"], theirs["tokens_per_second"])),
+                ">= 1.0 (goal 1.1)",
+            )
+    for draft in drafts:
+        ours = _find(rows, temperature=1.0, draft=draft, method="ours detailed", k=k)
+        theirs = _find(rows, temperature=1.0, draft=draft, method="mlx-lm speculative", k=k)
+        if ours and theirs:
+            yield (
+                f"T = 1, {draft} draft: acceptance ours / mlx-lm, K = {k}",
+                f"{_f(_ratio(ours['acceptance'], theirs['acceptance']))} "
+                f"({_f(ours['acceptance'], 3)} / {_f(theirs['acceptance'], 3)})",
+                ">= 1.3",
+            )
+    for t in (0.0, 1.0):
+        row = _find(rows, temperature=t, draft="untrained", method="ours detailed", k="adaptive")
+        if row:
+            yield (
+                f"T = {t:g}, untrained draft, adaptive K: speedup over target-only",
+                _f(row["speedup"]),
+                ">= 0.95",
+            )
+    for t in (0.0, 1.0):
+        for kk in (k, "adaptive"):
+            row = _find(rows, temperature=t, draft="trained", method="ours detailed", k=kk)
+            if row:
+                yield (
+                    f"T = {t:g}, trained draft, K = {kk}: speedup; measured / Leviathan bound",
+                    f"{_f(row['speedup'])}x; {_f(row['measured_over_bound'])} "
+                    f"(alpha {_f(row['alpha'])}, c {_f(row['c'])})",
+                    ">= 0.9 of the bound",
+                )
+    for row in rows:
+        if "draft vocab" in row["method"] and row["draft"] == "trained" and row["k"] == "adaptive":
+            yield (
+                f"T = {row['temperature']:g}, trained draft, {row['method'].split(', ')[1]} "
+                "head, adaptive K: speedup",
+                f"{_f(row['speedup'])}x (c {_f(row['c'])})",
+                "kept only if it pays",
+            )
+
+
+def daemon_rows(d: dict[str, Any]) -> Iterator[Row]:
+    yield ("daemon / in-process engine tok/s", _f(d["daemon_vs_in_process"]), ">= 0.95")
+    yield (
+        f"{d['clients']} concurrent clients / 1 client, aggregate tok/s",
+        _f(d["concurrent_vs_single"]),
+        ">= 1.0",
+    )
+    yield ("fairness: fastest / slowest client", _f(d["fairness_max_over_min"], 3), "<= 1.5")
+    m, mib = d["memory"], 2**20
+    yield (
+        "daemon peak RSS / (weights + KV caches)",
+        f"{_f(m['peak_rss_over_weights_plus_kv'])} ({m['peak_rss_bytes'] / mib:.0f} MiB for "
+        f"{m['weight_bytes'] / mib:.0f} + {m['kv_cache_bytes'] / mib:.0f} MiB)",
+        "<= 1.25",
+    )
+
+
+def learning_rows(lr: dict[str, Any]) -> Iterator[Row]:
+    h, u, t = lr["heldout"], lr["unrelated"], lr["training"]
+    yield (
+        "learning: training run",
+        f"{t['steps']} steps in {t['seconds']:.0f} s on {t['train_cases']} recorded cases",
+        "<= 300 s",
+    )
+    yield (
+        "learning: held-out same-domain acceptance (teacher-forced)",
+        f"{_f(h['teacher_forced_acceptance_before'], 3)} -> "
+        f"{_f(h['teacher_forced_acceptance_after'], 3)}",
+        "~0.04 -> >= 0.6",
+    )
+    yield (
+        "learning: held-out engine acceptance, adaptive K",
+        f"{_f(h['engine_acceptance_adaptive_before'], 3)} -> "
+        f"{_f(h['engine_acceptance_adaptive_after'], 3)}",
+        "",
+    )
+    best = max(
+        [("adaptive K", h["speedup_after"])]
+        + [(f"K = {k[9:-6]}", v) for k, v in h.items() if k.startswith("speedup_k")]
+        + (
+            [(f"{lr['draft_vocab']['size']}-token head", lr["draft_vocab"]["speedup_after"])]
+            if lr.get("draft_vocab")
+            else []
+        ),
+        key=lambda kv: kv[1],
+    )
+    yield (
+        "learning: same-domain speedup over target-only after training",
+        f"{_f(best[1])}x ({best[0]}; before {_f(h['speedup_before'])}x)",
+        ">= 1.3",
+    )
+    yield (
+        "learning: unrelated-prompt acceptance (teacher-forced)",
+        f"{_f(u['teacher_forced_acceptance_before'], 3)} -> "
+        f"{_f(u['teacher_forced_acceptance_after'], 3)}",
+        "drop <= 0.02",
+    )
+    yield (
+        "learning: T = 0 output identical to target",
+        "yes" if h["identical_to_target_greedy"] else "NO",
+        "yes",
+    )
+
+
+def headline_markdown(benchmarks: dict[str, Any]) -> str:
+    rows: list[Row] = []
+    for name, fn in (
+        ("speculative", speculative_rows),
+        ("daemon", daemon_rows),
+        ("learning", learning_rows),
+    ):
+        if name in benchmarks:
+            rows += list(fn(benchmarks[name]))  # type: ignore[operator]
+    lines = ["| figure | measured | target |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""`make bench` in smoke mode (tiny models, seconds): every benchmark runs end to end and the
+report, with its headline table, is written, so `make bench` cannot silently break."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("bench-results")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECLORA_")}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run_all.py"), "--smoke", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    return json.loads((out / "latest.json").read_text()), (out / "latest.md").read_text()
+
+
+@pytest.mark.slow
+def test_speculative_bench(report: tuple[dict[str, Any], str]) -> None:
+    data = report[0]["benchmarks"]["speculative"]
+    methods = {(r["temperature"], r["draft"], r["method"], r["k"]) for r in data["rows"]}
+    for t in (0.0, 1.0):
+        assert (t, "-", "target-only (mlx-lm)", "-") in methods
+        for draft in ("untrained", "trained"):
+            for method, k in [
+                ("mlx-lm speculative", "4"),
+                ("ours fast", "4"),
+                ("ours detailed", "4"),
+                ("ours detailed", "adaptive"),
+            ]:
+                assert (t, draft, method, k) in methods
+    for row in data["rows"]:
+        assert row["tokens"] > 0 and row["tokens_per_second"] > 0
+        if row["temperature"] == 0.0:
+            assert row["identical"] is True, row
+    assert data["training"]["steps"] > 0
+    assert set(data["costs"]) == {"untrained", "trained"}
+
+
+@pytest.mark.slow
+def test_daemon_bench(report: tuple[dict[str, Any], str]) -> None:
+    data = report[0]["benchmarks"]["daemon"]
+    for key in ("in_process_tokens_per_s", "daemon_tokens_per_s", "concurrent_vs_single"):
+        assert data[key] > 0
+    assert len(data["per_client_tokens_per_s"]) == data["clients"] == 4
+    assert data["fairness_max_over_min"] >= 1.0
+    assert data["memory"]["peak_rss_bytes"] >= data["memory"]["rss_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_learning_bench(report: tuple[dict[str, Any], str]) -> None:
+    data = report[0]["benchmarks"]["learning"]
+    heldout = data["heldout"]
+    assert heldout["identical_to_target_greedy"]
+    assert data["recording"]["cases"] == data["prompts"]["train"]
+    assert (
+        heldout["teacher_forced_acceptance_after"]
+        > heldout["teacher_forced_acceptance_before"] + 0.3
+    )
+    assert heldout["teacher_forced_base_recheck"] == pytest.approx(
+        heldout["teacher_forced_acceptance_before"], abs=1e-6
+    )
+
+
+@pytest.mark.slow
+def test_report_markdown_has_headline_and_every_table(report: tuple[dict[str, Any], str]) -> None:
+    data, markdown = report
+    assert data["machine"]["cores"] > 0 and data["date"]
+    headline = markdown.split("## Headline", 1)[1].split("\n## ", 1)[0]
+    for figure in (
+        "T = 0: output identical to target-only, every prompt",
+        "ours detailed / mlx-lm speculative tok/s",
+        "acceptance ours / mlx-lm",
+        "untrained draft, adaptive K: speedup over target-only",
+        "measured / Leviathan bound",
+        "daemon / in-process engine tok/s",
+        "daemon peak RSS / (weights + KV caches)",
+        "learning: held-out same-domain acceptance (teacher-forced)",
+        "learning: unrelated-prompt acceptance (teacher-forced)",
+    ):
+        assert figure in headline, figure
+    # Every T = 0 method matched the target in smoke mode, and the headline says so.
+    assert "| T = 0: output identical to target-only, every prompt | 12 of 12 methods |" in headline
+    for table in ("| T | draft | method |", "| daemon, 1 client |", "| held-out acceptance,"):
+        assert table in markdown
