@@ -222,7 +222,10 @@ def main() -> int:
     parser.add_argument("--time-budget", type=float, default=300.0, help="training seconds")
     parser.add_argument("--rejected-weight", type=float, default=None)
     parser.add_argument(
-        "--draft-vocab", type=int, default=0, help="also measure a draft head of N tokens after"
+        "--draft-vocab",
+        type=int,
+        default=4096,
+        help="also measure a draft head of N tokens after (0 = skip)",
     )
     args = parser.parse_args()
     smoke = {"train_prompts": 12, "heldout_prompts": 4, "unrelated_prompts": 3, "max_tokens": 24}
