@@ -342,6 +342,8 @@ def serve(config: Config, paths: Paths | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     runtime = None
     try:
+        if config.server.tcp_address:  # refuse a bad address before minutes of model loading
+            check_tcp_address(config.server.tcp_address, config.server.allow_non_loopback)
         log_blas()
         # Imported after the lock: a refused second instance should not pay for mlx-lm.
         from speclora.daemon.runtime import build_runtime

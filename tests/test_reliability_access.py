@@ -158,6 +158,7 @@ def test_serve_refuses_a_non_loopback_address_without_the_flag(
     assert result.returncode != 0
     assert "not a loopback address" in result.stderr and "allow_non_loopback" in result.stderr
     assert "Traceback" not in result.stderr
+    assert "model_loaded" not in result.stderr  # refused before minutes of loading
     assert not socket_path(home).exists()
 
 
