@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import speclora.daemon.blas  # noqa: F401  (OpenBLAS before mlx)
+import speclora.daemon.blas  # (imported first: OpenBLAS before mlx)
 from speclora.client.stub import DaemonNotRunning, GenerationSummary, SpecLoRAClient
 from speclora.daemon.engine import GenerationRequest, generate
 from speclora.daemon.engine import GenerationSummary as EngineSummary
@@ -147,6 +147,7 @@ def memory_report(address: str, hub: ModelHub, clients: int, context_tokens: int
         "rss_bytes": snap.rss_bytes,
         "peak_rss_bytes": snap.peak_rss_bytes,
         "weight_bytes": snap.weight_bytes,
+        "blas": snap.blas,
         "kv_cache_bytes": kv,
         "rss_over_weights_plus_kv": snap.rss_bytes / budget,
         "peak_rss_over_weights_plus_kv": snap.peak_rss_bytes / budget,
@@ -248,6 +249,8 @@ def main() -> int:
         "clients": args.clients,
         "draft_tokens": "adaptive" if k is None else k,
         "load_average": os.getloadavg()[0],
+        "blas": speclora.daemon.blas.blas_info().name,
+        "daemon_blas": memory.pop("blas"),
         "in_process_tokens_per_s": inproc.rate,
         "daemon_tokens_per_s": single.rate,
         "daemon_vs_in_process": single.rate / inproc.rate,

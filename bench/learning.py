@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import speclora.daemon.blas  # noqa: F401  (before mlx)
+import speclora.daemon.blas  # (imported first: OpenBLAS before mlx)
 from speclora.daemon import models
 from speclora.daemon.engine import DraftVocab, generate
 from speclora.daemon.engine.events import GenerationRequest, GenerationSummary
@@ -384,6 +384,7 @@ def main() -> int:
             "teacher_forced_acceptance_after": tf_unrelated_after,
         },
         "wall_seconds": time.perf_counter() - started,
+        "blas": speclora.daemon.blas.blas_info().name,
     }
     h, u, t = report["heldout"], report["unrelated"], report["training"]
     k = args.k

@@ -31,9 +31,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# OpenBLAS must be loaded before the first mlx import, or MLX binds the wheel's reference BLAS
+# (a K+1-token verify then costs K+1 passes). `isort: split` keeps the import sorter from
+# moving it below mlx, which it once did, silently slowing every row of this benchmark.
+import speclora.daemon.blas
+
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
-import speclora.daemon.blas  # noqa: F401, I001  (before mlx: OpenBLAS on Linux)
 from mlx_lm import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 from speclora.daemon.engine import (
@@ -586,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload = {k: v for k, v in result.items() if k != "rows"}
         payload["rows"] = records
+        payload["blas"] = speclora.daemon.blas.blas_info().name
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
     return 0

@@ -31,6 +31,19 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], st
 
 
 @pytest.mark.slow
+def test_every_benchmark_ran_on_the_fast_blas(report: tuple[dict[str, Any], str]) -> None:
+    """A bench that imports mlx before speclora.daemon.blas runs on the reference BLAS, several
+    times slower, and every number it prints is wrong; this once happened unnoticed."""
+    from speclora.daemon.blas import blas_info
+
+    expected = blas_info().name  # conftest preloads it the right way
+    benches = report[0]["benchmarks"]
+    found = {name: b["blas"] for name, b in benches.items()}
+    found["daemon (server process)"] = benches["daemon"]["daemon_blas"]
+    assert all(name == expected for name in found.values()), (expected, found)
+
+
+@pytest.mark.slow
 def test_speculative_bench(report: tuple[dict[str, Any], str]) -> None:
     data = report[0]["benchmarks"]["speculative"]
     methods = {(r["temperature"], r["draft"], r["method"], r["k"]) for r in data["rows"]}
