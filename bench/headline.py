@@ -33,7 +33,9 @@ def speculative_rows(spec: dict[str, Any]) -> Iterator[Row]:
     checked = [
         r
         for r in rows
-        if r["temperature"] == 0.0 and r["identical"] is not None and r["draft"] != "-"
+        if r["temperature"] == 0.0
+        and r["identical"] is not None
+        and not r["method"].startswith("target-only")
     ]
     same = sum(1 for r in checked if r["identical"])
     yield (

@@ -215,7 +215,12 @@ def main() -> int:
     parser.add_argument("--unrelated-prompts", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--k", type=int, default=4, help="fixed draft length measured after")
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps at most (default 400; the time budget usually stops it first)",
+    )
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
@@ -238,7 +243,7 @@ def main() -> int:
     lora_defaults = LoraConfig()
     lora_cfg = LoraConfig(
         rank=args.rank or lora_defaults.rank,
-        steps=args.steps or (40 if args.smoke else 200),
+        steps=args.steps or (40 if args.smoke else 400),
         learning_rate=args.learning_rate or (1e-3 if args.smoke else 5e-4),
         batch_size=args.batch_size or lora_defaults.batch_size,
     )

@@ -362,8 +362,10 @@ def load_models(args) -> tuple[Any, Any, Any, str]:
 
 def bench_draft(
     label: str,
-    target, draft, tokenizer, prompts, args, costs, vocab, reference, temperature,
+    target, draft, tokenizer, prompts, args, costs, vocab, reference: Row | None, temperature,
 ) -> list[Row]:  # fmt: skip
+    """Every method on every prompt in turn, target-only first (this block's baseline; at
+    T = 0 every row's outputs are compared with `reference`, else with that baseline's)."""
     k = args.k
     spec = SpeculationConfig(adaptive_max=max(args.k, 8))
     c_full = costs["draft_1_ms"] / costs["target_1_ms"]
@@ -383,6 +385,14 @@ def bench_draft(
         return fn
 
     methods: list[tuple[Row, Callable]] = [
+        # Every block measures its own baseline in the same round-robin: a baseline from
+        # another block, minutes earlier, would carry the machine's drift into every speedup.
+        (
+            Row(temperature, label, "target-only (mlx-lm)", "-"),
+            lambda ids, prompt, seed: mlx_lm_run(
+                target, None, tokenizer, ids, args.max_tokens, temperature, seed, 0
+            ),
+        ),
         (
             Row(temperature, label, "mlx-lm speculative", str(k), c=c_full, k_value=k),
             lambda ids, prompt, seed: mlx_lm_run(
@@ -424,6 +434,7 @@ def bench_draft(
             )
     rows = [row for row, _ in methods]
     if temperature == 0.0:
+        reference = reference or rows[0]  # the first block's target-only outputs
         for row in rows:
             row.identical = row.outputs == reference.outputs
     return rows
@@ -476,21 +487,12 @@ def run_bench(args) -> dict[str, Any]:
         costs = measure_costs(target, draft, args.k, vocab)
         result["costs"][label] = {key: round(v, 2) for key, v in costs.items()}
         for temperature in args.temperatures:
-            if temperature not in references:
-                ref = Row(temperature, "-", "target-only (mlx-lm)", "-")
-                for seed, (_, ids) in enumerate(prompts):
-                    ref.add(
-                        mlx_lm_run(
-                            target, None, tokenizer, ids, args.max_tokens, temperature, seed, 0
-                        )
-                    )
-                ref.identical = True if temperature == 0.0 else None
-                references[temperature] = ref
-                result["rows"].append(ref)
-            result["rows"] += bench_draft(
+            rows = bench_draft(
                 label, target, draft, tokenizer, prompts, args, costs, vocab,
-                references[temperature], temperature,
+                references.get(temperature), temperature,
             )  # fmt: skip
+            references.setdefault(temperature, rows[0])
+            result["rows"] += rows
     return result
 
 
@@ -500,7 +502,7 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 def summarise(result: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     rows: list[Row] = result["rows"]
-    base = {r.temperature: r.tps for r in rows if r.method.startswith("target-only")}
+    base = {(r.temperature, r.draft): r.tps for r in rows if r.method.startswith("target-only")}
     records, lines = [], []
     lines.append(f"Pair: {result['pair']}; K = {result['k']}; {len(result['prompts'])} prompts x "
                  f"{result['max_tokens']} tokens max.")  # fmt: skip
@@ -520,7 +522,8 @@ def summarise(result: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
               "| tok/pass | c | bound | measured/bound | identical |")  # fmt: skip
     lines += [header, "|" + "---|" * 14]
     for r in rows:
-        speedup = r.tps / base[r.temperature] if base.get(r.temperature) else None
+        baseline = base.get((r.temperature, r.draft))
+        speedup = r.tps / baseline if baseline else None
         bound = r.bound()
         ratio = speedup / bound if speedup and bound else None
         ident = "-" if r.identical is None else ("yes" if r.identical else "NO")

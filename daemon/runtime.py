@@ -95,15 +95,24 @@ def build_hub(config: Config) -> ModelHub:
     if draft is not None:
         from speclora.daemon.engine import DraftVocab, measure_cost_ratio
 
-        # Adaptive K needs a drafted token's price in target passes on this machine.
-        extras["cost_ratio"] = measure_cost_ratio(target.model, draft.model)
-        if config.speculation.draft_vocab_size:
+        size = config.speculation.draft_vocab_size
+        if 0 < size < target.vocab_size:  # a head as wide as the vocabulary saves nothing
             extras["draft_vocab"] = DraftVocab(
                 vocab_size=target.vocab_size,
-                size=config.speculation.draft_vocab_size,
+                size=size,
                 always=tuple(getattr(target.tokenizer, "eos_token_ids", ()) or ()),
             )
-        log.info("draft_ready", draft=draft.name, cost_ratio=extras["cost_ratio"])
+        # Adaptive K needs a drafted token's price in target passes on this machine, with the
+        # draft head generation will use.
+        extras["cost_ratio"] = measure_cost_ratio(
+            target.model, draft.model, draft_vocab=extras.get("draft_vocab")
+        )
+        log.info(
+            "draft_ready",
+            draft=draft.name,
+            cost_ratio=extras["cost_ratio"],
+            draft_vocab=size if "draft_vocab" in extras else "full",
+        )
     return ModelHub.from_loaded(target, draft, m.draft, extras=extras)
 
 

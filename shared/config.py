@@ -50,7 +50,7 @@ class SpeculationConfig:
     adaptive_max: int = _opt(8, lo=1, hi=16)
     adaptive_start: int = _opt(4, lo=1, hi=16)
     probe_interval: int = _opt(16, lo=1, hi=10_000, doc="target-only steps between probes at K=0")
-    draft_vocab_size: int = _opt(0, lo=0, hi=1_000_000, doc="0 = full draft head")
+    draft_vocab_size: int = _opt(4096, lo=0, hi=1_000_000, doc="0 = full draft head")
     prefill_chunk: int = _opt(512, lo=16, hi=65_536)
 
 
