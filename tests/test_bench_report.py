@@ -112,3 +112,15 @@ def test_report_markdown_has_headline_and_every_table(report: tuple[dict[str, An
     assert "| T = 0: output identical to target-only, every prompt | 12 of 12 methods |" in headline
     for table in ("| T | draft | method |", "| daemon, 1 client |", "| held-out acceptance,"):
         assert table in markdown
+
+
+@pytest.mark.slow
+def test_headline_rerenders_from_the_json_alone(
+    report: tuple[dict[str, Any], str], tmp_path: Path
+) -> None:
+    """bench/headline.py rebuilds latest.md's headline from latest.json: same run, same table."""
+    data, markdown = report
+    (tmp_path / "latest.json").write_text(json.dumps(data))
+    (tmp_path / "latest.md").write_text(markdown.replace("12 of 12 methods", "stale"))
+    subprocess.run([sys.executable, str(REPO / "bench" / "headline.py"), str(tmp_path)], check=True)
+    assert (tmp_path / "latest.md").read_text() == markdown
