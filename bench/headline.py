@@ -215,5 +215,44 @@ def rewrite_report(results_dir: Path) -> None:
     path.write_text(f"{head}## Headline\n\n{headline_markdown(report['benchmarks'])}\n{tail}")
 
 
+README_BEGIN = "<!-- make bench headline: begin -->"
+README_END = "<!-- make bench headline: end -->"
+
+
+def readme_block(report: dict[str, Any]) -> str:
+    """README's results table: the headline of a report, with when and where it was measured."""
+    m = report["machine"]
+    runs = report.get("runs", {})
+    at = "; ".join(
+        f"{name} {run['date'][:16].replace('T', ' ')} UTC at {run['commit']}"
+        for name, run in runs.items()
+    )
+    return (
+        f"{README_BEGIN}\n`make bench` on {m['cpu']} ({m['cores']} cores, {m['system']}), BLAS: "
+        f"{report['benchmarks'].get('speculative', {}).get('blas', '?')}; "
+        f"{at or report['date'][:10]}."
+        f"\n\n{headline_markdown(report['benchmarks'])}\n{README_END}"
+    )
+
+
+def update_readme(readme: Path, results_dir: Path) -> None:
+    """Replace README's results table with the one from results_dir/latest.json."""
+    report = json.loads((results_dir / "latest.json").read_text())
+    text = readme.read_text()
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(head + readme_block(report) + tail)
+
+
 if __name__ == "__main__":
-    rewrite_report(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results")
+    # python bench/headline.py [RESULTS_DIR] [--readme README.md]
+    args = sys.argv[1:]
+    readme = None
+    if "--readme" in args:
+        i = args.index("--readme")
+        readme = Path(args[i + 1])
+        del args[i : i + 2]
+    results = Path(args[0]) if args else Path(__file__).parent / "results"
+    rewrite_report(results)
+    if readme is not None:
+        update_readme(readme, results)

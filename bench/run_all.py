@@ -15,6 +15,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from headline import headline_markdown  # bench/ is on sys.path when run as a script
 
@@ -41,23 +42,74 @@ def machine_description() -> dict[str, str | int]:
     }
 
 
+def git_commit() -> str:
+    """The commit the benchmarks ran at ("+dirty" when tracked files had changes)."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (rev or "unknown") + ("+dirty" if dirty else "")
+
+
+def markdown_sections(text: str) -> dict[str, str]:
+    """'## name' sections of an older latest.md (for reports written before runs were kept)."""
+    out = {}
+    for chunk in text.split("\n## ")[1:]:
+        name, _, body = chunk.partition("\n")
+        out[name.strip()] = body.strip()
+    return out
+
+
+def render(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    parts = [
+        f"# SpecLoRA benchmark results\n\n{report['date']} on {m['cpu']} ({m['cores']} cores, "
+        f"{m['system']})\n",
+        f"## Headline\n\n{headline_markdown(report['benchmarks'])}\n",
+    ]
+    for name in BENCHES:
+        if name in report["benchmarks"]:
+            run = report["runs"][name]
+            parts.append(
+                f"## {name}\n\nRun {run['date']} at commit {run['commit']}.\n\n{run['markdown']}\n"
+            )
+    return "\n".join(parts)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", choices=BENCHES, action="append", help="run just these")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other benchmarks of the existing latest.json (with --only)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny models, seconds (for tests)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, object] = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_description(),
-        "benchmarks": {},
-    }
-    markdown = [
-        f"# SpecLoRA benchmark results\n\n{report['date']} on "
-        f"{report['machine']['cpu']} ({report['machine']['cores']} cores, "  # type: ignore[index]
-        f"{report['machine']['system']})\n"
-    ]  # type: ignore[index]
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    report: dict[str, Any] = {"date": now, "machine": machine_description(), "benchmarks": {}}
+    report["runs"] = {}
+    if args.merge and (args.out / "latest.json").exists():
+        old = json.loads((args.out / "latest.json").read_text())
+        old_md = markdown_sections((args.out / "latest.md").read_text())
+        for name, data in old["benchmarks"].items():
+            report["benchmarks"][name] = data
+            report["runs"][name] = old.get("runs", {}).get(name) or {
+                "date": old["date"],
+                "commit": "unknown",
+                "markdown": old_md.get(name, ""),
+            }
+    commit = git_commit()
     failed = []
     for name in args.only or BENCHES:
         json_path = args.out / f"{name}.json"
@@ -65,17 +117,20 @@ def main() -> int:
         if args.smoke:
             command.append("--smoke")
         print(f"\n## {name}\n$ {' '.join(command)}", flush=True)
+        began = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
         print(result.stdout, flush=True)
         if result.returncode != 0:
             failed.append(name)
             continue
-        report["benchmarks"][name] = json.loads(json_path.read_text())  # type: ignore[index]
-        markdown.append(f"## {name}\n\n{result.stdout.strip()}\n")
-    # The figures the issues set targets for, first: README's results table is this one.
-    markdown.insert(1, f"## Headline\n\n{headline_markdown(report['benchmarks'])}\n")
+        report["benchmarks"][name] = json.loads(json_path.read_text())
+        report["runs"][name] = {
+            "date": began,
+            "commit": commit,
+            "markdown": result.stdout.strip(),
+        }
     (args.out / "latest.json").write_text(json.dumps(report, indent=2))
-    (args.out / "latest.md").write_text("\n".join(markdown))
+    (args.out / "latest.md").write_text(render(report))
     print(f"wrote {args.out / 'latest.json'} and {args.out / 'latest.md'}")
     if failed:
         print(f"benchmarks failed: {', '.join(failed)}", file=sys.stderr)

@@ -124,3 +124,23 @@ def test_headline_rerenders_from_the_json_alone(
     (tmp_path / "latest.md").write_text(markdown.replace("12 of 12 methods", "stale"))
     subprocess.run([sys.executable, str(REPO / "bench" / "headline.py"), str(tmp_path)], check=True)
     assert (tmp_path / "latest.md").read_text() == markdown
+
+
+@pytest.mark.slow
+def test_merge_reruns_one_benchmark_and_keeps_the_others(
+    report: tuple[dict[str, Any], str], tmp_path: Path
+) -> None:
+    data, markdown = report
+    (tmp_path / "latest.json").write_text(json.dumps(data))
+    (tmp_path / "latest.md").write_text(markdown)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECLORA_")}
+    command = [sys.executable, str(REPO / "bench" / "run_all.py"), "--smoke", "--only", "daemon"]
+    subprocess.run([*command, "--merge", "--out", str(tmp_path)], env=env, check=True, timeout=600)
+    merged = json.loads((tmp_path / "latest.json").read_text())
+    assert merged["benchmarks"]["speculative"] == data["benchmarks"]["speculative"]
+    assert merged["benchmarks"]["learning"] == data["benchmarks"]["learning"]
+    assert merged["runs"]["speculative"] == data["runs"]["speculative"]
+    assert merged["runs"]["daemon"]["date"] >= data["runs"]["daemon"]["date"]
+    text = (tmp_path / "latest.md").read_text()
+    for section in ("## Headline", "## speculative", "## daemon", "## learning"):
+        assert section in text

@@ -18,6 +18,7 @@ from speclora.daemon.engine import (
     generate,
     speedup_bound,
 )
+from speclora.daemon.engine.draft_vocab import DraftHead, model_parts
 from speclora.daemon.engine.speculative import _Decoder
 from speclora.daemon.errors import InvalidRequestError
 from speclora.shared.config import SpeculationConfig
@@ -158,6 +159,36 @@ def test_draft_vocab_ranks_by_observed_frequency():
     assert vocab.coverage([7, 42, 1]) == pytest.approx(2 / 3)
     cold = DraftVocab(vocab_size=100, size=4)
     assert np.array(cold.ids()).tolist() == [0, 1, 2, 3]  # prior: low ids first
+
+
+def test_draft_vocab_reranks_in_batches_and_keeps_the_set_while_membership_holds():
+    vocab = DraftVocab(vocab_size=100, size=2, refresh_every=4)
+    vocab.observe([7, 7, 9])
+    first = vocab.ids()
+    assert np.array(first).tolist() == [7, 9]
+    vocab.observe([5, 5, 5])  # 3 < 4 new tokens: not re-ranked yet
+    assert vocab.ids() is first
+    vocab.observe([7])  # re-ranked: 5 and 7 lead now
+    assert np.array(vocab.ids()).tolist() == [5, 7]
+    same = vocab.ids()
+    vocab.observe([5, 7, 5, 7])  # re-ranked, same members: the same array (and head matrix)
+    assert vocab.ids() is same
+
+
+def test_concurrent_requests_share_one_restricted_head_matrix(untied_loaded):  # noqa: F811
+    """Each request used to copy the N x D head rows; four streams made that the daemon's
+    memory peak. Requests now share the vocabulary's matrix; only prompt extras are theirs."""
+    target, _, self_draft, tokenizer = untied_loaded
+    vocab = DraftVocab(vocab_size=target.lm_head.weight.shape[0], size=16)
+    parts = model_parts(self_draft)
+    heads = [DraftHead(parts, vocab, extra=prompt) for prompt in ([1, 2, 3], [4, 5], [])]
+    subs = [head._restricted()[1] for head in heads]
+    assert subs[0] is subs[1] is subs[2]
+    base = set(np.array(vocab.ids()).tolist())
+    ids, _, extra = heads[0]._restricted()
+    assert set(np.array(ids).tolist()) == base | {1, 2, 3}
+    assert (extra is None) == ({1, 2, 3} <= base)
+    assert heads[2]._restricted()[2] is None
 
 
 def test_restricted_draft_head_is_lossless_at_t0(untied_loaded):  # noqa: F811

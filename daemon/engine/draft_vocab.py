@@ -112,14 +112,21 @@ class DraftVocab:
     order, so frequent pieces come first) and the tokenizer's special tokens; every completion
     the target produces then adds its tokens. The worker owns one per model pair and feeds it
     completions; `generate()` takes it as `draft_vocab`.
+
+    The (N, D) head matrix is built once and shared by every request: a copy per request cost
+    N x D floats each (9 MiB for SmolLM2), which four concurrent streams turned into the
+    daemon's memory peak. The set is re-ranked after `refresh_every` observed tokens, and the
+    matrix rebuilt only when its membership changed.
     """
 
     vocab_size: int
     size: int
     always: tuple[int, ...] = ()  # ids always in the set (EOS and friends)
+    refresh_every: int = 1024  # observed tokens between re-rankings (a stale set loses little)
     counts: np.ndarray = field(init=False, repr=False)
-    _version: int = field(default=0, init=False, repr=False)
-    _cached: tuple[int, mx.array] | None = field(default=None, init=False, repr=False)
+    _pending: int = field(default=0, init=False, repr=False)
+    _ids: mx.array | None = field(default=None, init=False, repr=False)
+    _head: tuple[mx.array, Any, mx.array] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Tiny decreasing prior: breaks ties towards low ids and is outweighed by one real count.
@@ -129,22 +136,32 @@ class DraftVocab:
         ids = np.fromiter((t for t in tokens if 0 <= t < self.vocab_size), dtype=np.int64)
         if ids.size:
             np.add.at(self.counts, ids, 1.0)
-            self._version += 1
-
-    @property
-    def version(self) -> int:
-        return self._version
+            self._pending += int(ids.size)
 
     def ids(self) -> mx.array:
-        """The restricted set, sorted ascending, as an int32 array (cached until counts change)."""
-        if self._cached is not None and self._cached[0] == self._version:
-            return self._cached[1]
+        """The restricted set, sorted ascending, as an int32 array. The same array object is
+        returned until a re-ranking changes the membership."""
+        if self._ids is not None and self._pending < self.refresh_every:
+            return self._ids
+        self._pending = 0
         n = min(self.size, self.vocab_size)
         top = np.argpartition(-self.counts, n - 1)[:n] if n < self.vocab_size else np.arange(n)
-        chosen = np.union1d(top, np.array(self.always, dtype=np.int64))
-        arr = mx.array(chosen.astype(np.int32))
-        self._cached = (self._version, arr)
-        return arr
+        chosen = np.union1d(top, np.array(self.always, dtype=np.int64)).astype(np.int32)
+        if self._ids is None or not np.array_equal(np.array(self._ids), chosen):
+            self._ids = mx.array(chosen)
+        return self._ids
+
+    def head_matrix(self, parts: ModelParts) -> tuple[mx.array, mx.array]:
+        """(ids, the draft head's rows for them), shared until the set or the head changes."""
+        ids = self.ids()
+        layer = parts._head_layer()
+        weight = getattr(layer, "weight", None)  # a new head (another draft) means new rows
+        if self._head is None or self._head[0] is not ids or self._head[1] is not weight:
+            sub = parts.head_rows(ids)
+            assert sub is not None
+            mx.eval(sub)
+            self._head = (ids, weight, sub)
+        return ids, self._head[2]
 
     def coverage(self, tokens: Iterable[int]) -> float:
         """Fraction of `tokens` inside the current set (what bounds acceptance)."""
@@ -171,29 +188,34 @@ class DraftHead:
         self.extra = tuple(extra)
         if self.vocab is not None and parts.vocab_rows() is None:
             self.vocab = None  # no separable head: score the full vocabulary
-        self._sub: tuple[mx.array, mx.array] | None = None
+        self._sub: tuple[mx.array, mx.array, mx.array | None] | None = None
 
-    def _restricted(self) -> tuple[mx.array, mx.array]:
-        # Snapshot the set once per generation: re-slicing the head whenever another request
-        # updates the counts would cost more than the slightly stale set loses.
+    def _restricted(self) -> tuple[mx.array, mx.array, mx.array | None]:
+        """(ids, shared head rows, rows of this prompt's tokens outside the set or None).
+
+        Snapshot once per generation: the shared matrix stays alive for as long as this
+        request holds it, even if a re-ranking replaces it meanwhile."""
         if self._sub is None:
             assert self.vocab is not None
-            ids = self.vocab.ids()
+            ids, sub = self.vocab.head_matrix(self.parts)
+            extra_rows = None
             if self.extra:
-                known = np.array(ids)
-                extra = np.array(
-                    [t for t in set(self.extra) if 0 <= t < self.vocab.vocab_size], np.int32
-                )
-                ids = mx.array(np.union1d(known, extra).astype(np.int32))
-            sub = self.parts.head_rows(ids)
-            assert sub is not None
-            mx.eval(sub)
-            self._sub = (ids, sub)
+                known = set(np.array(ids).tolist())
+                missing = sorted({t for t in self.extra if 0 <= t < self.vocab.vocab_size} - known)
+                if missing:
+                    extra_ids = mx.array(np.array(missing, np.int32))
+                    extra_rows = self.parts.head_rows(extra_ids)
+                    ids = mx.concatenate([ids, extra_ids])
+                    mx.eval(extra_rows, ids)
+            self._sub = (ids, sub, extra_rows)
         return self._sub
 
     def logits(self, tokens: mx.array, cache: list[Any]) -> tuple[mx.array | None, mx.array]:
         if self.vocab is None:
             return None, self.parts.last_logits(tokens, cache)
-        ids, sub = self._restricted()
+        ids, sub, extra_rows = self._restricted()
         hidden = self.parts.model.model(tokens[None], cache)[0, -1]
-        return ids, hidden @ sub.T
+        logits = hidden @ sub.T
+        if extra_rows is not None:
+            logits = mx.concatenate([logits, hidden @ extra_rows.T])
+        return ids, logits
