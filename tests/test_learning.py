@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -196,6 +197,37 @@ def test_training_raises_heldout_acceptance_and_promotes(
     again = drain(run_training(hub, store, adapters, Config(lora=LoraConfig(steps=1))))
     assert again[1].heldout_acceptance == pytest.approx(after.heldout_acceptance, abs=1e-6)
     assert again[0].parent_version == result.adapter_version
+
+
+def test_time_budget_covers_the_whole_run_including_the_final_evaluation(
+    hub: ModelHub, stores: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """learning.max_train_s bounds the run, not just its optimizer steps: an evaluation as slow
+    as a real model's (0.6 s here, each) must fit inside it, the final one included."""
+    from speclora.daemon.learning import session
+
+    evaluate = session._evaluate
+
+    def slow_evaluate(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        time.sleep(0.6)
+        return (yield from evaluate(*args, **kwargs))
+
+    monkeypatch.setattr(session, "_evaluate", slow_evaluate)
+    store, adapters = stores
+    record_domain_cases(hub, store, 40)
+    budget = 2.5
+    config = Config(
+        learning=LearningConfig(min_cases=8, max_train_s=budget), lora=LoraConfig(steps=100_000)
+    )
+    began = time.monotonic()
+    events = drain(run_training(hub, store, adapters, config))
+    elapsed = time.monotonic() - began
+    progress = [e for e in events if isinstance(e, TrainProgress)]
+    result = events[-1]
+    assert isinstance(result, TrainResult)
+    assert 1 <= len(progress) < 100_000  # stopped by time, not by the step count
+    assert result.duration_s <= budget * 1.1 + 0.1, result.duration_s
+    assert elapsed <= budget * 1.1 + 1.0  # plus saving the adapter
 
 
 def test_gate_rejects_an_adapter_trained_on_shuffled_targets(hub: ModelHub, stores: tuple) -> None:

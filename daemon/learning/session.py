@@ -120,6 +120,8 @@ def _run(
     served = LossPositionLogits(hub.draft)
     before = yield from _evaluate(target, served, heldout, vocab)
     yield TrainEvaluation("before", before)
+    # The final evaluation costs what this one did; the time budget must leave room for it.
+    evaluation_s = time.monotonic() - start
 
     # Teacher distributions, once per training case, kept in memory for the whole run.
     teacher: dict[int, TeacherRows] = {}
@@ -160,12 +162,14 @@ def _run(
     horizon = steps
     for step in range(1, steps + 1):
         now = time.monotonic()
-        if budget and now - start > budget:
+        per_step = (now - steps_start) / done if done else 0.0
+        # Whole run within the budget: this step and the final evaluation must still fit.
+        left = budget - (now - start) - evaluation_s
+        if budget and left < per_step:
             log.info("training_time_budget_reached", steps_done=done, budget_s=budget)
             break
         if budget and done >= 3:  # decay the learning rate by when the budget will stop us
-            per_step = (now - steps_start) / done
-            horizon = min(steps, done + int((budget - (now - start)) / per_step) + 1)
+            horizon = min(steps, done + int(left / per_step))
         if len(order) < lora_cfg.batch_size:
             order.extend(train[i] for i in rng.permutation(len(train)))
         batch, order = order[: lora_cfg.batch_size], order[lora_cfg.batch_size :]
