@@ -206,13 +206,12 @@ def headline_markdown(benchmarks: dict[str, Any]) -> str:
 
 
 def rewrite_report(results_dir: Path) -> None:
-    """Re-render the headline of latest.md from latest.json (the same run's numbers), after a
-    change to what the headline shows."""
+    """Re-render latest.md from latest.json (the same run's numbers), after a change to what
+    the headline shows; run_all.render is the one writer of that file."""
+    from run_all import render  # bench/ is on sys.path when run as a script
+
     report = json.loads((results_dir / "latest.json").read_text())
-    path = results_dir / "latest.md"
-    head, rest = path.read_text().split("## Headline\n", 1)
-    tail = rest[rest.index("\n## ") :] if "\n## " in rest else ""
-    path.write_text(f"{head}## Headline\n\n{headline_markdown(report['benchmarks'])}\n{tail}")
+    (results_dir / "latest.md").write_text(render(report))
 
 
 README_BEGIN = "<!-- make bench headline: begin -->"

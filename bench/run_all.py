@@ -59,15 +59,6 @@ def git_commit() -> str:
     return (rev or "unknown") + ("+dirty" if dirty else "")
 
 
-def markdown_sections(text: str) -> dict[str, str]:
-    """'## name' sections of an older latest.md (for reports written before runs were kept)."""
-    out = {}
-    for chunk in text.split("\n## ")[1:]:
-        name, _, body = chunk.partition("\n")
-        out[name.strip()] = body.strip()
-    return out
-
-
 def render(report: dict[str, Any]) -> str:
     m = report["machine"]
     parts = [
@@ -101,14 +92,8 @@ def main() -> int:
     report["runs"] = {}
     if args.merge and (args.out / "latest.json").exists():
         old = json.loads((args.out / "latest.json").read_text())
-        old_md = markdown_sections((args.out / "latest.md").read_text())
-        for name, data in old["benchmarks"].items():
-            report["benchmarks"][name] = data
-            report["runs"][name] = old.get("runs", {}).get(name) or {
-                "date": old["date"],
-                "commit": "unknown",
-                "markdown": old_md.get(name, ""),
-            }
+        report["benchmarks"].update(old["benchmarks"])
+        report["runs"].update(old["runs"])
     commit = git_commit()
     failed = []
     for name in args.only or BENCHES:

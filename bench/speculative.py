@@ -50,6 +50,7 @@ from speclora.daemon.engine import (
     measure_cost_ratio,
     speedup_bound,
 )
+from speclora.daemon.engine.draft_vocab import model_parts
 from speclora.daemon.engine.fast import seeded_sampler
 from speclora.daemon.engine.prompt import build_prompt_tokens
 from speclora.shared.config import SpeculationConfig
@@ -218,13 +219,7 @@ def measure_costs(target, draft, k: int, vocab: DraftVocab | None) -> dict[str, 
         "draft_1_ms": time_forward(draft, 1) * 1e3,
     }
     if vocab is not None:
-        weight = (
-            draft.model.embed_tokens.weight
-            if draft.args.tie_word_embeddings
-            else draft.lm_head.weight
-        )
-        sub = mx.take(weight, vocab.ids(), axis=0)
-        mx.eval(sub)
+        _, sub = vocab.head_matrix(model_parts(draft))  # the rows generation will score
         costs["draft_restricted_1_ms"] = (
             time_forward(draft, 1, fn=lambda x, c: draft.model(x, c)[:, -1, :] @ sub.T) * 1e3
         )

@@ -15,13 +15,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _clean_env() -> dict[str, str]:
+    """The environment without SPECLORA_* settings, so the benches use their own homes."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SPECLORA_")}
+
+
+def _write_report(directory: Path, data: dict[str, Any], markdown: str) -> None:
+    (directory / "latest.json").write_text(json.dumps(data))
+    (directory / "latest.md").write_text(markdown)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
     out = tmp_path_factory.mktemp("bench-results")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECLORA_")}
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run_all.py"), "--smoke", "--out", str(out)],
-        env=env,
+        env=_clean_env(),
         capture_output=True,
         text=True,
         timeout=900,
@@ -120,8 +129,7 @@ def test_headline_rerenders_from_the_json_alone(
 ) -> None:
     """bench/headline.py rebuilds latest.md's headline from latest.json: same run, same table."""
     data, markdown = report
-    (tmp_path / "latest.json").write_text(json.dumps(data))
-    (tmp_path / "latest.md").write_text(markdown.replace("12 of 12 methods", "stale"))
+    _write_report(tmp_path, data, markdown.replace("12 of 12 methods", "stale"))
     subprocess.run([sys.executable, str(REPO / "bench" / "headline.py"), str(tmp_path)], check=True)
     assert (tmp_path / "latest.md").read_text() == markdown
 
@@ -131,11 +139,11 @@ def test_merge_reruns_one_benchmark_and_keeps_the_others(
     report: tuple[dict[str, Any], str], tmp_path: Path
 ) -> None:
     data, markdown = report
-    (tmp_path / "latest.json").write_text(json.dumps(data))
-    (tmp_path / "latest.md").write_text(markdown)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECLORA_")}
+    _write_report(tmp_path, data, markdown)
     command = [sys.executable, str(REPO / "bench" / "run_all.py"), "--smoke", "--only", "daemon"]
-    subprocess.run([*command, "--merge", "--out", str(tmp_path)], env=env, check=True, timeout=600)
+    subprocess.run(
+        [*command, "--merge", "--out", str(tmp_path)], env=_clean_env(), check=True, timeout=600
+    )
     merged = json.loads((tmp_path / "latest.json").read_text())
     assert merged["benchmarks"]["speculative"] == data["benchmarks"]["speculative"]
     assert merged["benchmarks"]["learning"] == data["benchmarks"]["learning"]

@@ -44,7 +44,7 @@ class ModelParts:
         self.model(tokens[None], cache=cache)
         return None
 
-    def _head_layer(self) -> Any | None:
+    def head_layer(self) -> Any | None:
         if not self.splittable:
             return None
         m = self.model
@@ -55,13 +55,13 @@ class ModelParts:
 
     def vocab_rows(self) -> int | None:
         """Rows of the output projection (the logits' width), or None if unknown."""
-        layer = self._head_layer()
+        layer = self.head_layer()
         return None if layer is None else int(layer.weight.shape[0])
 
     def head_rows(self, ids: mx.array) -> mx.array | None:
         """The (len(ids), D) rows of the output projection for `ids`, dequantizing only those
         rows of a quantized head; None when the model cannot be split."""
-        layer = self._head_layer()
+        layer = self.head_layer()
         if layer is None:
             return None
         if isinstance(layer, nn.QuantizedEmbedding | nn.QuantizedLinear):
@@ -154,7 +154,7 @@ class DraftVocab:
     def head_matrix(self, parts: ModelParts) -> tuple[mx.array, mx.array]:
         """(ids, the draft head's rows for them), shared until the set or the head changes."""
         ids = self.ids()
-        layer = parts._head_layer()
+        layer = parts.head_layer()
         weight = getattr(layer, "weight", None)  # a new head (another draft) means new rows
         if self._head is None or self._head[0] is not ids or self._head[1] is not weight:
             sub = parts.head_rows(ids)
