@@ -9,6 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from speclora.daemon import models
+from speclora.daemon.engine import DraftVocab
 from speclora.daemon.errors import PreconditionError
 from speclora.daemon.learning import lora, toy
 from speclora.daemon.learning.adapters import PROMOTED, REJECTED, AdapterStore
@@ -21,10 +22,11 @@ from speclora.daemon.learning.events import (
     TrainStarted,
     TrainTick,
 )
-from speclora.daemon.learning.session import run_training
+from speclora.daemon.learning.session import run_training, training_vocabulary
 from speclora.daemon.learning.store import FailureCase, FailureStore
 from speclora.daemon.learning.trainer import (
     LossPositionLogits,
+    _inputs,
     expected_acceptance,
     prepare_examples,
     split_examples,
@@ -92,6 +94,10 @@ def stores(tmp_path: Path) -> tuple[FailureStore, AdapterStore]:
     return FailureStore(tmp_path / "f.sqlite3"), AdapterStore(tmp_path / "adapters")
 
 
+def vocab_rows(hub: ModelHub) -> int:
+    return int(hub.target.model.embed_tokens.weight.shape[0])
+
+
 def drain(events: object) -> list[object]:
     return [e for e in events if not isinstance(e, TrainTick)]  # type: ignore[attr-defined]
 
@@ -137,6 +143,41 @@ def test_identical_draft_has_expected_acceptance_one(hub: ModelHub) -> None:
     assert total / count == pytest.approx(1.0, abs=1e-5)
     weak, _ = expected_acceptance(target, LossPositionLogits(hub.draft), examples, vocab=256)
     assert weak / count < 1.0
+
+
+def test_restricted_draft_head_counts_only_choices_inside_its_set(hub: ModelHub) -> None:
+    """With the cheap head the draft can only propose tokens of its set: where the target's
+    choice is outside it, the position is a rejection even for a perfect draft."""
+    cases = [FailureCase((1, 2, 3), (4, 5, 6, 7), id=1), FailureCase((1, 2, 9), (8, 5, 6), id=2)]
+    examples = prepare_examples(cases, 64, 1.0)
+    width = vocab_rows(hub)
+    target = LossPositionLogits(hub.target)
+    choices = mx.argmax(target(*_inputs(examples)), axis=-1).tolist()
+    everything = LossPositionLogits(hub.target, mx.arange(width, dtype=mx.int32))
+    full, count = expected_acceptance(target, everything, examples, width)
+    assert full == pytest.approx(count)
+    missing = choices[0]  # leave the first position's choice out of the set
+    ids = mx.array([t for t in range(width) if t != missing], dtype=mx.int32)
+    restricted = LossPositionLogits(hub.target, ids)
+    assert restricted(*_inputs(examples)).shape == (count, width - 1)
+    total, _ = expected_acceptance(target, restricted, examples, width)
+    assert total == pytest.approx(count - choices.count(missing))
+    # At T > 0 the mass of the missing token is lost: sum(min(p, q)) < 1 there.
+    hot = prepare_examples([FailureCase((1, 2, 3), (4, 5, 6, 7), id=1, temperature=1.0)], 64, 1.0)
+    sampled, n = expected_acceptance(target, restricted, hot, width)
+    assert 0.3 < sampled / n < 1.0
+
+
+def test_training_vocabulary_is_the_served_set_plus_the_cases_tokens() -> None:
+    vocab = DraftVocab(vocab_size=256, size=16, always=(2,))
+    vocab.observe([200, 200, 201])
+    train = prepare_examples([FailureCase((7, 8), (250, 9), id=1)], 64, 1.0)
+    ids = training_vocabulary(vocab, train)
+    assert ids is not None
+    got = set(ids.tolist())
+    assert {2, 200, 201, 7, 8, 250, 9} <= got and set(vocab.ids().tolist()) <= got
+    assert ids.tolist() == sorted(got)
+    assert training_vocabulary(None, train) is None
 
 
 def test_auto_train_rule() -> None:
@@ -228,6 +269,35 @@ def test_time_budget_covers_the_whole_run_including_the_final_evaluation(
     assert 1 <= len(progress) < 100_000  # stopped by time, not by the step count
     assert result.duration_s <= budget * 1.1 + 0.1, result.duration_s
     assert elapsed <= budget * 1.1 + 1.0  # plus saving the adapter
+
+
+def test_training_with_the_cheap_draft_head_learns_through_it(
+    separate_hub: ModelHub, stores: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon serving with a draft vocabulary trains the draft's restricted head: the student
+    scores only the set (it would score 256 columns otherwise) and held-out acceptance, judged
+    through that head, still rises by a clear margin."""
+    from speclora.daemon.learning import trainer
+
+    hub = separate_hub
+    hub.extras["draft_vocab"] = vocab = DraftVocab(vocab_size=vocab_rows(hub), size=48)
+    store, adapters = stores
+    record_domain_cases(hub, store, 40)
+    for case in store.recent(100):
+        vocab.observe(case.completion_ids)
+    widths: list[int] = []
+    step = trainer.DraftTrainer.step
+
+    def recording_step(self, batch, teacher, learning_rate):  # type: ignore[no-untyped-def]
+        widths.append(int(self.logits(*_inputs(batch)).shape[-1]))
+        return step(self, batch, teacher, learning_rate)
+
+    monkeypatch.setattr(trainer.DraftTrainer, "step", recording_step)
+    events = drain(run_training(hub, store, adapters, TRAIN))
+    before, after, result = events[1], events[-2], events[-1]
+    assert widths and all(48 <= w < vocab_rows(hub) for w in widths), widths[:3]
+    assert after.heldout_acceptance - before.heldout_acceptance >= 0.5, (before, after)
+    assert result.promoted
 
 
 def test_gate_rejects_an_adapter_trained_on_shuffled_targets(hub: ModelHub, stores: tuple) -> None:

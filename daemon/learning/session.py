@@ -13,8 +13,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 
+import mlx.core as mx
 import numpy as np
 import structlog
+from speclora.daemon.engine.draft_vocab import DraftVocab
 from speclora.daemon.errors import AdapterError, PreconditionError
 from speclora.daemon.learning import lora
 from speclora.daemon.learning.adapters import PROMOTED, REJECTED, AdapterStore
@@ -114,10 +116,13 @@ def _run(
     yield TrainStarted(len(train), len(heldout), steps, parent)
 
     vocab = vocab_size(hub.target, hub.draft)
+    # The draft trains and is judged with the head it serves with (None = the full vocabulary).
+    ids = training_vocabulary(hub.extras.get("draft_vocab"), train)
     target = LossPositionLogits(hub.target)
+    teacher_target = target if ids is None else LossPositionLogits(hub.target, ids)
 
     # Held-out acceptance of the draft that serves now: the bar a new adapter must clear.
-    served = LossPositionLogits(hub.draft)
+    served = LossPositionLogits(hub.draft, ids)
     before = yield from _evaluate(target, served, heldout, vocab)
     yield TrainEvaluation("before", before)
     # The final evaluation costs what this one did; the time budget must leave room for it.
@@ -127,7 +132,7 @@ def _run(
     teacher: dict[int, TeacherRows] = {}
     batches = token_batches(train, SLICE_TOKENS)
     for n, batch in enumerate(batches, 1):
-        rows = teacher_rows(target, batch, learning.teacher_top_k, vocab)
+        rows = teacher_rows(teacher_target, batch, learning.teacher_top_k, vocab)
         teacher.update((id(e), r) for e, r in zip(batch, rows, strict=True))
         yield TrainTick("teacher", n, len(batches))
     if params.shuffle_teacher:
@@ -146,6 +151,7 @@ def _run(
         train_norm=self_draft,
         vocab=vocab,
         seed=params.seed,
+        ids=ids,
     )
     if lora.current_config(hub.draft) != adapter_config:
         parent = ""  # LoRA shape changed since the active adapter: train from the base draft
@@ -181,7 +187,7 @@ def _run(
         yield TrainProgress(step, steps, loss, rate)
 
     model = trainer.finish()
-    after = yield from _evaluate(target, LossPositionLogits(model), heldout, vocab)
+    after = yield from _evaluate(target, LossPositionLogits(model, ids), heldout, vocab)
     yield TrainEvaluation("after", after)
 
     margin = learning.promotion_margin
@@ -239,6 +245,21 @@ def _run(
         duration_s=round(duration, 1),
     )
     yield TrainResult(info.version, promoted, reason, before, after, duration)
+
+
+def training_vocabulary(
+    draft_vocab: DraftVocab | None, train: Sequence[Example]
+) -> mx.array | None:
+    """The token ids the draft's head scores while training: the served draft vocabulary plus
+    every token of the training cases (serving adds a prompt's own tokens per request, and the
+    worker counts what the target generated, so these are in or near the set already).
+    None when the draft serves with its full head."""
+    if draft_vocab is None:
+        return None
+    seen = np.fromiter((t for e in train for t in e.tokens), dtype=np.int64)
+    seen = seen[(seen >= 0) & (seen < draft_vocab.vocab_size)]
+    ids = np.union1d(np.array(draft_vocab.ids()), seen).astype(np.int32)
+    return mx.array(ids)
 
 
 def _evaluate(

@@ -13,6 +13,12 @@ target's; at T > 0 it counts sum_x min(p(x), q(x)) of the tempered distributions
 
 Only logits at loss positions go through the LM head (a large part of a small draft's cost),
 when the model's body/head split is recognised; otherwise the full forward is used.
+
+When the daemon serves with a cheap draft head (a frequency-ranked draft vocabulary S), the
+draft is trained and measured as it serves: its logits cover S only, the teacher is the
+target's distribution conditioned on S, and a position counts as accepted only if the draft's
+choice within S is the target's choice over the full vocabulary. Scoring S instead of all
+49152 rows of SmolLM2's head roughly halves a training step.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from speclora.daemon.engine.draft_vocab import model_parts
 from speclora.daemon.learning import lora
 from speclora.daemon.learning.store import FailureCase
 
@@ -133,10 +140,14 @@ class LossPositionLogits:
     against the model's own forward; when it does not match, the full forward is used.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, ids: mx.array | None = None) -> None:
         self.model = model
         self._split: Callable[[mx.array], tuple[mx.array, Callable[[mx.array], mx.array]]]
         self._split_ok = self._check_split()
+        # Restricted head: logits for `ids` only (column j is token ids[j]).
+        rows = model_parts(model).head_rows(ids) if ids is not None and self._split_ok else None
+        self.ids = ids if rows is not None else None
+        self._rows = rows
 
     def _body_head(self, inputs: mx.array) -> tuple[mx.array, Callable[[mx.array], mx.array]]:
         m = self.model
@@ -159,6 +170,8 @@ class LossPositionLogits:
         if self._split_ok:
             hidden, head = self._body_head(inputs)
             rows = hidden.reshape(b * length, -1)[flat]
+            if self._rows is not None:
+                return (rows @ self._rows.T).astype(mx.float32)
             return head(rows).astype(mx.float32)
         logits = self.model(inputs)
         return logits.reshape(b * length, -1)[flat].astype(mx.float32)
@@ -174,7 +187,7 @@ def teacher_rows(
     """The target's teacher-forced distributions for a batch, split per example."""
     inputs, flat = _inputs(batch)
     logp = _log_softmax(target(inputs, flat)[:, :vocab])
-    if 0 < top_k < vocab:
+    if 0 < top_k < logp.shape[-1]:  # a restricted head may be narrower than `vocab`
         index = mx.argpartition(-logp, kth=top_k - 1, axis=-1)[:, :top_k].astype(mx.int32)
         logp_k = mx.take_along_axis(logp, index, axis=-1)
         rest = mx.log(mx.maximum(1.0 - mx.exp(logp_k).sum(axis=-1), 1e-9))
@@ -242,16 +255,24 @@ def expected_acceptance(
     batch: Sequence[Example],
     vocab: int,
 ) -> tuple[float, int]:
-    """(sum of per-position expected acceptance, positions) under the engine's rule."""
+    """(sum of per-position expected acceptance, positions) under the engine's rule.
+
+    `target` scores the full vocabulary; a `draft` restricted to ids S proposes only from S
+    (q is zero outside it), as the cheap head does when serving."""
     inputs, flat = _inputs(batch)
     t = target(inputs, flat)[:, :vocab]
     d = draft(inputs, flat)[:, :vocab]
     temps = mx.array(
         np.concatenate([np.full(len(e.weights), e.temperature, np.float32) for e in batch])
     )
-    greedy = (mx.argmax(t, axis=-1) == mx.argmax(d, axis=-1)).astype(mx.float32)
+    choice = mx.argmax(d, axis=-1)
+    if draft.ids is not None:
+        choice = draft.ids[choice]
+    greedy = (mx.argmax(t, axis=-1) == choice).astype(mx.float32)
     safe_t = mx.maximum(temps, 1e-6)[:, None]
     p = mx.softmax(t / safe_t, axis=-1)
+    if draft.ids is not None:
+        p = p[:, draft.ids]
     q = mx.softmax(d / safe_t, axis=-1)
     sampled = mx.minimum(p, q).sum(axis=-1)
     per_position = mx.where(temps == 0, greedy, sampled)
@@ -295,6 +316,7 @@ class DraftTrainer:
         train_norm: bool,
         vocab: int,
         seed: int = 0,
+        ids: mx.array | None = None,
     ) -> None:
         self.vocab = vocab
         self.model = lora.clone_tree(draft)
@@ -303,7 +325,7 @@ class DraftTrainer:
         self.train_norm = train_norm
         self.trainable = lora.set_trainable(self.model, train_norm=train_norm)
         self.model.train()
-        self.logits = LossPositionLogits(self.model)
+        self.logits = LossPositionLogits(self.model, ids)
         self.optimizer = optim.Adam(learning_rate=0.0)  # set per step by the caller
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
 
@@ -352,11 +374,13 @@ def measure_acceptance(
     *,
     max_seq_len: int = 4096,
     slice_tokens: int = 2048,
+    ids: mx.array | None = None,
 ) -> float:
-    """Mean expected acceptance of `draft` on the cases' completions (benchmarks, reports)."""
+    """Mean expected acceptance of `draft` on the cases' completions (benchmarks, reports);
+    with `ids`, of the draft's head restricted to those tokens."""
     examples = prepare_examples(cases, max_seq_len, 1.0)
     vocab = vocab_size(target, draft)
-    t, d = LossPositionLogits(target), LossPositionLogits(draft)
+    t, d = LossPositionLogits(target), LossPositionLogits(draft, ids)
     total, count = 0.0, 0
     for batch in token_batches(examples, slice_tokens):
         s, c = expected_acceptance(t, d, batch, vocab)
