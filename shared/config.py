@@ -88,11 +88,11 @@ class LearningConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = _opt(8, lo=1, hi=1024)
+    rank: int = _opt(32, lo=1, hi=1024)
     scale: float = _opt(20.0, lo=0.0, hi=1e4)
     dropout: float = _opt(0.0, lo=0.0, hi=0.9)
     layers: int = _opt(-1, lo=-1, hi=1024, doc="-1 = every draft layer")
-    learning_rate: float = _opt(1e-4, lo=1e-8, hi=1.0)
+    learning_rate: float = _opt(3e-4, lo=1e-8, hi=1.0)
     steps: int = _opt(200, lo=1, hi=1_000_000)
     batch_size: int = _opt(4, lo=1, hi=4096)
     max_seq_len: int = _opt(512, lo=8, hi=65_536)
