@@ -219,7 +219,7 @@ def main() -> int:
         "--steps",
         type=int,
         default=None,
-        help="optimizer steps at most (default 400; the time budget usually stops it first)",
+        help="optimizer steps at most (default 600; the time budget usually stops it first)",
     )
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--rank", type=int, default=None)
@@ -243,8 +243,8 @@ def main() -> int:
     lora_defaults = LoraConfig()
     lora_cfg = LoraConfig(
         rank=args.rank or lora_defaults.rank,
-        steps=args.steps or (40 if args.smoke else 400),
-        learning_rate=args.learning_rate or (1e-3 if args.smoke else 5e-4),
+        steps=args.steps or (40 if args.smoke else 600),
+        learning_rate=args.learning_rate or (1e-3 if args.smoke else lora_defaults.learning_rate),
         batch_size=args.batch_size or lora_defaults.batch_size,
     )
     learning_cfg = LearningConfig(
@@ -269,13 +269,35 @@ def main() -> int:
         )
         recorder.close()
         log(f"      {store.count()} failure cases recorded")
+        vocab = None
+        modes: tuple[Mode, ...] = (0, None)
+        if args.draft_vocab:
+            # The daemon's cheap draft head: token counts of what the target generated (the
+            # worker feeds it every completion), so training and serving use the same head.
+            vocab = DraftVocab(
+                vocab_size=int(hub.target.model.embed_tokens.weight.shape[0]),
+                size=args.draft_vocab,
+                always=tuple(getattr(hub.tokenizer, "eos_token_ids", ()) or ()),
+            )
+            for r in recorded_runs:
+                vocab.observe(r.completion_token_ids)
+            hub.extras["draft_vocab"] = vocab
+            modes += ("vocab",)
 
-        log(f"[2/4] held-out before: {len(heldout_prompts)} prompts, target-only vs adaptive")
-        before = interleaved(hub, heldout_prompts, args.max_tokens, (0, None))
+        def teacher_forced(cases: list[FailureCase]) -> dict[str, float]:
+            """Per-token acceptance with the head the daemon serves with, and the full head."""
+            served = None if vocab is None else vocab.ids()
+            return {
+                "served_head": measure_acceptance(hub.target, hub.draft, cases, ids=served),
+                "full_head": measure_acceptance(hub.target, hub.draft, cases),
+            }
+
+        log(f"[2/4] held-out before: {len(heldout_prompts)} prompts, target-only vs draft")
+        before = interleaved(hub, heldout_prompts, args.max_tokens, modes, vocab)
         unrelated_runs = run(hub, unrelated_prompts, max_tokens=args.max_tokens, draft_tokens=0)
         heldout_cases, unrelated_cases = as_cases(before[0]), as_cases(unrelated_runs)
-        tf_before = measure_acceptance(hub.target, hub.draft, heldout_cases)
-        tf_unrelated_before = measure_acceptance(hub.target, hub.draft, unrelated_cases)
+        tf_before = teacher_forced(heldout_cases)
+        tf_unrelated_before = teacher_forced(unrelated_cases)
 
         log(f"[3/4] training (steps <= {lora_cfg.steps}, budget {args.time_budget:.0f}s)")
         events: dict[str, Any] = {"progress": []}
@@ -297,23 +319,12 @@ def main() -> int:
         gate_promoted = result.reason.startswith("held-out acceptance rose")
 
         log("[4/4] held-out after: target-only vs trained draft (adaptive and fixed K)")
-        vocab = None
-        modes: tuple[Mode, ...] = (0, None, args.k)
-        if args.draft_vocab:
-            # Token counts from the recorded (training) outputs only, as the daemon keeps them.
-            vocab = DraftVocab(
-                vocab_size=int(hub.target.model.embed_tokens.weight.shape[0]),
-                size=args.draft_vocab,
-                always=tuple(getattr(hub.tokenizer, "eos_token_ids", ()) or ()),
-            )
-            for r in recorded_runs:
-                vocab.observe(r.completion_token_ids)
-            modes += ("vocab",)
+        modes += (args.k,)
         after = interleaved(hub, heldout_prompts, args.max_tokens, modes, vocab)
-        tf_after = measure_acceptance(hub.target, hub.draft, heldout_cases)
-        tf_unrelated_after = measure_acceptance(hub.target, hub.draft, unrelated_cases)
+        tf_after = teacher_forced(heldout_cases)
+        tf_unrelated_after = teacher_forced(unrelated_cases)
         remove_adapter(hub)  # sanity: the base draft measures as before
-        tf_check = measure_acceptance(hub.target, hub.draft, heldout_cases)
+        tf_check = teacher_forced(heldout_cases)["served_head"]
         apply_adapter(hub, adapters, result.adapter_version)
         identical = all(
             a.completion_token_ids == b.completion_token_ids
@@ -357,8 +368,11 @@ def main() -> int:
             },
         },
         "heldout": {
-            "teacher_forced_acceptance_before": tf_before,
-            "teacher_forced_acceptance_after": tf_after,
+            # With the head the daemon serves with (the cheap head unless --draft-vocab 0).
+            "teacher_forced_acceptance_before": tf_before["served_head"],
+            "teacher_forced_acceptance_after": tf_after["served_head"],
+            "teacher_forced_full_head_before": tf_before["full_head"],
+            "teacher_forced_full_head_after": tf_after["full_head"],
             "teacher_forced_base_recheck": tf_check,
             "engine_acceptance_adaptive_before": engine_acceptance(before[None]),
             "engine_acceptance_adaptive_after": engine_acceptance(after[None]),
@@ -380,13 +394,18 @@ def main() -> int:
         if vocab is None
         else {
             "size": args.draft_vocab,
+            "engine_acceptance_before": engine_acceptance(before["vocab"]),
             "engine_acceptance_after": engine_acceptance(after["vocab"]),
+            "tps_before": tokens_per_second(before["vocab"]),
             "tps_after": tokens_per_second(after["vocab"]),
+            "speedup_before": tokens_per_second(before["vocab"]) / max(target_tps_before, 1e-9),
             "speedup_after": tokens_per_second(after["vocab"]) / max(target_tps_after, 1e-9),
         },
         "unrelated": {
-            "teacher_forced_acceptance_before": tf_unrelated_before,
-            "teacher_forced_acceptance_after": tf_unrelated_after,
+            "teacher_forced_acceptance_before": tf_unrelated_before["served_head"],
+            "teacher_forced_acceptance_after": tf_unrelated_after["served_head"],
+            "teacher_forced_full_head_before": tf_unrelated_before["full_head"],
+            "teacher_forced_full_head_after": tf_unrelated_after["full_head"],
         },
         "wall_seconds": time.perf_counter() - started,
         "blas": speclora.daemon.blas.blas_info().name,
@@ -394,7 +413,8 @@ def main() -> int:
     h, u, t = report["heldout"], report["unrelated"], report["training"]
     k = args.k
     rows = [
-        ("held-out acceptance, teacher-forced per token", h["teacher_forced_acceptance_before"], h["teacher_forced_acceptance_after"]),
+        ("held-out acceptance, teacher-forced per token (served head)", h["teacher_forced_acceptance_before"], h["teacher_forced_acceptance_after"]),
+        ("held-out acceptance, teacher-forced per token (full head)", h["teacher_forced_full_head_before"], h["teacher_forced_full_head_after"]),
         ("held-out acceptance, engine (adaptive K)", h["engine_acceptance_adaptive_before"], h["engine_acceptance_adaptive_after"]),
         (f"held-out acceptance, engine (K={k})", None, h[f"engine_acceptance_k{k}_after"]),
         ("held-out tokens/s, target only", h["target_only_tps_before"], h["target_only_tps_after"]),
@@ -402,13 +422,14 @@ def main() -> int:
         (f"held-out tokens/s, speculative (K={k})", None, h[f"k{k}_tps_after"]),
         ("speedup vs target only (adaptive K)", h["speedup_before"], h["speedup_after"]),
         (f"speedup vs target only (K={k})", None, h[f"speedup_k{k}_after"]),
-        ("unrelated acceptance, teacher-forced per token", u["teacher_forced_acceptance_before"], u["teacher_forced_acceptance_after"]),
+        ("unrelated acceptance, teacher-forced per token (served head)", u["teacher_forced_acceptance_before"], u["teacher_forced_acceptance_after"]),
+        ("unrelated acceptance, teacher-forced per token (full head)", u["teacher_forced_full_head_before"], u["teacher_forced_full_head_after"]),
     ]  # fmt: skip
     if report["draft_vocab"]:
         v = report["draft_vocab"]
         rows += [
-            (f"held-out acceptance, engine (adaptive, {v['size']}-token draft head)", None, v["engine_acceptance_after"]),
-            (f"speedup vs target only (adaptive, {v['size']}-token draft head)", None, v["speedup_after"]),
+            (f"held-out acceptance, engine (adaptive, {v['size']}-token draft head)", v["engine_acceptance_before"], v["engine_acceptance_after"]),
+            (f"speedup vs target only (adaptive, {v['size']}-token draft head)", v["speedup_before"], v["speedup_after"]),
         ]  # fmt: skip
 
     def cell(x: float | None) -> str:
