@@ -146,21 +146,32 @@ def daemon_rows(d: dict[str, Any]) -> Iterator[Row]:
 
 def learning_rows(lr: dict[str, Any]) -> Iterator[Row]:
     h, u, t = lr["heldout"], lr["unrelated"], lr["training"]
+    vocab = lr.get("draft_vocab")
+    # Acceptance is judged with the head the daemon serves with: the cheap one when measured.
+    head = f" ({vocab['size']}-token draft head, as served)" if vocab else ""
     yield (
         "learning: training run",
         f"{t['steps']} steps in {t['seconds']:.0f} s on {t['train_cases']} recorded cases",
         "<= 300 s",
     )
     yield (
-        "learning: held-out same-domain acceptance (teacher-forced)",
+        f"learning: held-out same-domain acceptance, teacher-forced{head}",
         f"{_f(h['teacher_forced_acceptance_before'], 3)} -> "
         f"{_f(h['teacher_forced_acceptance_after'], 3)}",
         "~0.04 -> >= 0.6",
     )
+    # Reports from before the cheap head was measured before training show the full head.
+    if vocab and "engine_acceptance_before" in vocab:
+        engine, engine_head = (
+            (vocab["engine_acceptance_before"], vocab["engine_acceptance_after"]),
+            head,
+        )
+    else:
+        engine = (h["engine_acceptance_adaptive_before"], h["engine_acceptance_adaptive_after"])
+        engine_head = ""
     yield (
-        "learning: held-out engine acceptance, adaptive K",
-        f"{_f(h['engine_acceptance_adaptive_before'], 3)} -> "
-        f"{_f(h['engine_acceptance_adaptive_after'], 3)}",
+        f"learning: held-out engine acceptance, adaptive K{engine_head}",
+        f"{_f(engine[0], 3)} -> {_f(engine[1], 3)}",
         "",
     )
     best = max(
@@ -179,7 +190,7 @@ def learning_rows(lr: dict[str, Any]) -> Iterator[Row]:
         ">= 1.3",
     )
     yield (
-        "learning: unrelated-prompt acceptance (teacher-forced)",
+        f"learning: unrelated-prompt acceptance, teacher-forced{head}",
         f"{_f(u['teacher_forced_acceptance_before'], 3)} -> "
         f"{_f(u['teacher_forced_acceptance_after'], 3)}",
         "drop <= 0.02",

@@ -113,8 +113,8 @@ def test_report_markdown_has_headline_and_every_table(report: tuple[dict[str, An
         "measured / Leviathan bound",
         "daemon / in-process engine tok/s",
         "daemon peak RSS / (weights + KV caches)",
-        "learning: held-out same-domain acceptance (teacher-forced)",
-        "learning: unrelated-prompt acceptance (teacher-forced)",
+        "learning: held-out same-domain acceptance, teacher-forced",
+        "learning: unrelated-prompt acceptance, teacher-forced",
     ):
         assert figure in headline, figure
     # Every T = 0 method matched the target in smoke mode, and the headline says so.
