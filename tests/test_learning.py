@@ -300,6 +300,37 @@ def test_training_with_the_cheap_draft_head_learns_through_it(
     assert result.promoted
 
 
+def test_a_draft_whose_head_cannot_be_restricted_trains_on_the_full_vocabulary(
+    separate_hub: ModelHub, stores: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If only the target's head can be restricted, teacher and student must not disagree on
+    what a column means: both fall back to the full vocabulary."""
+    from speclora.daemon.engine.draft_vocab import ModelParts
+    from speclora.daemon.learning import trainer
+
+    hub = separate_hub
+    hub.extras["draft_vocab"] = DraftVocab(vocab_size=vocab_rows(hub), size=48)
+    store, adapters = stores
+    record_domain_cases(hub, store, 16)
+    real = trainer.model_parts
+    target = hub.target
+    monkeypatch.setattr(
+        trainer, "model_parts", lambda m: real(m) if m is target else ModelParts(m, False)
+    )
+    widths: list[int] = []
+    step = trainer.DraftTrainer.step
+
+    def recording_step(self, batch, teacher, learning_rate):  # type: ignore[no-untyped-def]
+        widths.append(int(teacher[0].logp.shape[-1]))
+        widths.append(int(self.logits(*_inputs(batch)).shape[-1]))
+        return step(self, batch, teacher, learning_rate)
+
+    monkeypatch.setattr(trainer.DraftTrainer, "step", recording_step)
+    full_rows = Config(learning=LearningConfig(teacher_top_k=0), lora=LoraConfig(steps=3))
+    drain(run_training(hub, store, adapters, full_rows))
+    assert widths[:2] == [vocab_rows(hub), vocab_rows(hub)], widths  # teacher, student
+
+
 def test_gate_rejects_an_adapter_trained_on_shuffled_targets(hub: ModelHub, stores: tuple) -> None:
     store, adapters = stores
     record_domain_cases(hub, store, 40)

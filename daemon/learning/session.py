@@ -120,9 +120,13 @@ def _run(
     ids = training_vocabulary(hub.extras.get("draft_vocab"), train)
     target = LossPositionLogits(hub.target)
     teacher_target = target if ids is None else LossPositionLogits(hub.target, ids)
+    served = LossPositionLogits(hub.draft, ids)
+    if served.ids is None or teacher_target.ids is None:
+        # A head that cannot be restricted on either side: both use the full vocabulary, so
+        # the teacher's columns always mean what the student's mean.
+        ids, teacher_target, served = None, target, LossPositionLogits(hub.draft)
 
     # Held-out acceptance of the draft that serves now: the bar a new adapter must clear.
-    served = LossPositionLogits(hub.draft, ids)
     before = yield from _evaluate(target, served, heldout, vocab)
     yield TrainEvaluation("before", before)
     # The final evaluation costs what this one did; the time budget must leave room for it.
