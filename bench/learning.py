@@ -284,9 +284,11 @@ def main() -> int:
             hub.extras["draft_vocab"] = vocab
             modes += ("vocab",)
 
+        # Nothing observes tokens after this, so the served set stays fixed for the session.
+        served = None if vocab is None else vocab.ids()
+
         def teacher_forced(cases: list[FailureCase]) -> dict[str, float]:
             """Per-token acceptance with the head the daemon serves with, and the full head."""
-            served = None if vocab is None else vocab.ids()
             return {
                 "served_head": measure_acceptance(hub.target, hub.draft, cases, ids=served),
                 "full_head": measure_acceptance(hub.target, hub.draft, cases),
@@ -324,7 +326,7 @@ def main() -> int:
         tf_after = teacher_forced(heldout_cases)
         tf_unrelated_after = teacher_forced(unrelated_cases)
         remove_adapter(hub)  # sanity: the base draft measures as before
-        tf_check = teacher_forced(heldout_cases)["served_head"]
+        tf_check = measure_acceptance(hub.target, hub.draft, heldout_cases, ids=served)
         apply_adapter(hub, adapters, result.adapter_version)
         identical = all(
             a.completion_token_ids == b.completion_token_ids

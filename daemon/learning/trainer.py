@@ -17,8 +17,8 @@ when the model's body/head split is recognised; otherwise the full forward is us
 When the daemon serves with a cheap draft head (a frequency-ranked draft vocabulary S), the
 draft is trained and measured as it serves: its logits cover S only, the teacher is the
 target's distribution conditioned on S, and a position counts as accepted only if the draft's
-choice within S is the target's choice over the full vocabulary. Scoring S instead of all
-49152 rows of SmolLM2's head roughly halves a training step.
+choice within S is the target's choice over the full vocabulary. Scoring S (~4100 rows)
+instead of all 49152 rows of SmolLM2's head makes a training step ~2.7x cheaper.
 """
 
 from __future__ import annotations
