@@ -85,9 +85,11 @@ def convert_in_child(spec: str | None) -> None:
 
 def build_hub(config: Config) -> ModelHub:
     """Load the configured model pair (downloading or converting on first use)."""
+    from speclora.daemon.memory import limit_buffer_cache
     from speclora.daemon.models import load_pair
 
     m = config.models
+    limit_buffer_cache(m.buffer_cache_mb)
     for spec in (m.target, m.draft):
         convert_in_child(spec)
     target, draft = load_pair(m.target, m.draft, m.dtype, progress=_stderr_progress())

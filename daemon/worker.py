@@ -17,7 +17,6 @@ KV caches in the engine's `finally`.
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 import time
 from collections import deque
@@ -39,6 +38,7 @@ from speclora.daemon.errors import (
     ShuttingDownError,
     SpecLoRAError,
 )
+from speclora.daemon.memory import release_free_memory
 from speclora.daemon.state import ModelHub
 from speclora.daemon.stats import StatsTracker
 from speclora.shared.config import Config, SpeculationConfig
@@ -603,7 +603,5 @@ class Worker:
 
     def _went_idle(self) -> None:
         self.idle_since = time.monotonic()
-        # Return MLX's buffer cache to the OS after a burst, so a week-long daemon stays lean.
-        mx = sys.modules.get("mlx.core")
-        if mx is not None:
-            mx.clear_cache()
+        # Return cached buffers and free heap pages after a burst: a week-long daemon stays lean.
+        release_free_memory()

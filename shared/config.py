@@ -40,6 +40,9 @@ class ModelsConfig:
     target: str = _opt("embedded", doc="HF repo id, mlx-lm dir, .gguf file, or 'embedded'")
     draft: str = _opt("self:4", doc="same kinds as target, 'self:N', or 'none'")
     dtype: str = _opt("float32", choices=("float32", "bfloat16", "float16"))
+    buffer_cache_mb: int | None = _opt(
+        None, lo=0, hi=1_000_000, doc="MLX buffer cache (MiB); null = 8 on CPU, MLX's own on Metal"
+    )
 
 
 @dataclass(frozen=True)
