@@ -219,6 +219,19 @@ def _guarded(handler: Any, check: Callable[[grpc.ServicerContext], None]) -> Any
 # ---------------------------------------------------------------------- the server
 
 
+class HealthServicer(health.HealthServicer):
+    """grpc's health service, plus ending its Watch streams at shutdown: grpc's stop would hold
+    an open Watch for its whole margin and then cancel it (the client saw CANCELLED, and the
+    daemon's exit waited)."""
+
+    def close_watches(self) -> None:
+        """End every open Watch cleanly; each watcher has already been sent NOT_SERVING."""
+        with self._lock:  # grpc_health's own lock and registry (no public API for this)
+            for callbacks in self._send_response_callbacks.values():
+                for send in list(callbacks):  # each removes itself when its RPC ends
+                    send(None)  # None closes the stream (grpc_health's convention)
+
+
 class DaemonServer:
     """A bound grpc server plus what shutting it down cleanly needs."""
 
@@ -226,7 +239,7 @@ class DaemonServer:
         self,
         server: grpc.Server,
         servicer: SpecLoRAServicer,
-        health_servicer: health.HealthServicer,
+        health_servicer: HealthServicer,
         worker: Worker,
         socket_path: Path,
         tcp_address: str | None,
@@ -253,6 +266,7 @@ class DaemonServer:
         # clear UNAVAILABLE; a stopped grpc server would cancel them (CANCELLED) instead.
         drained = self.worker.drain(grace_s)
         self.worker.stop()
+        self.health.close_watches()
         stopped = self.grpc_server.stop(_STOP_MARGIN_S)
         stopped.wait()
         if self.socket_path.is_socket():
@@ -292,7 +306,7 @@ def create_server(
     )
     servicer = SpecLoRAServicer(worker, config, learning)
     add_to_server(servicer, server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
