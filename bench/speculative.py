@@ -340,11 +340,12 @@ def load_models(args) -> tuple[Any, Any, Any, str]:
     from speclora.daemon.models import load_pair
 
     if args.smoke:
-        root = Path(tempfile.mkdtemp(prefix="speclora-bench-"))
         from speclora.daemon.tiny import TinyModelSpec, write_tiny_model
 
-        target_dir = write_tiny_model(root / "target", TinyModelSpec(num_layers=4))
-        target, draft = load_pair(str(target_dir), "self:2")
+        # Loading evaluates the weights, so the files can go as soon as the pair is loaded.
+        with tempfile.TemporaryDirectory(prefix="speclora-bench-") as root:
+            target_dir = write_tiny_model(Path(root) / "target", TinyModelSpec(num_layers=4))
+            target, draft = load_pair(str(target_dir), "self:2")
     else:
         target, draft = load_pair(args.target, args.draft)
         if draft is None:

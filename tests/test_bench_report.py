@@ -28,14 +28,18 @@ def _write_report(directory: Path, data: dict[str, Any], markdown: str) -> None:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
     out = tmp_path_factory.mktemp("bench-results")
+    scratch = tmp_path_factory.mktemp("bench-tmp")  # the benches' TMPDIR: must end up empty
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run_all.py"), "--smoke", "--out", str(out)],
-        env=_clean_env(),
+        env={**_clean_env(), "TMPDIR": str(scratch)},
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    # MLX keeps its compiled-kernel cache in TMPDIR/mlx on purpose; nothing else may stay.
+    left = [p.name for p in scratch.iterdir() if p.name != "mlx"]
+    assert not left, f"a benchmark left temporary files behind: {left}"
     return json.loads((out / "latest.json").read_text()), (out / "latest.md").read_text()
 
 
