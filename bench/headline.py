@@ -142,6 +142,11 @@ def daemon_rows(d: dict[str, Any]) -> Iterator[Row]:
         f"{m['weight_bytes'] / mib:.0f} + {m['kv_cache_bytes'] / mib:.0f} MiB)",
         "<= 1.25",
     )
+    yield (
+        "daemon RSS once idle after the clients / (weights + KV caches)",
+        f"{_f(m['rss_over_weights_plus_kv'])} ({m['rss_bytes'] / mib:.0f} MiB)",
+        "<= 1.25",
+    )
 
 
 def learning_rows(lr: dict[str, Any]) -> Iterator[Row]:

@@ -117,6 +117,7 @@ def test_report_markdown_has_headline_and_every_table(report: tuple[dict[str, An
         "measured / Leviathan bound",
         "daemon / in-process engine tok/s",
         "daemon peak RSS / (weights + KV caches)",
+        "daemon RSS once idle after the clients / (weights + KV caches)",
         "learning: held-out same-domain acceptance, teacher-forced",
         "learning: unrelated-prompt acceptance, teacher-forced",
     ):
