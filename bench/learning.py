@@ -47,9 +47,16 @@ from speclora.daemon.learning.session import run_training
 from speclora.daemon.learning.store import FailureCase, FailureStore
 from speclora.daemon.learning.swap import apply_adapter, remove_adapter
 from speclora.daemon.learning.trainer import measure_acceptance
+from speclora.daemon.memory import limit_buffer_cache
 from speclora.daemon.state import ModelHub
 from speclora.daemon.tiny import TinyModelSpec, write_tiny_model
-from speclora.shared.config import Config, LearningConfig, LoraConfig, SpeculationConfig
+from speclora.shared.config import (
+    Config,
+    LearningConfig,
+    LoraConfig,
+    ModelsConfig,
+    SpeculationConfig,
+)
 from speclora.shared.logging import configure_logging
 
 # One domain: explaining science to a child. Train and held-out topics never overlap.
@@ -92,6 +99,7 @@ def log(message: str) -> None:
 
 
 def load_pair(args: argparse.Namespace, workdir: Path) -> Pair:
+    limit_buffer_cache(ModelsConfig().buffer_cache_mb)  # MLX's allocator as the daemon runs it
     if args.smoke:
         # The toy target's own self-draft already accepts ~0.8 of its grammar; an unrelated
         # random draft starts near 0, like SmolLM2's untrained self-draft.

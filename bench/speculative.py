@@ -53,7 +53,8 @@ from speclora.daemon.engine import (
 from speclora.daemon.engine.draft_vocab import model_parts
 from speclora.daemon.engine.fast import seeded_sampler
 from speclora.daemon.engine.prompt import build_prompt_tokens
-from speclora.shared.config import SpeculationConfig
+from speclora.daemon.memory import limit_buffer_cache
+from speclora.shared.config import ModelsConfig, SpeculationConfig
 from speclora.shared.logging import configure_logging
 
 BENCH_PROMPTS = (
@@ -339,6 +340,7 @@ def load_models(args) -> tuple[Any, Any, Any, str]:
     """(target, draft, tokenizer, description)."""
     from speclora.daemon.models import load_pair
 
+    limit_buffer_cache(ModelsConfig().buffer_cache_mb)  # MLX's allocator as the daemon runs it
     if args.smoke:
         from speclora.daemon.tiny import TinyModelSpec, write_tiny_model
 
