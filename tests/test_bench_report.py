@@ -157,3 +157,21 @@ def test_merge_reruns_one_benchmark_and_keeps_the_others(
     text = (tmp_path / "latest.md").read_text()
     for section in ("## Headline", "## speculative", "## daemon", "## learning"):
         assert section in text
+
+
+def test_headline_learning_speedup_compares_the_same_method_before_and_after() -> None:
+    """The best "after" is quoted with that same method's "before", not another head's."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import headline
+
+    committed = json.loads((REPO / "bench" / "results" / "latest.json").read_text())
+    learning = json.loads(json.dumps(committed["benchmarks"]["learning"]))
+    learning["heldout"].update(speedup_before=0.5, speedup_after=0.9, speedup_k4_after=0.6)
+    learning["draft_vocab"].update(speedup_before=0.8, speedup_after=1.2)
+    rows = {name: measured for name, measured, _ in headline.learning_rows(learning)}
+    quoted = rows["learning: same-domain speedup over target-only after training"]
+    assert quoted == f"1.20x ({learning['draft_vocab']['size']}-token head; before 0.80x)"
+    learning["draft_vocab"]["speedup_after"] = 0.7  # now fixed K = 4 is the best: no "before"
+    learning["heldout"]["speedup_k4_after"] = 1.1
+    rows = {name: measured for name, measured, _ in headline.learning_rows(learning)}
+    assert rows["learning: same-domain speedup over target-only after training"] == "1.10x (K = 4)"
