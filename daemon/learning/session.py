@@ -121,7 +121,7 @@ def _run(
     target = LossPositionLogits(hub.target)
     teacher_target = target if ids is None else LossPositionLogits(hub.target, ids)
     served = LossPositionLogits(hub.draft, ids)
-    if served.ids is None or teacher_target.ids is None:
+    if ids is not None and (served.ids is None or teacher_target.ids is None):
         # A head that cannot be restricted on either side: both use the full vocabulary, so
         # the teacher's columns always mean what the student's mean.
         ids, teacher_target, served = None, target, LossPositionLogits(hub.draft)
