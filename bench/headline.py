@@ -165,17 +165,12 @@ def learning_rows(lr: dict[str, Any]) -> Iterator[Row]:
         f"{_f(h['teacher_forced_acceptance_after'], 3)}",
         "~0.04 -> >= 0.6",
     )
-    # Reports from before the cheap head was measured before training show the full head.
-    if vocab and "engine_acceptance_before" in vocab:
-        engine, engine_head = (
-            (vocab["engine_acceptance_before"], vocab["engine_acceptance_after"]),
-            head,
-        )
+    if vocab:
+        engine = (vocab["engine_acceptance_before"], vocab["engine_acceptance_after"])
     else:
         engine = (h["engine_acceptance_adaptive_before"], h["engine_acceptance_adaptive_after"])
-        engine_head = ""
     yield (
-        f"learning: held-out engine acceptance, adaptive K{engine_head}",
+        f"learning: held-out engine acceptance, adaptive K{head}",
         f"{_f(engine[0], 3)} -> {_f(engine[1], 3)}",
         "",
     )
