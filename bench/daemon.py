@@ -32,6 +32,7 @@ import speclora.daemon.blas  # (imported first: OpenBLAS before mlx)
 from speclora.client.stub import DaemonNotRunning, GenerationSummary, SpecLoRAClient
 from speclora.daemon.engine import GenerationRequest, generate
 from speclora.daemon.engine import GenerationSummary as EngineSummary
+from speclora.daemon.engine.draft_vocab import model_parts
 from speclora.daemon.runtime import build_hub
 from speclora.daemon.state import ModelHub
 from speclora.shared.config import Config, load_config
@@ -140,7 +141,10 @@ def memory_report(address: str, hub: ModelHub, clients: int, context_tokens: int
         snap = client.stats()
     step = 256
     allocated = -(-context_tokens // step) * step
-    per_token = kv_bytes_per_token(hub.target) + kv_bytes_per_token(hub.draft)
+    per_token = kv_bytes_per_token(hub.target)
+    draft = hub.draft
+    if draft is not None and not model_parts(draft).is_prefix_of(model_parts(hub.target)):
+        per_token += kv_bytes_per_token(draft)  # else it runs on the target's cache
     kv = clients * allocated * per_token
     budget = snap.weight_bytes + kv
     return {

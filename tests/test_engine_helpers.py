@@ -53,6 +53,16 @@ def self_draft(target: Any, num_layers: int) -> Any:
     return draft
 
 
+def unshared_copy(draft: Any) -> Any:
+    """The same draft with copies of its arrays: computes the same, shares no cache."""
+    from mlx.utils import tree_map
+
+    copy = type(draft)(draft.args)
+    copy.update(tree_map(lambda x: x * 1, draft.parameters()))
+    copy.eval()
+    return copy
+
+
 @pytest.fixture(scope="session")
 def untied_loaded(tmp_path_factory: pytest.TempPathFactory):
     """(target, random_draft, self_draft, tokenizer) with untied random heads."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from speclora.daemon.engine import (
     AdaptiveK,
     ChatTurn,
@@ -22,7 +22,7 @@ from speclora.daemon.engine.draft_vocab import DraftHead, model_parts
 from speclora.daemon.engine.speculative import _Decoder
 from speclora.daemon.errors import InvalidRequestError
 from speclora.shared.config import SpeculationConfig
-from test_engine_helpers import untied_loaded  # noqa: F401  (fixture)
+from test_engine_helpers import unshared_copy, untied_loaded  # noqa: F401  (fixture)
 
 # ---------------------------------------------------------------------------- caches
 
@@ -38,11 +38,23 @@ def _cached_last_logits(model, cache, tokens: list[int]) -> mx.array:
 
 @pytest.mark.parametrize(
     ("draft_name", "temperature", "k"),
-    [("random", 0.0, 4), ("self", 1.0, 3), ("identical", 0.0, 3), ("self", 0.0, 5)],
+    [
+        ("random", 0.0, 4),
+        ("self", 1.0, 3),
+        ("identical", 0.0, 3),
+        ("self", 0.0, 5),
+        ("self-copy", 0.0, 4),
+        ("self-copy", 1.0, 3),
+    ],
 )
 def test_caches_match_a_fresh_prefill_after_rejections(untied_loaded, draft_name, temperature, k):  # noqa: F811
     target, random_draft, self_draft, tokenizer = untied_loaded
-    draft = {"random": random_draft, "self": self_draft, "identical": target}[draft_name]
+    draft = {
+        "random": random_draft,
+        "self": self_draft,
+        "identical": target,
+        "self-copy": unshared_copy(self_draft),
+    }[draft_name]
     prompt = build_prompt_tokens(tokenizer, GenerationRequest(prompt="Paris is the capital of"))
     decoder = _Decoder(target, draft, SamplingParams(temperature, seed=3), prompt, None)
     decoder.prefill(prompt[:-1])
@@ -56,23 +68,32 @@ def test_caches_match_a_fresh_prefill_after_rejections(untied_loaded, draft_name
     else:
         assert rejected > 0
     seq = decoder.seq
+    # A draft made of the target's own arrays runs on the target's cache; others keep theirs.
+    assert decoder.shares_cache == (draft_name in {"self", "identical"})
     assert decoder.target_cache[0].offset == len(seq) - 1
-    assert decoder.draft_cache[0].offset == decoder.draft_len
+    if decoder.shares_cache:
+        assert all(d is t for d, t in zip(decoder.draft_cache, decoder.target_cache, strict=False))
+        draft_len = len(seq) - 1
+    else:
+        assert decoder.draft_cache[0].offset == decoder.draft_len
+        draft_len = decoder.draft_len
     # Continuing from each cache gives what a fresh prefill of the same tokens gives.
+    np.testing.assert_allclose(
+        np.array(_cached_last_logits(draft, decoder.draft_cache, seq[draft_len:])),
+        np.array(_fresh_last_logits(draft, seq)),
+        atol=1e-4,
+    )
+    trim_prompt_cache(decoder.draft_cache, len(seq) - draft_len)  # undo the check's advance
     np.testing.assert_allclose(
         np.array(_cached_last_logits(target, decoder.target_cache, seq[-1:])),
         np.array(_fresh_last_logits(target, seq)),
         atol=1e-4,
     )
-    np.testing.assert_allclose(
-        np.array(_cached_last_logits(draft, decoder.draft_cache, seq[decoder.draft_len :])),
-        np.array(_fresh_last_logits(draft, seq)),
-        atol=1e-4,
-    )
 
 
 def test_plain_steps_then_probe_catch_the_draft_up(untied_loaded):  # noqa: F811
-    target, _, self_draft, tokenizer = untied_loaded
+    target, _, shared_self_draft, tokenizer = untied_loaded
+    self_draft = unshared_copy(shared_self_draft)
     prompt = build_prompt_tokens(tokenizer, GenerationRequest(prompt="1 2 3"))
     decoder = _Decoder(target, self_draft, SamplingParams(), prompt, None)
     decoder.prefill(prompt[:-1])
@@ -88,6 +109,38 @@ def test_plain_steps_then_probe_catch_the_draft_up(untied_loaded):  # noqa: F811
         np.array(_fresh_last_logits(self_draft, seq)),
         atol=1e-4,
     )
+
+
+@pytest.mark.parametrize("k", [3, None])
+def test_shared_cache_self_draft_proposes_what_its_own_cache_would(untied_loaded, k):  # noqa: F811
+    """Sharing the target's cache changes where the draft's keys and values live, not what it
+    proposes: the same steps as a copy with its own cache (adaptive K included: plain
+    stretches, then probes that need no catch-up)."""
+    target, _, self_draft, tokenizer = untied_loaded
+    request = GenerationRequest(prompt="Once upon a time", max_tokens=48, draft_tokens=k)
+    spec = SpeculationConfig(probe_interval=4)
+
+    def traces(draft):
+        events = generate(target, draft, tokenizer, request, spec)
+        return [(e.trace.k, e.trace.proposed) for e in events if isinstance(e, StepEvent)]
+
+    shared = traces(self_draft)
+    assert sum(k for k, _ in shared) > 0
+    assert shared == traces(unshared_copy(self_draft))
+
+
+def test_an_adapted_self_draft_keeps_its_own_cache(untied_loaded):  # noqa: F811
+    from speclora.daemon.learning import lora
+    from test_engine_helpers import self_draft as make_self_draft
+
+    target, _, self_draft, tokenizer = untied_loaded
+    prompt = build_prompt_tokens(tokenizer, GenerationRequest(prompt="1 2 3"))
+    assert _Decoder(target, self_draft, SamplingParams(), prompt, None).shares_cache
+    adapted = make_self_draft(target, 2)
+    lora.attach(adapted, lora.adapter_config(2, rank=4, scale=1.0, dropout=0.0))
+    decoder = _Decoder(target, adapted, SamplingParams(), prompt, None)
+    assert not decoder.shares_cache
+    assert decoder.draft_cache[0] is not decoder.target_cache[0]
 
 
 # ---------------------------------------------------------------------------- adaptive K

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import structlog
+from mlx.utils import tree_flatten
 
 log = structlog.get_logger(__name__)
 
@@ -79,6 +80,32 @@ class ModelParts:
         if m.args.tie_word_embeddings:
             return m.model.embed_tokens.as_linear(hidden)
         return m.lm_head(hidden)
+
+    def is_prefix_of(self, other: ModelParts) -> bool:
+        """True when this model's whole trunk is `other`'s embedding and first layers, array for
+        array, under the same settings (an unadapted self-draft). Its keys and values at every
+        position are then `other`'s for those layers, so the two can share that part of a cache.
+        An adapter (LoRA wraps the linears) or a separately loaded model never qualifies."""
+        if not (self.splittable and other.splittable) or type(self.model) is not type(other.model):
+            return False
+        mine, theirs = self.model.model, other.model.model
+        if len(mine.layers) > len(theirs.layers):
+            return False
+        settings = ("num_hidden_layers", "layer_types")
+        a = {k: v for k, v in vars(self.model.args).items() if k not in settings}
+        b = {k: v for k, v in vars(other.model.args).items() if k not in settings}
+        if a != b:
+            return False
+        depth = len(mine.layers)
+        pairs = [(mine.embed_tokens, theirs.embed_tokens)]
+        pairs += zip(mine.layers, theirs.layers[:depth], strict=True)
+        for x, y in pairs:
+            px, py = tree_flatten(x.parameters()), tree_flatten(y.parameters())
+            if [k for k, _ in px] != [k for k, _ in py]:
+                return False
+            if any(vx is not vy for (_, vx), (_, vy) in zip(px, py, strict=True)):
+                return False
+        return True
 
     def last_logits(self, tokens: mx.array, cache: list[Any]) -> mx.array:
         """Advance the cache over `tokens` and return the logits (V,) after the last one,

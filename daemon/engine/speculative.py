@@ -11,7 +11,9 @@ holds seq[:-1] (the last token is the next step's input). The draft cache holds 
 and is fed seq[draft_len:] before proposing: normally one token, two after a step where every
 proposal was accepted (the draft never ran on its own last proposal, the "bonus" case), more
 after plain steps while adaptive K sat at 0. After verification both caches are trimmed back
-to the accepted prefix.
+to the accepted prefix. An unadapted self-draft has no cache of its own: its layers are the
+target's first layers, so it runs on theirs (fed seq[-1], its k proposal positions trimmed
+before the verify pass writes them again).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import mlx.core as mx
 import structlog
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from speclora.daemon.engine.adaptive import AcceptanceMemory, KPolicy, make_policy
 from speclora.daemon.engine.draft_vocab import DraftHead, DraftVocab, model_parts
 from speclora.daemon.engine.events import (
@@ -91,14 +93,31 @@ class _Decoder:
         self.seq = list(prompt)
         self.target_cache = make_prompt_cache(target)
         self.draft = draft
-        self.draft_cache = make_prompt_cache(draft) if draft is not None else None
         self.draft_parts = model_parts(draft) if draft is not None else None
+        # An unadapted self-draft computes exactly the target's first layers, so it uses the
+        # target's cache for them: no draft prefill, no catch-up after plain steps, no second
+        # copy of those keys and values. (A swap mid-request keeps the choice made here; the
+        # proposals then mix old and new weights until the request ends, still lossless.)
+        self.shares_cache = self.draft_parts is not None and self._can_share()
+        if draft is None:
+            self.draft_cache = None
+        elif self.shares_cache:
+            self.draft_cache = self.target_cache[: len(draft.model.layers)]
+        else:
+            self.draft_cache = make_prompt_cache(draft)
         self.head = (
             DraftHead(self.draft_parts, draft_vocab, extra=prompt) if self.draft_parts else None
         )
         self.draft_len = 0
         self.vocab: int | None = None  # the target's logits width, learned on the first pass
         self.lookahead: mx.array | None = None  # a queued plain-step token (lazy)
+
+    def _can_share(self) -> bool:
+        assert self.draft_parts is not None
+        if not self.draft_parts.is_prefix_of(self.target_parts):
+            return False
+        shared = self.target_cache[: len(self.draft_parts.model.model.layers)]
+        return can_trim_prompt_cache(shared)
 
     def _next_key(self) -> mx.array | None:
         if self.params.greedy:
@@ -113,7 +132,7 @@ class _Decoder:
         chunk = mx.array(tokens, mx.uint32)
         self.target_parts.trunk(chunk, self.target_cache)
         states = [c.state for c in self.target_cache]
-        if self.draft_parts is not None:
+        if self.draft_parts is not None and not self.shares_cache:
             self.draft_parts.trunk(chunk, self.draft_cache)
             states += [c.state for c in self.draft_cache]
             self.draft_len += len(tokens)
@@ -150,8 +169,11 @@ class _Decoder:
     def _propose(self, k: int) -> _Proposal:
         assert self.head is not None and self.draft_cache is not None
         greedy = self.params.greedy
-        feed = mx.array(self.seq[self.draft_len :], mx.uint32)
-        self.draft_len = len(self.seq)
+        if self.shares_cache:
+            feed = mx.array(self.seq[-1:], mx.uint32)  # the shared layers hold seq[:-1]
+        else:
+            feed = mx.array(self.seq[self.draft_len :], mx.uint32)
+            self.draft_len = len(self.seq)
         tokens, probs, rows = [], [], []
         for i in range(k):
             ids, logits = self.head.logits(feed, self.draft_cache)
@@ -172,6 +194,9 @@ class _Decoder:
             mx.async_eval(token)
             if i < k - 1:
                 feed = token.reshape(1)
+        if self.shares_cache:
+            # The verify pass writes these k positions of the shared layers again, its own way.
+            trim_prompt_cache(self.draft_cache, k)
         return _Proposal(
             tokens=mx.stack(tokens),
             draft_probs=mx.stack(probs),
@@ -205,10 +230,10 @@ class _Decoder:
         # Target cache: seq[:-1] + [seq[-1]] + k proposals; keep through the n accepted.
         trim_prompt_cache(self.target_cache, k - n)
         # Draft cache: ran on seq and proposals 1..k-1; keep through the n accepted.
-        if n < k:
+        if not self.shares_cache and n < k:
             trim_prompt_cache(self.draft_cache, k - 1 - n)
             self.draft_len = len(self.seq) + n
-        else:
+        elif not self.shares_cache:
             self.draft_len = len(self.seq) + k - 1
         self.seq.extend(emitted)
         return _StepResult(
