@@ -78,6 +78,13 @@ def speculative_rows(spec: dict[str, Any]) -> Iterator[Row]:
                 f"({_f(ours['acceptance'], 3)} / {_f(theirs['acceptance'], 3)})",
                 ">= 1.3",
             )
+    for draft, e in spec.get("expected_acceptance", {}).items():
+        yield (
+            f"T = {e['temperature']:g}, {draft} draft: expected acceptance per proposal on the "
+            "target's own text, ours sum min(p, q) / mlx-lm sum p q",
+            f"{_f(_ratio(e['ours'], e['mlx_lm']))} ({_f(e['ours'], 3)} / {_f(e['mlx_lm'], 3)})",
+            ">= 1.3",
+        )
     for t in (0.0, 1.0):
         row = _find(rows, temperature=t, draft="untrained", method="ours detailed", k="adaptive")
         if row:

@@ -77,6 +77,11 @@ def test_speculative_bench(report: tuple[dict[str, Any], str]) -> None:
             assert row["identical"] is True, row
     assert data["training"]["steps"] > 0
     assert set(data["costs"]) == {"untrained", "trained"}
+    # Each rule's expected acceptance on the T = 1 target-only text; min(p, q) >= p q pointwise.
+    for draft in ("untrained", "trained"):
+        e = data["expected_acceptance"][draft]
+        assert e["temperature"] == 1.0 and e["positions"] > 0
+        assert 0.0 < e["mlx_lm"] <= e["ours"] <= 1.0
 
 
 @pytest.mark.slow
@@ -113,6 +118,7 @@ def test_report_markdown_has_headline_and_every_table(report: tuple[dict[str, An
         "T = 0: output identical to target-only, every prompt",
         "ours detailed / mlx-lm speculative tok/s",
         "acceptance ours / mlx-lm",
+        "expected acceptance per proposal on the target's own text",
         "untrained draft, adaptive K: speedup over target-only",
         "measured / Leviathan bound",
         "daemon / in-process engine tok/s",
