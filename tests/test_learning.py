@@ -117,18 +117,28 @@ def test_examples_weight_rejected_positions_and_keep_the_tail() -> None:
 
 
 def test_split_is_deterministic_and_never_empty() -> None:
-    cases = [FailureCase((1,), (2, 3), id=i) for i in range(1, 101)]
+    cases = [FailureCase((1, i), (2, 3), id=i) for i in range(1, 101)]
     examples = prepare_examples(cases, 64, 1.0)
     train, heldout = split_examples(examples, 0.2)
     assert 10 <= len(heldout) <= 30 and len(train) + len(heldout) == 100
     assert split_examples(examples, 0.2) == (train, heldout)
     # A held-out case stays held out when more cases arrive.
     more = prepare_examples(
-        cases + [FailureCase((1,), (2, 3), id=i) for i in range(101, 150)], 64, 1.0
+        cases + [FailureCase((1, i), (2, 3), id=i) for i in range(101, 150)], 64, 1.0
     )
     assert {e.case_id for e in heldout} <= {e.case_id for e in split_examples(more, 0.2)[1]}
     two = split_examples(examples[:2], 0.2)
     assert len(two[0]) == 1 and len(two[1]) == 1
+
+
+def test_every_case_of_one_prompt_lands_on_the_same_side() -> None:
+    """A repeated or retried request must not be trained on and held out at once: the gate
+    would then reward memorising it."""
+    cases = [FailureCase((1, i % 20), (2, 3 + i), id=i) for i in range(1, 201)]
+    train, heldout = split_examples(prepare_examples(cases, 64, 1.0), 0.2)
+    train_prompts = {e.tokens[:2] for e in train}
+    heldout_prompts = {e.tokens[:2] for e in heldout}
+    assert heldout_prompts and train_prompts and not train_prompts & heldout_prompts
 
 
 def test_identical_draft_has_expected_acceptance_one(hub: ModelHub) -> None:
@@ -216,18 +226,19 @@ def test_training_raises_heldout_acceptance_and_promotes(
 
     started, before, *progress, after, result = events
     assert isinstance(started, TrainStarted) and started.steps == 100
-    assert started.train_cases + started.heldout_cases == 40 and started.heldout_cases >= 4
+    assert started.train_cases + started.heldout_cases == 40 and started.heldout_cases >= 2
     assert isinstance(before, TrainEvaluation) and before.phase == "before"
     assert [p.step for p in progress] == list(range(1, 101))
     assert all(isinstance(p, TrainProgress) and p.tokens_per_second > 0 for p in progress)
     assert progress[-1].loss < progress[0].loss
     assert isinstance(after, TrainEvaluation) and after.phase == "after"
     assert isinstance(result, TrainResult)
-    # The clear margin: the draft learns the toy domain's continuations from the cases. The
-    # one-layer self-draft starts high (~0.8: the grammar is mostly local), the unrelated
-    # random draft near 0.
+    # The clear margin: the draft learns the toy domain's continuations from the cases, and it
+    # is measured on topics it never trained on (the split is by prompt). The one-layer
+    # self-draft starts high (~0.7: the grammar is mostly local), the unrelated random draft
+    # near 0; both end above 0.8.
     assert after.heldout_acceptance - before.heldout_acceptance >= margin, (before, after)
-    assert after.heldout_acceptance >= 0.85
+    assert after.heldout_acceptance >= 0.8
     assert result.promoted and "rose" in result.reason
     assert hub.adapter_version == result.adapter_version == adapters.active_version()
     info = adapters.verify(result.adapter_version)

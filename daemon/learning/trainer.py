@@ -43,6 +43,7 @@ class Example:
     """One case as model input: `tokens` in, loss at positions first .. len(tokens) - 2."""
 
     case_id: int
+    prompt_key: str  # the same prompt gives the same key, whichever case recorded it
     tokens: tuple[int, ...]
     first: int  # first position whose logits predict a completion token
     weights: tuple[float, ...]  # one per loss position
@@ -81,22 +82,34 @@ def prepare_examples(
         )
         if weights:
             examples.append(
-                Example(int(case.id or 0), tuple(tokens), first, weights, case.temperature)
+                Example(
+                    int(case.id or 0),
+                    prompt_key(case.prompt_ids),
+                    tuple(tokens),
+                    first,
+                    weights,
+                    case.temperature,
+                )
             )
     return examples
 
 
-def is_heldout(case_id: int, fraction: float) -> bool:
-    """Deterministic split by case id: a case stays on its side across runs."""
-    digest = hashlib.blake2b(str(case_id).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
+def prompt_key(prompt_ids: Sequence[int]) -> str:
+    return hashlib.blake2b(repr(tuple(prompt_ids)).encode(), digest_size=8).hexdigest()
+
+
+def is_heldout(key: str, fraction: float) -> bool:
+    """Deterministic split by prompt: a case stays on its side across runs, and every case of
+    one prompt (a retried or repeated request) lands on the same side. Split by case id, a
+    repeated prompt would sit on both sides and the gate would score memorisation."""
+    return int(key, 16) / 2**64 < fraction
 
 
 def split_examples(
     examples: Sequence[Example], heldout_fraction: float
 ) -> tuple[list[Example], list[Example]]:
-    train = [e for e in examples if not is_heldout(e.case_id, heldout_fraction)]
-    heldout = [e for e in examples if is_heldout(e.case_id, heldout_fraction)]
+    train = [e for e in examples if not is_heldout(e.prompt_key, heldout_fraction)]
+    heldout = [e for e in examples if is_heldout(e.prompt_key, heldout_fraction)]
     # Tiny stores can land all on one side; move the newest case across so both have one.
     if not heldout and len(train) > 1:
         heldout.append(train.pop())
