@@ -28,7 +28,9 @@ from speclora.daemon.learning.trainer import (
     LossPositionLogits,
     _inputs,
     expected_acceptance,
+    is_heldout,
     prepare_examples,
+    prompt_key,
     split_examples,
 )
 from speclora.daemon.state import ModelHub
@@ -139,6 +141,16 @@ def test_every_case_of_one_prompt_lands_on_the_same_side() -> None:
     train_prompts = {e.tokens[:2] for e in train}
     heldout_prompts = {e.tokens[:2] for e in heldout}
     assert heldout_prompts and train_prompts and not train_prompts & heldout_prompts
+    # Few prompts, none of them hashed to held-out: the fallback moves one prompt's every copy.
+    few = [(1, j) for j in range(100) if not is_heldout(prompt_key((1, j)), 0.2)][:3]
+    cases = [FailureCase(few[i % 3], (2, 3 + i), id=i + 1) for i in range(12)]
+    train, heldout = split_examples(prepare_examples(cases, 64, 1.0), 0.2)
+    assert len(heldout) == 4 and {e.tokens[:2] for e in heldout} == {few[2]}
+    assert few[2] not in {e.tokens[:2] for e in train}
+    # One prompt alone cannot be split: one case is held out so the gate has something.
+    one = [FailureCase((1, 5), (2, 3 + i), id=i + 1) for i in range(3)]
+    train, heldout = split_examples(prepare_examples(one, 64, 1.0), 0.2)
+    assert len(train) == 2 and len(heldout) == 1
 
 
 def test_identical_draft_has_expected_acceptance_one(hub: ModelHub) -> None:

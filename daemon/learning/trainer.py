@@ -110,12 +110,25 @@ def split_examples(
 ) -> tuple[list[Example], list[Example]]:
     train = [e for e in examples if not is_heldout(e.prompt_key, heldout_fraction)]
     heldout = [e for e in examples if is_heldout(e.prompt_key, heldout_fraction)]
-    # Tiny stores can land all on one side; move the newest case across so both have one.
+    # A store of few prompts can land all on one side; move one prompt across (the newest
+    # case's to held-out, the oldest case's to train) so both sides have one.
     if not heldout and len(train) > 1:
-        heldout.append(train.pop())
+        heldout = _take_prompt_of(train, -1)
     if not train and len(heldout) > 1:
-        train.append(heldout.pop(0))
+        train = _take_prompt_of(heldout, 0)
     return train, heldout
+
+
+def _take_prompt_of(side: list[Example], index: int) -> list[Example]:
+    """Remove and return every case with the prompt of `side[index]`, so no copy stays behind;
+    just that case when the side holds nothing else (one prompt cannot be split)."""
+    key = side[index].prompt_key
+    moved = [e for e in side if e.prompt_key == key]
+    if len(moved) == len(side):
+        moved = [side[index]]
+    for e in moved:
+        side.remove(e)
+    return moved
 
 
 def token_batches(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]:
