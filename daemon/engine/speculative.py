@@ -98,13 +98,14 @@ class _Decoder:
         # target's cache for them: no draft prefill, no catch-up after plain steps, no second
         # copy of those keys and values. (A swap mid-request keeps the choice made here; the
         # proposals then mix old and new weights until the request ends, still lossless.)
-        self.shares_cache = self.draft_parts is not None and self._can_share()
-        if draft is None:
-            self.draft_cache = None
-        elif self.shares_cache:
-            self.draft_cache = self.target_cache[: len(draft.model.layers)]
-        else:
+        shared = self._shared_draft_cache()
+        self.shares_cache = shared is not None
+        if shared is not None:
+            self.draft_cache = shared
+        elif draft is not None:
             self.draft_cache = make_prompt_cache(draft)
+        else:
+            self.draft_cache = None
         self.head = (
             DraftHead(self.draft_parts, draft_vocab, extra=prompt) if self.draft_parts else None
         )
@@ -112,12 +113,12 @@ class _Decoder:
         self.vocab: int | None = None  # the target's logits width, learned on the first pass
         self.lookahead: mx.array | None = None  # a queued plain-step token (lazy)
 
-    def _can_share(self) -> bool:
-        assert self.draft_parts is not None
-        if not self.draft_parts.is_prefix_of(self.target_parts):
-            return False
+    def _shared_draft_cache(self) -> list[Any] | None:
+        """The target's caches of the layers the draft is made of, or None if it is not."""
+        if self.draft_parts is None or not self.draft_parts.is_prefix_of(self.target_parts):
+            return None
         shared = self.target_cache[: len(self.draft_parts.model.model.layers)]
-        return can_trim_prompt_cache(shared)
+        return shared if can_trim_prompt_cache(shared) else None
 
     def _next_key(self) -> mx.array | None:
         if self.params.greedy:
@@ -229,12 +230,13 @@ class _Decoder:
         emitted = proposed[:n] + [int(verdict.next_token.item())]
         # Target cache: seq[:-1] + [seq[-1]] + k proposals; keep through the n accepted.
         trim_prompt_cache(self.target_cache, k - n)
-        # Draft cache: ran on seq and proposals 1..k-1; keep through the n accepted.
-        if not self.shares_cache and n < k:
-            trim_prompt_cache(self.draft_cache, k - 1 - n)
-            self.draft_len = len(self.seq) + n
-        elif not self.shares_cache:
-            self.draft_len = len(self.seq) + k - 1
+        if not self.shares_cache:  # (a shared draft cache was trimmed with the target's)
+            # Draft cache: ran on seq and proposals 1..k-1; keep through the n accepted.
+            if n < k:
+                trim_prompt_cache(self.draft_cache, k - 1 - n)
+                self.draft_len = len(self.seq) + n
+            else:
+                self.draft_len = len(self.seq) + k - 1
         self.seq.extend(emitted)
         return _StepResult(
             proposed=proposed,
