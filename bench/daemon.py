@@ -2,11 +2,16 @@
 4 concurrent clients against one.
 
 Per round, on the same prompts at T = 0 (identical work each time):
-  a. in-process: the engine driven directly in this process (no gRPC, no worker);
+  a. in-process: the engine driven directly in this process (no gRPC, no worker), bound to
+     the hub as the daemon binds it (prompt cache, acceptance memory);
   b. daemon, 1 client: a `speclora serve` subprocess, prompts one after another;
   c. daemon, N clients: N threads each sending every prompt (rotated order) at once.
 Rounds alternate the phases so load drift on a shared machine hits all of them alike.
 Rates are completion tokens over wall time measured by the caller (prefill included).
+
+Then the prompt cache, in-process: a multi-turn chat where each turn re-sends the conversation,
+every turn run twice back to back, with the prompt cache and without; time to first token
+compared turn by turn, outputs checked identical.
 
     .venv/bin/python bench/daemon.py                 # the embedded SmolLM2 pair (minutes)
     .venv/bin/python bench/daemon.py --smoke         # tiny random models (seconds)
@@ -30,13 +35,22 @@ from pathlib import Path
 
 import speclora.daemon.blas  # (imported first: OpenBLAS before mlx)
 from speclora.client.stub import DaemonNotRunning, GenerationSummary, SpecLoRAClient
-from speclora.daemon.engine import GenerationRequest, generate
+from speclora.daemon.engine import ChatTurn, GenerationRequest, PromptCache, generate
 from speclora.daemon.engine import GenerationSummary as EngineSummary
 from speclora.daemon.engine.draft_vocab import model_parts
 from speclora.daemon.runtime import build_hub
 from speclora.daemon.state import ModelHub
+from speclora.daemon.worker import engine_generate
 from speclora.shared.config import Config, load_config
 from speclora.shared.logging import configure_logging
+
+CHAT = (
+    "Tell me about the history of the printing press.",
+    "Who was Johannes Gutenberg?",
+    "What changed in Europe after his invention?",
+    "Which later inventions spread ideas even faster?",
+    "Sum up our conversation in two sentences.",
+)
 
 PROMPTS = (
     "Explain quantum computing simply.",
@@ -66,20 +80,52 @@ def in_process(
             prompt=prompt, max_tokens=max_tokens, draft_tokens=k, record=False
         )
         start = time.perf_counter()
-        events = generate(
-            hub.target,
-            hub.draft,
-            hub.tokenizer,
-            request,
-            config.speculation,
-            draft_vocab=hub.extras.get("draft_vocab"),
-            cost_ratio=hub.extras.get("cost_ratio"),
-        )
-        for event in events:
+        for event in engine_generate(config.speculation)(hub, request, None):
             if isinstance(event, EngineSummary):
                 phase.tokens += event.completion_tokens
         phase.seconds += time.perf_counter() - start
     return phase
+
+
+def chat_turns(hub: ModelHub, config: Config, max_tokens: int, k: int | None) -> list[dict]:
+    """Each turn of CHAT twice, back to back: with a prompt cache, then without one."""
+    spec = config.speculation
+    cache = PromptCache(spec.prompt_cache_entries, spec.prompt_cache_mb << 20)
+    turns: list[ChatTurn] = []
+    rows = []
+    for question in CHAT:
+        turns.append(ChatTurn("user", question))
+        request = GenerationRequest(
+            messages=tuple(turns), max_tokens=max_tokens, draft_tokens=k, record=False
+        )
+        runs = []
+        for prompt_cache in (cache, None):
+            events = list(
+                generate(
+                    hub.target,
+                    hub.draft,
+                    hub.tokenizer,
+                    request,
+                    spec,
+                    draft_vocab=hub.extras.get("draft_vocab"),
+                    cost_ratio=hub.extras.get("cost_ratio"),
+                    prompt_cache=prompt_cache,
+                )
+            )
+            runs.append(events[-1])
+        cached, fresh = runs
+        rows.append(
+            {
+                "prompt_tokens": cached.prompt_tokens,
+                "cached_prompt_tokens": cached.cached_prompt_tokens,
+                "ttft_cached_s": cached.time_to_first_token_s,
+                "ttft_fresh_s": fresh.time_to_first_token_s,
+                "identical": cached.completion_token_ids == fresh.completion_token_ids,
+            }
+        )
+        reply = hub.tokenizer.decode(list(cached.completion_token_ids))
+        turns.append(ChatTurn("assistant", reply))
+    return rows
 
 
 def run_client(
@@ -134,7 +180,8 @@ def kv_bytes_per_token(model) -> int:
 
 
 def memory_report(address: str, hub: ModelHub, clients: int, context_tokens: int) -> dict:
-    """The daemon's RSS against weights + the KV caches the benchmark can have alive at once.
+    """The daemon's RSS against weights + the KV caches the benchmark can have alive at once:
+    one per client, and those the prompt cache keeps (as the daemon reports them).
 
     mlx-lm's KVCache grows in steps of 256 tokens, so that is the allocation counted."""
     with SpecLoRAClient(address) as client:
@@ -145,7 +192,7 @@ def memory_report(address: str, hub: ModelHub, clients: int, context_tokens: int
     draft = hub.draft
     if draft is not None and not model_parts(draft).is_prefix_of(model_parts(hub.target)):
         per_token += kv_bytes_per_token(draft)  # else it runs on the target's cache
-    kv = clients * allocated * per_token
+    kv = clients * allocated * per_token + snap.prompt_cache_bytes
     budget = snap.weight_bytes + kv
     return {
         "rss_bytes": snap.rss_bytes,
@@ -153,6 +200,7 @@ def memory_report(address: str, hub: ModelHub, clients: int, context_tokens: int
         "weight_bytes": snap.weight_bytes,
         "blas": snap.blas,
         "kv_cache_bytes": kv,
+        "prompt_cache_bytes": snap.prompt_cache_bytes,
         "rss_over_weights_plus_kv": snap.rss_bytes / budget,
         "peak_rss_over_weights_plus_kv": snap.peak_rss_bytes / budget,
     }
@@ -236,6 +284,9 @@ def main() -> int:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         shutil.rmtree(work, ignore_errors=True)  # tiny models, the daemon's home and log
+    chat = chat_turns(hub, config, args.max_tokens, k)
+    later = chat[1:]  # the first turn has nothing to reuse
+    ttft_ratio = sum(t["ttft_fresh_s"] for t in later) / sum(t["ttft_cached_s"] for t in later)
 
     def total(name: str) -> Phase:
         ps = phases[name]
@@ -265,6 +316,9 @@ def main() -> int:
         "fairness_per_round": fairness,
         "per_round_tokens_per_s": {name: [p.rate for p in ps] for name, ps in phases.items()},
         "memory": memory,
+        "chat_turns": chat,
+        "chat_ttft_fresh_over_cached": ttft_ratio,
+        "chat_identical": all(t["identical"] for t in chat),
         "targets": {
             "daemon_vs_in_process": 0.95,
             "concurrent_vs_single": 1.0,
@@ -295,10 +349,24 @@ def main() -> int:
     mib = 2**20
     print(
         f"| daemon memory: rss / peak rss vs weights {memory['weight_bytes'] / mib:.0f} MiB + "
-        f"KV {memory['kv_cache_bytes'] / mib:.0f} MiB | {memory['rss_bytes'] / mib:.0f} / "
+        f"KV {memory['kv_cache_bytes'] / mib:.0f} MiB (of which the prompt cache "
+        f"{memory['prompt_cache_bytes'] / mib:.0f}) | {memory['rss_bytes'] / mib:.0f} / "
         f"{memory['peak_rss_bytes'] / mib:.0f} MiB | {memory['rss_over_weights_plus_kv']:.2f} / "
         f"{memory['peak_rss_over_weights_plus_kv']:.2f} | <= 1.25 |"
     )
+    print(
+        f"\nPrompt cache, {len(chat)}-turn chat (each turn re-sends the conversation), "
+        f"in-process, T=0:\n"
+    )
+    print("| turn | prompt tokens | from the cache | TTFT cached / fresh (s) | identical |")
+    print("|---:|---:|---:|---|---|")
+    for i, t in enumerate(chat, 1):
+        print(
+            f"| {i} | {t['prompt_tokens']} | {t['cached_prompt_tokens']} | "
+            f"{t['ttft_cached_s']:.3f} / {t['ttft_fresh_s']:.3f} | "
+            f"{'yes' if t['identical'] else 'NO'} |"
+        )
+    print(f"\nturns 2-{len(chat)}: time to first token, fresh / cached = {ttft_ratio:.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -146,7 +146,8 @@ def daemon_rows(d: dict[str, Any]) -> Iterator[Row]:
     yield (
         "daemon peak RSS / (weights + KV caches)",
         f"{_f(m['peak_rss_over_weights_plus_kv'])} ({m['peak_rss_bytes'] / mib:.0f} MiB for "
-        f"{m['weight_bytes'] / mib:.0f} + {m['kv_cache_bytes'] / mib:.0f} MiB)",
+        f"{m['weight_bytes'] / mib:.0f} + {m['kv_cache_bytes'] / mib:.0f} MiB"
+        f"{_prompt_cache_part(m)})",
         "<= 1.25",
     )
     yield (
@@ -154,6 +155,21 @@ def daemon_rows(d: dict[str, Any]) -> Iterator[Row]:
         f"{_f(m['rss_over_weights_plus_kv'])} ({m['rss_bytes'] / mib:.0f} MiB)",
         "<= 1.25",
     )
+    if "chat_ttft_fresh_over_cached" in d:  # (results from before the prompt cache lack it)
+        turns = d["chat_turns"]
+        yield (
+            f"prompt cache: a {len(turns)}-turn chat's time to first token, turns 2-{len(turns)}, "
+            "without / with it",
+            f"{_f(d['chat_ttft_fresh_over_cached'])} ({sum(t['cached_prompt_tokens'] for t in turns)}"
+            f" of {sum(t['prompt_tokens'] for t in turns)} prompt tokens reused; output identical: "
+            f"{'yes' if d['chat_identical'] else 'NO'})",
+            "> 1, identical",
+        )
+
+
+def _prompt_cache_part(m: dict[str, Any]) -> str:
+    held = m.get("prompt_cache_bytes")
+    return f", of which the prompt cache holds {held / 2**20:.0f}" if held else ""
 
 
 def learning_rows(lr: dict[str, Any]) -> Iterator[Row]:

@@ -76,7 +76,8 @@ def stats_lines(snap: StatsSnapshot, spark: bool) -> list[str]:
         f"uptime      {human_duration(snap.uptime_s)}   version {snap.version}   "
         f"blas {snap.blas}   mode {snap.default_mode}",
         f"requests    {snap.requests_total} done, {snap.requests_active} running, "
-        f"{snap.queue_depth} queued   tokens {snap.tokens_total}",
+        f"{snap.queue_depth} queued   tokens {snap.tokens_total}   prompt tokens "
+        f"{snap.prompt_tokens_total} ({snap.prompt_tokens_cached} from the prompt cache)",
         f"acceptance  lifetime {snap.acceptance_lifetime:.3f}   recent {snap.acceptance_recent:.3f}"
         f"   tokens/s recent {snap.tokens_per_second_recent:.1f}",
     ]
@@ -91,7 +92,8 @@ def stats_lines(snap: StatsSnapshot, spark: bool) -> list[str]:
         f"learning    {snap.failure_cases} failure cases, {snap.pending_cases} new   "
         f"training {snap.training_state}",
         f"memory      rss {human_bytes(snap.rss_bytes)}   peak {human_bytes(snap.peak_rss_bytes)}"
-        f"   weights {human_bytes(snap.weight_bytes)}",
+        f"   weights {human_bytes(snap.weight_bytes)}   prompt cache "
+        f"{human_bytes(snap.prompt_cache_bytes)}",
     ]
     return lines
 

@@ -108,6 +108,7 @@ class GenerationSummary:
     tokens_per_step: float
     mode: str  # "detailed" | "fast"
     total_time_s: float
+    cached_prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ class StatsSnapshot:
     requests_total: int
     requests_active: int
     tokens_total: int
+    prompt_tokens_total: int
+    prompt_tokens_cached: int
     acceptance_lifetime: float
     acceptance_recent: float
     acceptance_history: tuple[float, ...]
@@ -140,6 +143,7 @@ class StatsSnapshot:
     rss_bytes: int
     peak_rss_bytes: int
     weight_bytes: int
+    prompt_cache_bytes: int
     blas: str
     version: str
     default_mode: str

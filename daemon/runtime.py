@@ -115,7 +115,11 @@ def build_hub(config: Config) -> ModelHub:
             cost_ratio=extras["cost_ratio"],
             draft_vocab=size if "draft_vocab" in extras else "full",
         )
-    return ModelHub.from_loaded(target, draft, m.draft, extras=extras)
+    from speclora.daemon.engine import PromptCache
+
+    spec = config.speculation
+    prompt_cache = PromptCache(spec.prompt_cache_entries, spec.prompt_cache_mb << 20)
+    return ModelHub.from_loaded(target, draft, m.draft, extras=extras, prompt_cache=prompt_cache)
 
 
 class Learning:

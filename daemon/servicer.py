@@ -255,6 +255,7 @@ def result_to_pb(result: GenerationResult) -> pb.GenerateEvent:
             tokens_per_step=s.tokens_per_step,
             mode=_MODE_TO_PB[s.mode],
             total_time_s=s.total_time_s,
+            cached_prompt_tokens=s.cached_prompt_tokens,
         )
     )
 
@@ -289,6 +290,8 @@ def snapshot_to_pb(snap: StatsSnapshot) -> pb.StatsSnapshot:
         requests_total=snap.requests_total,
         requests_active=snap.requests_active,
         tokens_total=snap.tokens_total,
+        prompt_tokens_total=snap.prompt_tokens_total,
+        prompt_tokens_cached=snap.prompt_tokens_cached,
         acceptance_lifetime=snap.acceptance_lifetime,
         acceptance_recent=snap.acceptance_recent,
         acceptance_history=list(snap.acceptance_history),
@@ -310,6 +313,7 @@ def snapshot_to_pb(snap: StatsSnapshot) -> pb.StatsSnapshot:
         rss_bytes=snap.rss_bytes,
         peak_rss_bytes=snap.peak_rss_bytes,
         weight_bytes=snap.weight_bytes,
+        prompt_cache_bytes=snap.prompt_cache_bytes,
         blas=snap.blas,
         version=snap.version,
         default_mode=_MODE_TO_PB[snap.default_mode],
@@ -485,6 +489,8 @@ class SpecLoRAServicer(pb_grpc.SpecLoRAServicer):
             requests_total=serving.requests_total,
             requests_active=worker.active_count,
             tokens_total=serving.tokens_total,
+            prompt_tokens_total=serving.prompt_tokens_total,
+            prompt_tokens_cached=serving.prompt_tokens_cached,
             acceptance_lifetime=serving.acceptance_lifetime,
             acceptance_recent=serving.acceptance_recent,
             acceptance_history=serving.acceptance_history,
@@ -497,6 +503,7 @@ class SpecLoRAServicer(pb_grpc.SpecLoRAServicer):
             rss_bytes=rss,
             peak_rss_bytes=peak,
             weight_bytes=hub.weight_bytes,
+            prompt_cache_bytes=hub.prompt_cache.stats().bytes if hub.prompt_cache else 0,
             blas=blas.blas_info().name,
             version=speclora.__version__,
             default_mode=self._config.speculation.mode,  # type: ignore[arg-type]

@@ -1,8 +1,8 @@
 """The model pair as the engine worker holds it.
 
 Only the worker thread reads or mutates a ModelHub (MLX is not thread-safe): generations read
-`target`, `draft` and `tokenizer`; the learning loop swaps adapters into `draft` between
-engine steps by mutating it from inside the worker.
+`target`, `draft` and `tokenizer` and feed `prompt_cache` and `acceptance`; the learning loop
+swaps adapters into `draft` between engine steps by mutating it from inside the worker.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ class ModelHub:
     weight_bytes: int = 0  # target + draft weights, shared arrays counted once
     max_context: int = 2048  # tokens the target can attend to
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. the draft vocabulary table
+    # What finished requests leave for later ones: their target KV caches (engine.PromptCache,
+    # None = off) and, per adapter version, the draft's acceptance (engine.AcceptanceMemory).
+    prompt_cache: Any | None = None
+    acceptance: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_loaded(

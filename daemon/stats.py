@@ -37,6 +37,8 @@ class ServingStats:
     requests_total: int
     requests_cancelled: int
     tokens_total: int
+    prompt_tokens_total: int
+    prompt_tokens_cached: int  # of those, taken from the prompt cache
     acceptance_lifetime: float
     acceptance_recent: float
     acceptance_history: tuple[float, ...]  # per request, oldest first
@@ -55,6 +57,8 @@ class StatsSnapshot:
     requests_total: int
     requests_active: int
     tokens_total: int
+    prompt_tokens_total: int
+    prompt_tokens_cached: int
     acceptance_lifetime: float
     acceptance_recent: float
     acceptance_history: tuple[float, ...]
@@ -67,6 +71,7 @@ class StatsSnapshot:
     rss_bytes: int
     peak_rss_bytes: int
     weight_bytes: int
+    prompt_cache_bytes: int
     blas: str
     version: str
     default_mode: Mode
@@ -89,6 +94,8 @@ class StatsTracker:
         self._requests = 0
         self._cancelled = 0
         self._tokens = 0
+        self._prompt_tokens = 0
+        self._prompt_cached = 0
         self._proposed = 0
         self._accepted = 0
         self._recent: deque[_Recent] = deque(maxlen=window)
@@ -98,6 +105,8 @@ class StatsTracker:
         with self._lock:
             self._requests += 1
             self._tokens += summary.completion_tokens
+            self._prompt_tokens += summary.prompt_tokens
+            self._prompt_cached += summary.cached_prompt_tokens
             self._proposed += summary.proposed
             self._accepted += summary.accepted
             self._recent.append(
@@ -132,6 +141,8 @@ class StatsTracker:
                 requests_total=self._requests,
                 requests_cancelled=self._cancelled,
                 tokens_total=self._tokens,
+                prompt_tokens_total=self._prompt_tokens,
+                prompt_tokens_cached=self._prompt_cached,
                 acceptance_lifetime=self._accepted / self._proposed if self._proposed else 0.0,
                 acceptance_recent=accepted / proposed if proposed else 0.0,
                 # Requests where the draft never spoke have no acceptance; leave them out.

@@ -169,12 +169,15 @@ class _Running:
 
 
 def engine_generate(spec: SpeculationConfig) -> GenerateFn:
-    """The real engine, bound to the daemon's speculation settings."""
+    """The real engine, bound to the daemon's speculation settings. It also hands the engine
+    what earlier requests left in the hub: their target caches (the prompt cache) and the
+    acceptance the current adapter version showed (adaptive K starts from it, so a draft known
+    to be useless pays no opening speculative step)."""
 
     def run(
         hub: ModelHub, request: GenerationRequest, prompt_tokens: list[int] | None
     ) -> Iterator[EngineEvent]:
-        from speclora.daemon.engine import generate
+        from speclora.daemon.engine import AcceptanceMemory, generate
 
         return generate(
             hub.target,
@@ -185,6 +188,8 @@ def engine_generate(spec: SpeculationConfig) -> GenerateFn:
             draft_vocab=hub.extras.get("draft_vocab"),
             prompt_tokens=prompt_tokens,
             cost_ratio=hub.extras.get("cost_ratio"),
+            acceptance_memory=hub.acceptance.setdefault(hub.adapter_version, AcceptanceMemory()),
+            prompt_cache=hub.prompt_cache,
         )
 
     return run
@@ -479,6 +484,7 @@ class Worker:
             request_id=request.request_id,
             mode=summary.mode,
             prompt_tokens=summary.prompt_tokens,
+            cached_prompt_tokens=summary.cached_prompt_tokens,
             tokens=summary.completion_tokens,
             proposed=summary.proposed,
             accepted=summary.accepted,

@@ -55,6 +55,10 @@ class SpeculationConfig:
     probe_interval: int = _opt(16, lo=1, hi=10_000, doc="target-only steps between probes at K=0")
     draft_vocab_size: int = _opt(4096, lo=0, hi=1_000_000, doc="0 = full draft head")
     prefill_chunk: int = _opt(512, lo=16, hi=65_536)
+    prompt_cache_entries: int = _opt(
+        4, lo=0, hi=10_000, doc="finished requests' KV caches kept for reuse; 0 = off"
+    )
+    prompt_cache_mb: int = _opt(256, lo=1, hi=1_000_000, doc="their total size cap, MiB")
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def test_caches_match_a_fresh_prefill_after_rejections(untied_loaded, draft_name
     }[draft_name]
     prompt = build_prompt_tokens(tokenizer, GenerationRequest(prompt="Paris is the capital of"))
     decoder = _Decoder(target, draft, SamplingParams(temperature, seed=3), prompt, None)
-    decoder.prefill(prompt[:-1])
+    decoder.prefill(len(prompt) - 1, chunk=1024)
     rejected = bonus = 0
     for _ in range(8):
         accepted = decoder.speculative_step(k).accepted
@@ -96,7 +96,7 @@ def test_plain_steps_then_probe_catch_the_draft_up(untied_loaded):  # noqa: F811
     self_draft = unshared_copy(shared_self_draft)
     prompt = build_prompt_tokens(tokenizer, GenerationRequest(prompt="1 2 3"))
     decoder = _Decoder(target, self_draft, SamplingParams(), prompt, None)
-    decoder.prefill(prompt[:-1])
+    decoder.prefill(len(prompt) - 1, chunk=1024)
     for i in range(6):
         decoder.plain_step(pipeline_next=i < 5)
     decoder.drop_lookahead()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from helpers.checks import live_kv_caches, usage, wait_idle
+from helpers.checks import usage, wait_idle
 from helpers.daemons import SERVING, LocalDaemon, local_daemon, wait_until
 from speclora.shared.pb import speclora_pb2 as pb
 from speclora.shared.pb import speclora_pb2_grpc as pb_grpc
@@ -277,4 +277,4 @@ def test_cancelled_watchers_give_their_slots_back_at_once(small: LocalDaemon) ->
                 assert time.monotonic() - t0 < 2.0, "cancelled watchers still hold their slots"
                 time.sleep(0.05)
         assert events[-1].HasField("summary")
-    assert live_kv_caches() == 0
+    assert usage(small).kv_caches == 0

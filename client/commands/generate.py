@@ -14,7 +14,8 @@ def summary_line(s: GenerationSummary) -> str:
     return (
         f"[{s.completion_tokens} tokens, {s.tokens_per_second:.1f} tok/s, acceptance "
         f"{s.acceptance_rate:.2f} ({s.accepted}/{s.proposed}), {s.tokens_per_step:.2f} tokens/step, "
-        f"{s.mode}, finish {s.finish_reason}{', recorded' if s.failure_recorded else ''}]"
+        f"{s.mode}, finish {s.finish_reason}{', recorded' if s.failure_recorded else ''}"
+        f"{f', {s.cached_prompt_tokens} prompt tokens cached' if s.cached_prompt_tokens else ''}]"
     )
 
 
@@ -104,6 +105,7 @@ def _result(chunks: list[TextChunk], s: GenerationSummary | None) -> dict[str, o
         result.update(
             request_id=s.request_id,
             prompt_tokens=s.prompt_tokens,
+            cached_prompt_tokens=s.cached_prompt_tokens,
             completion_tokens=s.completion_tokens,
             proposed=s.proposed,
             accepted=s.accepted,

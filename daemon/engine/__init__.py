@@ -30,6 +30,7 @@ from speclora.daemon.engine.events import (
 )
 from speclora.daemon.engine.output import CompletionTracker, Generation
 from speclora.daemon.engine.prompt import build_prompt_tokens
+from speclora.daemon.engine.prompt_cache import PromptCache
 
 __all__ = [
     "AcceptanceMemory",
@@ -42,6 +43,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationSummary",
     "PrefillProgress",
+    "PromptCache",
     "SamplingParams",
     "StepEvent",
     "StepTrace",
@@ -64,6 +66,7 @@ def generate(
     prompt_tokens: list[int] | None = None,
     cost_ratio: float | None = None,
     acceptance_memory: AcceptanceMemory | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Generation:
     """Start a generation; iterate the result for events, the last being the summary.
 
@@ -74,6 +77,8 @@ def generate(
     cost_ratio: a drafted token's cost in target passes, for adaptive K (measure_cost_ratio).
     acceptance_memory: acceptance seen by earlier requests (one per draft, kept by the worker):
         adaptive K starts from it instead of `adaptive_start`, and this request adds to it.
+    prompt_cache: finished requests' target caches (one per target, kept by the worker): the
+        longest stored prefix of the prompt is not prefilled again (detailed mode).
     Raises InvalidRequestError (from the prompt) before any work is done.
     """
     ids = prompt_tokens if prompt_tokens is not None else build_prompt_tokens(tokenizer, request)
@@ -94,5 +99,6 @@ def generate(
             draft_vocab=draft_vocab,
             cost_ratio=cost_ratio,
             memory=acceptance_memory,
+            prompt_cache=prompt_cache,
         )
     return Generation(steps, tracker)

@@ -107,6 +107,7 @@ class GenerationSummary:
     from_draft: tuple[bool, ...] = ()  # per completion token
     rejection_positions: tuple[int, ...] = ()  # completion indices where a proposal was rejected
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    cached_prompt_tokens: int = 0  # of prompt_tokens, taken from the prompt cache
 
     @property
     def acceptance_rate(self) -> float:

@@ -60,6 +60,7 @@ class CompletionTracker:
         self.target_passes = 0
         self.start = time.perf_counter()
         self.prefill_done: float | None = None
+        self.cached_prompt_tokens = 0  # prompt tokens a prompt cache spared from prefill
         self.first_token: float | None = None
         self.end: float | None = None
 
@@ -144,6 +145,7 @@ class CompletionTracker:
         n = len(self.ids)
         return GenerationSummary(
             prompt_tokens=len(self.prompt_ids),
+            cached_prompt_tokens=self.cached_prompt_tokens,
             completion_tokens=n,
             proposed=self.proposed,
             accepted=self.accepted,

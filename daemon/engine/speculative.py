@@ -37,6 +37,7 @@ from speclora.daemon.engine.events import (
     StepTrace,
 )
 from speclora.daemon.engine.output import CompletionTracker
+from speclora.daemon.engine.prompt_cache import PromptCache
 from speclora.daemon.engine.sampling import (
     filtered_logits,
     greedy_verdict,
@@ -85,13 +86,16 @@ class _Decoder:
         params: SamplingParams,
         prompt: list[int],
         draft_vocab: DraftVocab | None,
+        reused: tuple[list[Any] | None, int] = (None, 0),
     ):
         self.target = target
         self.target_parts = model_parts(target)
         self.params = params
         self.key = make_key(params.seed)
         self.seq = list(prompt)
-        self.target_cache = make_prompt_cache(target)
+        # A prompt cache's copy already holding seq[:target_len], or a fresh cache.
+        cache, self.target_len = reused
+        self.target_cache = cache if cache is not None else make_prompt_cache(target)
         self.draft = draft
         self.draft_parts = model_parts(draft) if draft is not None else None
         # An unadapted self-draft computes exactly the target's first layers, so it uses the
@@ -128,15 +132,29 @@ class _Decoder:
 
     # ------------------------------------------------------------------ prefill
 
-    def prefill(self, tokens: list[int]) -> None:
-        """Run a chunk of the prompt through both models' trunks (no logits needed)."""
-        chunk = mx.array(tokens, mx.uint32)
-        self.target_parts.trunk(chunk, self.target_cache)
-        states = [c.state for c in self.target_cache]
-        if self.draft_parts is not None and not self.shares_cache:
-            self.draft_parts.trunk(chunk, self.draft_cache)
+    def prefilled(self, end: int) -> int:
+        """How much of seq[:end] both caches hold."""
+        own_draft = self.draft_parts is not None and not self.shares_cache
+        return min(self.target_len, self.draft_len if own_draft else end, end)
+
+    def prefill(self, end: int, chunk: int) -> None:
+        """Run the next chunk of seq[:end] through each trunk that is behind (no logits needed).
+        The target may start further on than a draft with its own cache (a prompt cache hit)."""
+        states = []
+        if self.target_len < end:
+            stop = min(end, self.target_len + chunk)
+            self.target_parts.trunk(
+                mx.array(self.seq[self.target_len : stop], mx.uint32), self.target_cache
+            )
+            self.target_len = stop
+            states += [c.state for c in self.target_cache]
+        if self.draft_parts is not None and not self.shares_cache and self.draft_len < end:
+            stop = min(end, self.draft_len + chunk)
+            self.draft_parts.trunk(
+                mx.array(self.seq[self.draft_len : stop], mx.uint32), self.draft_cache
+            )
+            self.draft_len = stop
             states += [c.state for c in self.draft_cache]
-            self.draft_len += len(tokens)
         mx.eval(states)
 
     # ------------------------------------------------------------------ plain steps
@@ -157,6 +175,7 @@ class _Decoder:
             mx.async_eval(self.lookahead)
         value = int(token.item())
         self.seq.append(value)
+        self.target_len = len(self.seq) - 1  # (a queued pass holds one more until dropped)
         return value
 
     def drop_lookahead(self) -> None:
@@ -238,6 +257,7 @@ class _Decoder:
             else:
                 self.draft_len = len(self.seq) + k - 1
         self.seq.extend(emitted)
+        self.target_len = len(self.seq) - 1
         return _StepResult(
             proposed=proposed,
             accepted=n,
@@ -253,9 +273,13 @@ class _Decoder:
         cache = make_prompt_cache(self.target)
         return int(self.target(mx.array([[0]], mx.uint32), cache=cache).shape[-1])
 
-    def release(self) -> None:
-        """Drop both caches (they are this request's alone) and any queued work."""
-        self.lookahead = None
+    def release(self, keep_in: PromptCache | None = None) -> None:
+        """Drop any queued work and both caches (they are this request's alone), handing the
+        target's to `keep_in` for later requests that start with the same tokens."""
+        self.drop_lookahead()
+        if keep_in is not None:
+            keep_in.insert(self.target, self.seq[: self.target_len], self.target_cache)
+            self.target_cache = []
         for cache in (self.target_cache, self.draft_cache):
             if cache:
                 cache.clear()
@@ -271,9 +295,11 @@ def detailed_steps(
     draft_vocab: DraftVocab | None = None,
     cost_ratio: float | None = None,
     memory: AcceptanceMemory | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Generator[EngineEvent, None, None]:
     """The detailed-mode event generator (see module docstring). `tracker` is filled in as it
-    goes, so a caller can summarise a cancelled generation."""
+    goes, so a caller can summarise a cancelled generation. With `prompt_cache`, the prompt's
+    longest stored prefix is not prefilled again, and the target cache is stored at the end."""
     # The request's K, else the configured default; None means adaptive.
     draft_tokens = request.draft_tokens if request.draft_tokens is not None else spec.draft_tokens
     speculate = draft is not None and draft_tokens != 0
@@ -282,15 +308,19 @@ def detailed_steps(
     prior = memory.alpha if memory is not None else None
     policy: KPolicy = make_policy(draft_tokens, spec, cost_ratio, prior)
     prompt = list(tracker.prompt_ids)
-    decoder = _Decoder(target, draft if speculate else None, request.sampling, prompt, draft_vocab)
-    chunk = spec.prefill_chunk
+    # The prompt's last token goes in with the first step, so the caches take the rest.
+    body = len(prompt) - 1
+    reused = prompt_cache.fetch(target, prompt) if prompt_cache else (None, 0)
+    tracker.cached_prompt_tokens = reused[1]
+    decoder = _Decoder(
+        target, draft if speculate else None, request.sampling, prompt, draft_vocab, reused
+    )
+    clean = True  # False once an error may have left the caches half-updated
     try:
-        body = prompt[:-1]
-        for start in range(0, len(body), chunk):
-            decoder.prefill(body[start : start + chunk])
-            # The prompt's last token goes in with the first step, right after the last chunk.
-            last = start + chunk >= len(body)
-            yield PrefillProgress(done=len(prompt) if last else start + chunk, total=len(prompt))
+        while decoder.prefilled(body) < body:
+            decoder.prefill(body, spec.prefill_chunk)
+            done = decoder.prefilled(body)
+            yield PrefillProgress(done=len(prompt) if done == body else done, total=len(prompt))
         tracker.prefill_done = time.perf_counter()
         if tracker.remaining <= 0:
             tracker.finish("length")
@@ -341,5 +371,10 @@ def detailed_steps(
             finish_reason=summary.finish_reason,
         )
         yield summary
+    except GeneratorExit:  # closed at a yield, between steps: the caches are consistent
+        raise
+    except BaseException:
+        clean = False
+        raise
     finally:
-        decoder.release()
+        decoder.release(keep_in=prompt_cache if clean else None)
