@@ -172,7 +172,7 @@ def engine_generate(spec: SpeculationConfig) -> GenerateFn:
     """The real engine, bound to the daemon's speculation settings. It also hands the engine
     what earlier requests left in the hub: their target caches (the prompt cache) and the
     acceptance the current adapter version showed (adaptive K starts from it, so a draft known
-    to be useless pays no opening speculative step)."""
+    to be useless opens with a one-token probe, not a K = adaptive_start step)."""
 
     def run(
         hub: ModelHub, request: GenerationRequest, prompt_tokens: list[int] | None

@@ -317,8 +317,11 @@ def test_acceptance_memory_starts_a_useless_draft_at_zero(untied_loaded):  # noq
     assert first[-1].proposed >= spec.adaptive_start  # no memory yet: opens at adaptive_start
     assert memory.alpha is not None and memory.alpha < 0.2
     again = list(generate(target, random_draft, tokenizer, request, spec, acceptance_memory=memory))
-    traces = [e.trace for e in again if isinstance(e, StepEvent)]
-    assert traces[0].k == 0  # the memory says the draft is useless: no opening step
+    ks = [e.trace.k for e in again if isinstance(e, StepEvent)]
+    # The memory says the draft is useless: a one-token probe instead of K = adaptive_start,
+    # then plain steps (this request is short: no second probe is due).
+    assert ks[0] == 1 and set(ks[1:]) == {0}
+    assert 0 < again[-1].proposed <= 2  # still tested, so still recordable as a failure case
     assert again[-1].completion_token_ids == first[-1].completion_token_ids
     # An identical draft is believed at once.
     memory.reset()

@@ -180,8 +180,8 @@ def test_off_when_no_entries_are_allowed(untied_loaded):  # noqa: F811
 
 def test_the_daemons_engine_remembers_prompts_and_acceptance(untied_loaded):  # noqa: F811
     """The worker's engine binding keeps a prompt cache and, per adapter version, the draft's
-    acceptance: a second request reuses the first one's prompt, and a useless draft starts it
-    at K = 0 instead of paying an opening speculative step."""
+    acceptance: a second request reuses the first one's prompt, and a useless draft opens it
+    with a one-token probe instead of a K = adaptive_start step."""
     target, random_draft, _, tokenizer = untied_loaded
     hub = ModelHub(target, random_draft, tokenizer, "t", "d", prompt_cache=PromptCache(4, 1 << 30))
     run = engine_generate(SpeculationConfig())
@@ -189,14 +189,18 @@ def test_the_daemons_engine_remembers_prompts_and_acceptance(untied_loaded):  # 
     prompt = build_prompt_tokens(tokenizer, request)
     first = list(run(hub, request, prompt))
     again = list(run(hub, request, prompt))
-    assert [e.trace.k for e in first if isinstance(e, StepEvent)][0] > 0
-    assert [e.trace.k for e in again if isinstance(e, StepEvent)][0] == 0
+    assert [e.trace.k for e in first if isinstance(e, StepEvent)][
+        0
+    ] == SpeculationConfig().adaptive_start
+    assert [e.trace.k for e in again if isinstance(e, StepEvent)][:2] == [1, 0]
     assert again[-1].cached_prompt_tokens == len(prompt) - 1
     assert again[-1].completion_token_ids == first[-1].completion_token_ids
     # Another adapter version starts from its own (empty) memory.
     hub.adapter_version = "v1"
     third = list(run(hub, request, prompt))
-    assert [e.trace.k for e in third if isinstance(e, StepEvent)][0] > 0
+    assert [e.trace.k for e in third if isinstance(e, StepEvent)][
+        0
+    ] == SpeculationConfig().adaptive_start
 
 
 def _kv(tokens: int) -> list[KVCache]:

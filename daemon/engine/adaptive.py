@@ -85,12 +85,14 @@ class AdaptiveK:
         return best
 
     def seed_from(self, alpha: float, weight: float = 4.0) -> None:
-        """Start from what earlier requests saw (AcceptanceMemory) instead of `start_k`: a
-        draft known to be useless starts at K = 0 and pays no opening speculative step."""
+        """Start from what earlier requests saw (AcceptanceMemory) instead of `start_k`. A
+        draft known to be useless opens with a one-token probe instead of a K = start_k step:
+        ~1/4 of the cost, and every request still tests the draft, so a short request is still
+        recorded as a failure case (the learning loop needs them) and a better adapter shows."""
         self._accepts = alpha * weight
         self._trials = weight
         self._steps = max(self._steps, 1)
-        self._idle = 0
+        self._idle = self.probe_interval * self._backoff  # due: best_k() = 0 means a probe
 
     def next_k(self) -> int:
         if self._steps == 0:

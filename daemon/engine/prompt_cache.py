@@ -114,6 +114,10 @@ class PromptCache:
         self._entries.remove(entry)
         self._bytes -= entry.nbytes
 
+    def held(self) -> list[Any]:
+        """Every layer cache kept (for leak checks: these are kept on purpose)."""
+        return [c for e in self._entries for c in e.cache]
+
     def clear(self) -> None:
         while self._entries:
             self._drop(self._entries[0])
