@@ -276,10 +276,11 @@ class _Decoder:
     def release(self, keep_in: PromptCache | None = None) -> None:
         """Drop any queued work and both caches (they are this request's alone), handing the
         target's to `keep_in` for later requests that start with the same tokens."""
-        self.drop_lookahead()
         if keep_in is not None:
+            self.drop_lookahead()
             keep_in.insert(self.target, self.seq[: self.target_len], self.target_cache)
             self.target_cache = []
+        self.lookahead = None
         for cache in (self.target_cache, self.draft_cache):
             if cache:
                 cache.clear()
