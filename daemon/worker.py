@@ -190,6 +190,7 @@ def engine_generate(spec: SpeculationConfig) -> GenerateFn:
             cost_ratio=hub.extras.get("cost_ratio"),
             acceptance_memory=hub.acceptance.setdefault(hub.adapter_version, AcceptanceMemory()),
             prompt_cache=hub.prompt_cache,
+            draft_tag=hub.adapter_version,
         )
 
     return run

@@ -4,6 +4,7 @@ prefills only the rest, and its output is exactly what a fresh prefill gives."""
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 from speclora.daemon.engine import (
@@ -26,9 +27,23 @@ SPEC = SpeculationConfig(prefill_chunk=16)
 FIRST = ChatTurn("user", "Tell me about the sea and its long slow tides, please")
 
 
-def _run(target, draft, tokenizer, request, cache=None) -> GenerationSummary:
-    events = list(generate(target, draft, tokenizer, request, SPEC, prompt_cache=cache))
-    return events[-1]
+def _run(target, draft, tokenizer, request, cache=None, tag="") -> GenerationSummary:
+    return _events(target, draft, tokenizer, request, cache, tag)[-1]
+
+
+def _events(target, draft, tokenizer, request, cache=None, tag="") -> list:
+    return list(
+        generate(target, draft, tokenizer, request, SPEC, prompt_cache=cache, draft_tag=tag)
+    )
+
+
+def _assert_same_proposals(events, reference) -> None:
+    """Each step's proposals, and the draft's probabilities of them, which any error in its
+    cache would move (not bit for bit: another path to the same numbers may differ by an ulp)."""
+    steps, ref = ([e.trace for e in ev if isinstance(e, StepEvent)] for ev in (events, reference))
+    assert [t.proposed for t in steps] == [t.proposed for t in ref]
+    probs = [q for t in steps for q in t.draft_probs]
+    assert np.allclose(probs, [q for t in ref for q in t.draft_probs], rtol=1e-4, atol=1e-6)
 
 
 def _pick(untied_loaded, name):  # noqa: F811
@@ -66,13 +81,43 @@ def test_next_chat_turn_reuses_the_cache_and_matches_a_fresh_prefill(
         max_tokens=24,
         sampling=sampling,
     )
-    second = _run(target, draft, tokenizer, turn2, cache)
-    fresh = _run(target, draft, tokenizer, turn2)
+    second_events = _events(target, draft, tokenizer, turn2, cache)
+    fresh_events = _events(target, draft, tokenizer, turn2)
+    second, fresh = second_events[-1], fresh_events[-1]
     # Most of turn 2's prompt is turn 1's prompt and reply: only the rest is prefilled.
     assert second.cached_prompt_tokens >= first.prompt_tokens
     assert second.cached_prompt_tokens < second.prompt_tokens
     assert second.completion_token_ids == fresh.completion_token_ids
-    assert cache.stats().hits == 1
+    # The draft proposes what it would after a fresh prefill: its reused cache is exact too.
+    _assert_same_proposals(second_events, fresh_events)
+    stats = cache.stats()
+    assert stats.hits == 1
+    # A draft with a cache of its own gets it back; the others have none to store.
+    own_cache = draft_name in ("self copy (its own cache)", "random")
+    assert (stats.draft_tokens_reused > 0) == own_cache
+
+
+def test_a_draft_cache_is_not_reused_under_other_weights(untied_loaded):  # noqa: F811
+    """After an adapter swap (a new draft tag) the draft prefills again; the target's cache is
+    still reused, and the proposals are those of a fresh run."""
+    target, _, self_draft, tokenizer = untied_loaded
+    draft = unshared_copy(self_draft)
+    cache = PromptCache(max_entries=4, max_bytes=1 << 30)
+    turn1 = GenerationRequest(messages=(FIRST,), max_tokens=12, draft_tokens=2)
+    first = _run(target, draft, tokenizer, turn1, cache, tag="v1")
+    turn2 = GenerationRequest(
+        messages=(
+            FIRST,
+            ChatTurn("assistant", tokenizer.decode(list(first.completion_token_ids))),
+            ChatTurn("user", "More?"),
+        ),
+        max_tokens=12,
+        draft_tokens=2,
+    )
+    events = _events(target, draft, tokenizer, turn2, cache, tag="v2")
+    assert events[-1].cached_prompt_tokens > 0
+    assert cache.stats().draft_tokens_reused == 0
+    _assert_same_proposals(events, _events(target, draft, tokenizer, turn2))
 
 
 def test_a_repeated_prompt_prefills_nothing_and_stays_exact(untied_loaded):  # noqa: F811
@@ -88,9 +133,11 @@ def test_a_repeated_prompt_prefills_nothing_and_stays_exact(untied_loaded):  # n
 
 def _assert_entry_is_exact(cache: PromptCache, target, tokens: list[int]) -> int:
     """A fetch for `tokens` gives the same last logits as a fresh prefill; returns n reused."""
-    kv, n = cache.fetch(target, tokens)
+    reused = cache.fetch(target, tokens)
+    assert reused is not None
+    n = reused.n
     assert 0 < n < len(tokens)
-    cached = target(mx.array([tokens[n:]]), cache=kv)[0, -1]
+    cached = target(mx.array([tokens[n:]]), cache=reused.cache)[0, -1]
     fresh = target(mx.array([tokens]), cache=make_prompt_cache(target))[0, -1]
     assert mx.allclose(cached, fresh, atol=1e-4).item()
     return n
@@ -203,6 +250,10 @@ def test_the_daemons_engine_remembers_prompts_and_acceptance(untied_loaded):  # 
     ] == SpeculationConfig().adaptive_start
 
 
+def _reused(reused) -> int:
+    return reused.n if reused else 0
+
+
 def _kv(tokens: int) -> list[KVCache]:
     """One layer's cache holding `tokens` positions of 1 head x 4 dims (64 bytes each, k + v)."""
     cache = KVCache()
@@ -215,19 +266,21 @@ def test_least_recently_used_goes_first_within_the_entry_and_byte_caps():
     store = PromptCache(max_entries=2, max_bytes=1 << 30)
     store.insert(model, [1, 2, 3], _kv(3))
     store.insert(model, [4, 5, 6], _kv(3))
-    assert store.fetch(model, [1, 2, 9, 9])[1] == 2  # a copy: [1, 2, 3] stays, now most recent
+    assert (
+        _reused(store.fetch(model, [1, 2, 9, 9])) == 2
+    )  # a copy: [1, 2, 3] stays, now most recent
     store.insert(model, [7, 8, 9], _kv(3))  # a third entry: [4, 5, 6] was used least recently
-    assert store.fetch(model, [4, 5, 6, 0])[1] == 0
-    assert store.fetch(model, [1, 2, 9, 9])[1] == 2
+    assert _reused(store.fetch(model, [4, 5, 6, 0])) == 0
+    assert _reused(store.fetch(model, [1, 2, 9, 9])) == 2
     # An entry that extends another replaces it.
     store.insert(model, [7, 8, 9, 10, 11], _kv(5))
     assert store.stats().entries == 2
     # Another model's caches are never handed out.
-    assert store.fetch(object(), [7, 8, 9, 10, 11, 12])[1] == 0
+    assert _reused(store.fetch(object(), [7, 8, 9, 10, 11, 12])) == 0
     # The byte cap: each of these holds 256 allocated positions (mlx-lm grows caches by 256).
     per_entry = _kv(1)[0].nbytes
     small = PromptCache(max_entries=10, max_bytes=2 * per_entry)
     for first in range(3):
         small.insert(model, [first, 1, 2], _kv(3))
     assert small.stats().entries == 2 and small.stats().bytes == 2 * per_entry
-    assert small.fetch(model, [0, 1, 2, 3])[1] == 0  # the oldest went
+    assert _reused(small.fetch(model, [0, 1, 2, 3])) == 0  # the oldest went

@@ -67,6 +67,7 @@ def generate(
     cost_ratio: float | None = None,
     acceptance_memory: AcceptanceMemory | None = None,
     prompt_cache: PromptCache | None = None,
+    draft_tag: str = "",
 ) -> Generation:
     """Start a generation; iterate the result for events, the last being the summary.
 
@@ -79,6 +80,8 @@ def generate(
         adaptive K starts from it instead of `adaptive_start`, and this request adds to it.
     prompt_cache: finished requests' target caches (one per target, kept by the worker): the
         longest stored prefix of the prompt is not prefilled again (detailed mode).
+    draft_tag: names the draft's current weights (the adapter version), so a draft cache
+        stored under other weights is not reused.
     Raises InvalidRequestError (from the prompt) before any work is done.
     """
     ids = prompt_tokens if prompt_tokens is not None else build_prompt_tokens(tokenizer, request)
@@ -100,5 +103,6 @@ def generate(
             cost_ratio=cost_ratio,
             memory=acceptance_memory,
             prompt_cache=prompt_cache,
+            draft_tag=draft_tag,
         )
     return Generation(steps, tracker)

@@ -10,9 +10,10 @@ longest common prefix and hands over a cache holding just that prefix, the reque
     stays for the requests that continue it.
 Entries are evicted least recently used first, beyond `max_entries` or `max_bytes`.
 
-Only the target's cache is kept. An unadapted self-draft runs on the target's cache anyway; a
-draft with a cache of its own prefills the prompt again, which costs its few layers only, and
-cannot go stale when an adapter is swapped in.
+A draft with a cache of its own (a separate model, or a self-draft with an adapter) has it kept
+in the same entry, under a key naming its weights (the adapter version): after a swap it is not
+reused, and the draft prefills the prompt again. An unadapted self-draft runs on the target's
+cache, so it needs nothing more.
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ class PromptCacheStats:
     lookups: int
     hits: int  # lookups that reused at least one token
     tokens_reused: int
+    draft_tokens_reused: int  # by drafts with a cache of their own
+
+
+@dataclass
+class Reused:
+    """What a fetch hands over: caches that are now the request's alone."""
+
+    cache: list[Any]  # the target's, holding tokens[:n]
+    n: int
+    draft_cache: list[Any] | None = None  # the draft's (same weights), holding tokens[:draft_n]
+    draft_n: int = 0
 
 
 @dataclass
@@ -40,6 +52,9 @@ class _Entry:
     tokens: list[int]
     cache: list[Any]
     nbytes: int
+    draft_key: Any = None  # identifies the draft weights that wrote draft_cache
+    draft_cache: list[Any] | None = None
+    draft_len: int = 0
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -62,15 +77,17 @@ class PromptCache:
         self._lookups = 0
         self._hits = 0
         self._tokens_reused = 0
+        self._draft_tokens_reused = 0
 
-    def fetch(self, model: Any, tokens: Sequence[int]) -> tuple[list[Any] | None, int]:
-        """(a cache holding tokens[:n], n) for the longest stored prefix, else (None, 0).
-        n < len(tokens): the last token is left for the pass that produces logits.
+    def fetch(self, model: Any, tokens: Sequence[int], draft_key: Any = None) -> Reused | None:
+        """Caches for the longest stored prefix of `tokens` (None when nothing matches); n <
+        len(tokens): the last token is left for the pass that produces logits. The draft's
+        cache comes along when `draft_key` names the weights that wrote it.
 
         `model` keys the store: a cache is only valid for the model that wrote it, and the
         store is meant to live no longer than the models it serves."""
         if self.max_entries <= 0 or len(tokens) < 2:
-            return None, 0
+            return None
         self._lookups += 1
         best, common = None, 0
         for entry in self._entries:
@@ -79,22 +96,34 @@ class PromptCache:
                 if shared > common:
                     best, common = entry, shared
         if best is None:
-            return None, 0
+            return None
         n = min(common, len(tokens) - 1)
         self._entries.remove(best)
-        if common == len(best.tokens):
-            cache = best.cache  # the request holds all of it (a chat's next turn): take it
+        take = common == len(best.tokens)  # the request holds all of it (a chat's next turn)
+        if take:
             self._bytes -= best.nbytes
         else:
-            cache = copy.deepcopy(best.cache)
             self._entries.append(best)  # keep it, now the most recently used
-        trim_prompt_cache(cache, len(best.tokens) - n)
+        reused = Reused(_own(best.cache, take), n)
+        trim_prompt_cache(reused.cache, len(best.tokens) - n)
+        draft = best.draft_cache
+        if draft is not None and draft_key is not None and best.draft_key == draft_key:
+            reused.draft_cache, reused.draft_n = _own(draft, take), min(best.draft_len, n)
+            trim_prompt_cache(reused.draft_cache, best.draft_len - reused.draft_n)
+            self._draft_tokens_reused += reused.draft_n
         self._hits += 1
         self._tokens_reused += n
-        return cache, n
+        return reused
 
-    def insert(self, model: Any, tokens: Sequence[int], cache: list[Any]) -> None:
-        """Keep `cache` (which holds exactly `tokens`) for later requests; the caller gives it
+    def insert(
+        self,
+        model: Any,
+        tokens: Sequence[int],
+        cache: list[Any],
+        draft: tuple[Any, list[Any], int] | None = None,
+    ) -> None:
+        """Keep `cache` (which holds exactly `tokens`) for later requests, and with `draft` =
+        (key, cache, length) the draft's cache holding tokens[:length]; the caller gives them
         up. Entries whose tokens are a prefix of these are dropped: this one serves them all."""
         if self.max_entries <= 0 or not tokens:
             return
@@ -103,6 +132,9 @@ class PromptCache:
             if e.model_id == id(model) and common_prefix(e.tokens, tokens) == len(e.tokens):
                 self._drop(e)
         entry = _Entry(id(model), tokens, cache, sum(c.nbytes for c in cache))
+        if draft is not None and can_trim_prompt_cache(draft[1]):
+            entry.draft_key, entry.draft_cache, entry.draft_len = draft
+            entry.nbytes += sum(c.nbytes for c in draft[1])
         self._entries.append(entry)
         self._bytes += entry.nbytes
         while self._entries and (
@@ -116,7 +148,7 @@ class PromptCache:
 
     def held(self) -> list[Any]:
         """Every layer cache kept (for leak checks: these are kept on purpose)."""
-        return [c for e in self._entries for c in e.cache]
+        return [c for e in self._entries for c in e.cache + (e.draft_cache or [])]
 
     def clear(self) -> None:
         while self._entries:
@@ -129,4 +161,9 @@ class PromptCache:
             lookups=self._lookups,
             hits=self._hits,
             tokens_reused=self._tokens_reused,
+            draft_tokens_reused=self._draft_tokens_reused,
         )
+
+
+def _own(cache: list[Any], take: bool) -> list[Any]:
+    return cache if take else copy.deepcopy(cache)

@@ -37,7 +37,7 @@ from speclora.daemon.engine.events import (
     StepTrace,
 )
 from speclora.daemon.engine.output import CompletionTracker
-from speclora.daemon.engine.prompt_cache import PromptCache
+from speclora.daemon.engine.prompt_cache import PromptCache, Reused
 from speclora.daemon.engine.sampling import (
     filtered_logits,
     greedy_verdict,
@@ -86,16 +86,19 @@ class _Decoder:
         params: SamplingParams,
         prompt: list[int],
         draft_vocab: DraftVocab | None,
-        reused: tuple[list[Any] | None, int] = (None, 0),
+        reused: Reused | None = None,
+        draft_key: Any = None,
     ):
         self.target = target
         self.target_parts = model_parts(target)
         self.params = params
         self.key = make_key(params.seed)
         self.seq = list(prompt)
-        # A prompt cache's copy already holding seq[:target_len], or a fresh cache.
-        cache, self.target_len = reused
-        self.target_cache = cache if cache is not None else make_prompt_cache(target)
+        # Caches from the prompt cache, already holding seq[:target_len] (and seq[:draft_len]),
+        # or fresh ones.
+        self.target_cache = reused.cache if reused else make_prompt_cache(target)
+        self.target_len = reused.n if reused else 0
+        self.draft_key = draft_key  # names the draft's weights, for the prompt cache
         self.draft = draft
         self.draft_parts = model_parts(draft) if draft is not None else None
         # An unadapted self-draft computes exactly the target's first layers, so it uses the
@@ -104,8 +107,11 @@ class _Decoder:
         # proposals then mix old and new weights until the request ends, still lossless.)
         shared = self._shared_draft_cache()
         self.shares_cache = shared is not None
+        self.draft_len = 0
         if shared is not None:
             self.draft_cache = shared
+        elif draft is not None and reused and reused.draft_cache is not None:
+            self.draft_cache, self.draft_len = reused.draft_cache, reused.draft_n
         elif draft is not None:
             self.draft_cache = make_prompt_cache(draft)
         else:
@@ -113,7 +119,6 @@ class _Decoder:
         self.head = (
             DraftHead(self.draft_parts, draft_vocab, extra=prompt) if self.draft_parts else None
         )
-        self.draft_len = 0
         self.vocab: int | None = None  # the target's logits width, learned on the first pass
         self.lookahead: mx.array | None = None  # a queued plain-step token (lazy)
 
@@ -274,12 +279,18 @@ class _Decoder:
         return int(self.target(mx.array([[0]], mx.uint32), cache=cache).shape[-1])
 
     def release(self, keep_in: PromptCache | None = None) -> None:
-        """Drop any queued work and both caches (they are this request's alone), handing the
-        target's to `keep_in` for later requests that start with the same tokens."""
+        """Drop any queued work and both caches (they are this request's alone), handing them
+        to `keep_in` for later requests that start with the same tokens."""
         if keep_in is not None:
             self.drop_lookahead()
-            keep_in.insert(self.target, self.seq[: self.target_len], self.target_cache)
-            self.target_cache = []
+            own_draft = self.draft_cache is not None and not self.shares_cache
+            keep_in.insert(
+                self.target,
+                self.seq[: self.target_len],
+                self.target_cache,
+                draft=(self.draft_key, self.draft_cache, self.draft_len) if own_draft else None,
+            )
+            self.target_cache, self.draft_cache = [], None
         self.lookahead = None
         for cache in (self.target_cache, self.draft_cache):
             if cache:
@@ -297,10 +308,13 @@ def detailed_steps(
     cost_ratio: float | None = None,
     memory: AcceptanceMemory | None = None,
     prompt_cache: PromptCache | None = None,
+    draft_tag: str = "",
 ) -> Generator[EngineEvent, None, None]:
     """The detailed-mode event generator (see module docstring). `tracker` is filled in as it
     goes, so a caller can summarise a cancelled generation. With `prompt_cache`, the prompt's
-    longest stored prefix is not prefilled again, and the target cache is stored at the end."""
+    longest stored prefix is not prefilled again, and the caches are stored at the end; a
+    draft cache is reused only under the same `draft_tag` (the adapter version: a swap changes
+    the draft's weights in place)."""
     # The request's K, else the configured default; None means adaptive.
     draft_tokens = request.draft_tokens if request.draft_tokens is not None else spec.draft_tokens
     speculate = draft is not None and draft_tokens != 0
@@ -311,10 +325,12 @@ def detailed_steps(
     prompt = list(tracker.prompt_ids)
     # The prompt's last token goes in with the first step, so the caches take the rest.
     body = len(prompt) - 1
-    reused = prompt_cache.fetch(target, prompt) if prompt_cache else (None, 0)
-    tracker.cached_prompt_tokens = reused[1]
+    draft = draft if speculate else None
+    draft_key = (id(draft), draft_tag) if draft is not None else None
+    reused = prompt_cache.fetch(target, prompt, draft_key) if prompt_cache else None
+    tracker.cached_prompt_tokens = reused.n if reused else 0
     decoder = _Decoder(
-        target, draft if speculate else None, request.sampling, prompt, draft_vocab, reused
+        target, draft, request.sampling, prompt, draft_vocab, reused, draft_key=draft_key
     )
     clean = True  # False once an error may have left the caches half-updated
     try:
