@@ -227,7 +227,10 @@ def main() -> int:
         "--steps",
         type=int,
         default=None,
-        help="optimizer steps at most (default 600; the time budget usually stops it first)",
+        help="optimizer steps at most (default: the daemon's lora.steps, 200). More only "
+        "overfits: along one 700-step run on these prompts held-out acceptance was 0.33 at "
+        "step 100 and stayed there while the training cases' rose 0.53 -> 0.95, and "
+        "unrelated acceptance fell from 0.06-0.07 to 0.044",
     )
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--rank", type=int, default=None)
@@ -251,7 +254,7 @@ def main() -> int:
     lora_defaults = LoraConfig()
     lora_cfg = LoraConfig(
         rank=args.rank or lora_defaults.rank,
-        steps=args.steps or (40 if args.smoke else 600),
+        steps=args.steps or (40 if args.smoke else lora_defaults.steps),
         learning_rate=args.learning_rate or (1e-3 if args.smoke else lora_defaults.learning_rate),
         batch_size=args.batch_size or lora_defaults.batch_size,
     )
