@@ -20,6 +20,7 @@ compared turn by turn, outputs checked identical.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import speclora.daemon.blas  # (imported first: OpenBLAS before mlx)
 from speclora.client.stub import DaemonNotRunning, GenerationSummary, SpecLoRAClient
-from speclora.daemon.engine import ChatTurn, GenerationRequest, PromptCache, generate
+from speclora.daemon.engine import ChatTurn, GenerationRequest, PromptCache
 from speclora.daemon.engine import GenerationSummary as EngineSummary
 from speclora.daemon.engine.draft_vocab import model_parts
 from speclora.daemon.runtime import build_hub
@@ -98,22 +99,10 @@ def chat_turns(hub: ModelHub, config: Config, max_tokens: int, k: int | None) ->
         request = GenerationRequest(
             messages=tuple(turns), max_tokens=max_tokens, draft_tokens=k, record=False
         )
-        runs = []
-        for prompt_cache in (cache, None):
-            events = list(
-                generate(
-                    hub.target,
-                    hub.draft,
-                    hub.tokenizer,
-                    request,
-                    spec,
-                    draft_vocab=hub.extras.get("draft_vocab"),
-                    cost_ratio=hub.extras.get("cost_ratio"),
-                    prompt_cache=prompt_cache,
-                )
-            )
-            runs.append(events[-1])
-        cached, fresh = runs
+        cached, fresh = (
+            list(engine_generate(spec)(dataclasses.replace(hub, prompt_cache=c), request, None))[-1]
+            for c in (cache, None)
+        )
         rows.append(
             {
                 "prompt_tokens": cached.prompt_tokens,
