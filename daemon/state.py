@@ -23,7 +23,7 @@ class ModelHub:
     weight_bytes: int = 0  # target + draft weights, shared arrays counted once
     max_context: int = 2048  # tokens the target can attend to
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. the draft vocabulary table
-    # What finished requests leave for later ones: their target KV caches (engine.PromptCache,
+    # What finished requests leave for later ones: their KV caches (engine.PromptCache,
     # None = off) and, per adapter version, the draft's acceptance (engine.AcceptanceMemory).
     prompt_cache: Any | None = None
     acceptance: dict[str, Any] = field(default_factory=dict)

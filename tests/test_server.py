@@ -139,6 +139,31 @@ def test_stop_strings_and_chat_messages(daemon: LocalDaemon) -> None:
         assert stop not in _text(cut)
 
 
+def test_a_chats_next_turn_reuses_the_prompt_cache(daemon: LocalDaemon) -> None:
+    """Over the wire: the next turn's summary says how much of its prompt came from the prompt
+    cache, Stats counts it, and the output is the same as with nothing cached."""
+    before = next(iter(daemon.stub.Stats(pb.StatsRequest(), timeout=10)))
+    turn1 = [pb.ChatMessage(role="user", content="Name a colour of the sea, then a fish.")]
+    first = _generate(daemon, prompt="", messages=turn1, max_tokens=12)
+    turn2 = turn1 + [
+        pb.ChatMessage(role="assistant", content=_text(first)),
+        pb.ChatMessage(role="user", content="And a bird?"),
+    ]
+    second = _generate(daemon, prompt="", messages=turn2, max_tokens=12)[-1].summary
+    assert first[-1].summary.prompt_tokens <= second.cached_prompt_tokens < second.prompt_tokens
+    # With the prompt cache emptied the request prefills everything; repeated, it reuses it;
+    # the output is the same both ways.
+    daemon.worker.call("forget_prompts", lambda hub: hub.prompt_cache.clear(), 30)
+    fresh = _generate(daemon, prompt="", messages=turn2, max_tokens=12)
+    cached = _generate(daemon, prompt="", messages=turn2, max_tokens=12)
+    assert fresh[-1].summary.cached_prompt_tokens == 0 < cached[-1].summary.cached_prompt_tokens
+    assert _text(fresh) == _text(cached)
+    snap = next(iter(daemon.stub.Stats(pb.StatsRequest(), timeout=10)))
+    assert snap.prompt_tokens_cached - before.prompt_tokens_cached >= second.cached_prompt_tokens
+    assert snap.prompt_tokens_total > snap.prompt_tokens_cached
+    assert snap.prompt_cache_bytes > 0
+
+
 # ---------------------------------------------------------------------- stats, health, reflection
 
 
