@@ -1,4 +1,4 @@
-"""Finished requests' target KV caches, reused by requests that start with the same tokens.
+"""Finished requests' KV caches, reused by requests that start with the same tokens.
 
 A chat's next turn re-sends the whole conversation, and a tool re-sends its system prompt:
 without this, every request prefills its whole prompt again. A fetch finds the entry with the
