@@ -30,9 +30,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 class PromptCacheStats:
     entries: int
     bytes: int
-    lookups: int
-    hits: int  # lookups that reused at least one token
-    tokens_reused: int
+    hits: int  # fetches that reused at least one token
     draft_tokens_reused: int  # by drafts with a cache of their own
 
 
@@ -74,9 +72,7 @@ class PromptCache:
         self.max_bytes = max_bytes
         self._entries: list[_Entry] = []  # least recently used first
         self._bytes = 0  # kept in step with _entries, so other threads read one int
-        self._lookups = 0
         self._hits = 0
-        self._tokens_reused = 0
         self._draft_tokens_reused = 0
 
     def fetch(self, model: Any, tokens: Sequence[int], draft_key: Any = None) -> Reused | None:
@@ -88,7 +84,6 @@ class PromptCache:
         store is meant to live no longer than the models it serves."""
         if self.max_entries <= 0 or len(tokens) < 2:
             return None
-        self._lookups += 1
         best, common = None, 0
         for entry in self._entries:
             if entry.model_id == id(model) and can_trim_prompt_cache(entry.cache):
@@ -112,7 +107,6 @@ class PromptCache:
             trim_prompt_cache(reused.draft_cache, best.draft_len - reused.draft_n)
             self._draft_tokens_reused += reused.draft_n
         self._hits += 1
-        self._tokens_reused += n
         return reused
 
     def insert(
@@ -158,9 +152,7 @@ class PromptCache:
         return PromptCacheStats(
             entries=len(self._entries),
             bytes=self._bytes,
-            lookups=self._lookups,
             hits=self._hits,
-            tokens_reused=self._tokens_reused,
             draft_tokens_reused=self._draft_tokens_reused,
         )
 

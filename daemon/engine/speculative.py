@@ -122,6 +122,11 @@ class _Decoder:
         self.vocab: int | None = None  # the target's logits width, learned on the first pass
         self.lookahead: mx.array | None = None  # a queued plain-step token (lazy)
 
+    @property
+    def own_draft_cache(self) -> bool:
+        """A draft that keeps a cache of its own (fed, trimmed and stored apart from the target's)."""
+        return self.draft_cache is not None and not self.shares_cache
+
     def _shared_draft_cache(self) -> list[Any] | None:
         """The target's caches of the layers the draft is made of, or None if it is not."""
         if self.draft_parts is None or not self.draft_parts.is_prefix_of(self.target_parts):
@@ -139,8 +144,7 @@ class _Decoder:
 
     def prefilled(self, end: int) -> int:
         """How much of seq[:end] both caches hold."""
-        own_draft = self.draft_parts is not None and not self.shares_cache
-        return min(self.target_len, self.draft_len if own_draft else end, end)
+        return min(self.target_len, self.draft_len if self.own_draft_cache else end, end)
 
     def prefill(self, end: int, chunk: int) -> None:
         """Run the next chunk of seq[:end] through each trunk that is behind (no logits needed).
@@ -153,7 +157,7 @@ class _Decoder:
             )
             self.target_len = stop
             states += [c.state for c in self.target_cache]
-        if self.draft_parts is not None and not self.shares_cache and self.draft_len < end:
+        if self.own_draft_cache and self.draft_len < end:
             stop = min(end, self.draft_len + chunk)
             self.draft_parts.trunk(
                 mx.array(self.seq[self.draft_len : stop], mx.uint32), self.draft_cache
@@ -254,7 +258,7 @@ class _Decoder:
         emitted = proposed[:n] + [int(verdict.next_token.item())]
         # Target cache: seq[:-1] + [seq[-1]] + k proposals; keep through the n accepted.
         trim_prompt_cache(self.target_cache, k - n)
-        if not self.shares_cache:  # (a shared draft cache was trimmed with the target's)
+        if self.own_draft_cache:  # (a shared draft cache was trimmed with the target's)
             # Draft cache: ran on seq and proposals 1..k-1; keep through the n accepted.
             if n < k:
                 trim_prompt_cache(self.draft_cache, k - 1 - n)
@@ -283,12 +287,12 @@ class _Decoder:
         to `keep_in` for later requests that start with the same tokens."""
         if keep_in is not None:
             self.drop_lookahead()
-            own_draft = self.draft_cache is not None and not self.shares_cache
+            own = self.own_draft_cache
             keep_in.insert(
                 self.target,
                 self.seq[: self.target_len],
                 self.target_cache,
-                draft=(self.draft_key, self.draft_cache, self.draft_len) if own_draft else None,
+                draft=(self.draft_key, self.draft_cache, self.draft_len) if own else None,
             )
             self.target_cache, self.draft_cache = [], None
         self.lookahead = None
