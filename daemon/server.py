@@ -260,8 +260,10 @@ class DaemonServer:
         """Refuse new calls, let streams finish for up to `grace_s`, then cancel the rest.
         Returns True when every stream finished on its own."""
         log.info("shutdown_started", grace_s=grace_s, active=self.worker.active_count)
-        self.health.enter_graceful_shutdown()
+        # Refuse first, then say NOT_SERVING: a client that sees NOT_SERVING and calls at once
+        # must get UNAVAILABLE, not a request that slipped in between the two.
         self.servicer.begin_shutdown()
+        self.health.enter_graceful_shutdown()
         # grpc keeps accepting during the drain so that late calls reach our servicer and get a
         # clear UNAVAILABLE; a stopped grpc server would cancel them (CANCELLED) instead.
         drained = self.worker.drain(grace_s)
