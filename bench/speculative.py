@@ -47,7 +47,7 @@ from speclora.daemon.engine import (
     GenerationRequest,
     SamplingParams,
     generate,
-    measure_cost_ratio,
+    measure_step_costs,
     speedup_bound,
 )
 from speclora.daemon.engine.draft_vocab import model_parts
@@ -399,8 +399,13 @@ def bench_draft(
     spec = SpeculationConfig(adaptive_max=max(args.k, 8))
     c_full = costs["draft_1_ms"] / costs["target_1_ms"]
     c_vocab = costs.get("draft_restricted_1_ms", costs["draft_1_ms"]) / costs["target_1_ms"]
-    cost_ratio = measure_cost_ratio(target, draft, k=k)
-    vocab_ratio = measure_cost_ratio(target, draft, k=k, draft_vocab=vocab) if vocab else None
+    # What the daemon measures at load for adaptive K, with each head.
+    step_costs = measure_step_costs(target, draft, max_k=spec.adaptive_max)
+    vocab_costs = (
+        measure_step_costs(target, draft, max_k=spec.adaptive_max, draft_vocab=vocab)
+        if vocab
+        else None
+    )
     sampling_of = lambda seed: SamplingParams(temperature, seed=seed)  # noqa: E731
 
     def ours(mode: str, dk: int | None, **kw):
@@ -436,7 +441,7 @@ def bench_draft(
         (
             # One AcceptanceMemory per row across prompts, as the daemon keeps one per draft.
             Row(temperature, label, "ours detailed", "adaptive", c=c_full),
-            ours("detailed", None, cost_ratio=cost_ratio, acceptance_memory=AcceptanceMemory()),
+            ours("detailed", None, step_costs=step_costs, acceptance_memory=AcceptanceMemory()),
         ),
     ]
     if vocab is not None:
@@ -449,7 +454,7 @@ def bench_draft(
             (
                 Row(temperature, label, f"ours detailed, draft vocab {vocab.size}", "adaptive",
                     c=c_vocab),
-                ours("detailed", None, draft_vocab=vocab, cost_ratio=vocab_ratio,
+                ours("detailed", None, draft_vocab=vocab, step_costs=vocab_costs,
                      acceptance_memory=AcceptanceMemory()),
             ),
         ]  # fmt: skip

@@ -95,7 +95,7 @@ def build_hub(config: Config) -> ModelHub:
     target, draft = load_pair(m.target, m.draft, m.dtype, progress=_stderr_progress())
     extras: dict[str, Any] = {}
     if draft is not None:
-        from speclora.daemon.engine import DraftVocab, measure_cost_ratio
+        from speclora.daemon.engine import DraftVocab, measure_step_costs
 
         size = config.speculation.draft_vocab_size
         if 0 < size < target.vocab_size:  # a head as wide as the vocabulary saves nothing
@@ -104,15 +104,18 @@ def build_hub(config: Config) -> ModelHub:
                 size=size,
                 always=tuple(getattr(target.tokenizer, "eos_token_ids", ()) or ()),
             )
-        # Adaptive K needs a drafted token's price in target passes on this machine, with the
-        # draft head generation will use.
-        extras["cost_ratio"] = measure_cost_ratio(
-            target.model, draft.model, draft_vocab=extras.get("draft_vocab")
+        # Adaptive K needs each K's price in target passes on this machine, with the draft
+        # head generation will use.
+        extras["step_costs"] = measure_step_costs(
+            target.model,
+            draft.model,
+            max_k=config.speculation.adaptive_max,
+            draft_vocab=extras.get("draft_vocab"),
         )
         log.info(
             "draft_ready",
             draft=draft.name,
-            cost_ratio=extras["cost_ratio"],
+            step_costs=extras["step_costs"],
             draft_vocab=size if "draft_vocab" in extras else "full",
         )
     from speclora.daemon.engine import PromptCache

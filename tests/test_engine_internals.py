@@ -18,6 +18,7 @@ from speclora.daemon.engine import (
     generate,
     speedup_bound,
 )
+from speclora.daemon.engine.adaptive import linear_step_costs, measure_step_costs
 from speclora.daemon.engine.draft_vocab import DraftHead, model_parts
 from speclora.daemon.engine.speculative import _Decoder
 from speclora.daemon.errors import InvalidRequestError
@@ -147,7 +148,9 @@ def test_an_adapted_self_draft_keeps_its_own_cache(untied_loaded):  # noqa: F811
 
 
 def test_adaptive_k_drops_to_zero_and_probes_with_backoff():
-    ctl = AdaptiveK(min_k=0, max_k=8, start_k=4, probe_interval=4, cost_ratio=0.4)
+    ctl = AdaptiveK(
+        min_k=0, max_k=8, start_k=4, probe_interval=4, step_costs=linear_step_costs(0.4)
+    )
     assert ctl.next_k() == 4
     ctl.update(4, 0)
     ks = []
@@ -163,7 +166,9 @@ def test_adaptive_k_drops_to_zero_and_probes_with_backoff():
 
 
 def test_adaptive_k_rises_with_a_good_draft_and_recovers_after_probe():
-    ctl = AdaptiveK(min_k=0, max_k=6, start_k=2, probe_interval=3, cost_ratio=0.2)
+    ctl = AdaptiveK(
+        min_k=0, max_k=6, start_k=2, probe_interval=3, step_costs=linear_step_costs(0.2)
+    )
     for _ in range(10):
         k = ctl.next_k()
         ctl.update(k, k)
@@ -176,6 +181,44 @@ def test_adaptive_k_rises_with_a_good_draft_and_recovers_after_probe():
         k = ctl.next_k()
         ctl.update(k, k)
     assert ctl.next_k() >= 4
+
+
+def test_adaptive_k_resumes_after_an_unlucky_run_without_waiting_for_a_probe():
+    """A draft that is good on the whole (a = 0.6 from earlier requests) but rejected three
+    times in a row stops drafting, then resumes within a few tokens, long before a probe."""
+    ctl = AdaptiveK(
+        min_k=0, max_k=4, start_k=1, probe_interval=1000, step_costs=linear_step_costs(0.3)
+    )
+    ctl.seed_from(0.6)
+    assert ctl.next_k() >= 1
+    for _ in range(3):
+        k = ctl.next_k()
+        ctl.update(k, 0)
+    assert ctl.next_k() == 0
+    plain = 0
+    while ctl.next_k() == 0 and plain < 100:
+        ctl.update(0, 0)
+        plain += 1
+    assert plain <= 12, plain
+
+
+def test_adaptive_k_prices_each_k_separately():
+    """Where a wide verify pass jumps in price (Intel MKL past 3 tokens), a good draft stops at
+    the cheap K instead of the longest one a per-token price would pick."""
+    costs = (1.0, 1.15, 1.3, 2.1, 2.25, 2.4, 2.55, 2.7, 2.85)
+    ctl = AdaptiveK(min_k=0, max_k=8, step_costs=costs)
+    ctl.seed_from(0.8)
+    assert ctl.next_k() == 2
+    linear = AdaptiveK(min_k=0, max_k=8, step_costs=linear_step_costs(0.15))
+    linear.seed_from(0.8)
+    assert linear.next_k() > 2
+
+
+def test_measured_step_costs_start_at_one_pass_and_never_fall(untied_loaded):  # noqa: F811
+    target, draft, _, _ = untied_loaded
+    costs = measure_step_costs(target, draft, max_k=3, repeats=1)
+    assert len(costs) == 4 and costs[0] == 1.0
+    assert all(b > a for a, b in zip(costs, costs[1:], strict=False))
 
 
 def test_adaptive_k_respects_min_and_bounds():

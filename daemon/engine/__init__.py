@@ -7,13 +7,14 @@ the worker interleaves requests by advancing each in turn. Caches are per genera
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from speclora.daemon.engine.adaptive import (
     AcceptanceMemory,
     AdaptiveK,
     FixedK,
-    measure_cost_ratio,
+    measure_step_costs,
     speedup_bound,
 )
 from speclora.daemon.engine.draft_vocab import DraftVocab
@@ -50,7 +51,7 @@ __all__ = [
     "TextChunk",
     "build_prompt_tokens",
     "generate",
-    "measure_cost_ratio",
+    "measure_step_costs",
     "speedup_bound",
 ]
 
@@ -64,7 +65,7 @@ def generate(
     *,
     draft_vocab: DraftVocab | None = None,
     prompt_tokens: list[int] | None = None,
-    cost_ratio: float | None = None,
+    step_costs: Sequence[float] | None = None,
     acceptance_memory: AcceptanceMemory | None = None,
     prompt_cache: PromptCache | None = None,
     draft_tag: str = "",
@@ -75,7 +76,7 @@ def generate(
     spec: the `speculation` config section (SpeculationConfig).
     draft_vocab: restrict the draft's head to a frequency-ranked vocabulary (detailed mode).
     prompt_tokens: already built with build_prompt_tokens (saves tokenizing twice).
-    cost_ratio: a drafted token's cost in target passes, for adaptive K (measure_cost_ratio).
+    step_costs: [k] = a step with k proposals in target passes, for adaptive K (measure_step_costs).
     acceptance_memory: acceptance seen by earlier requests (one per draft, kept by the worker):
         adaptive K starts from it instead of `adaptive_start`, and this request adds to it.
     prompt_cache: finished requests' target caches (one per target, kept by the worker): the
@@ -100,7 +101,7 @@ def generate(
             spec,
             tracker,
             draft_vocab=draft_vocab,
-            cost_ratio=cost_ratio,
+            step_costs=step_costs,
             memory=acceptance_memory,
             prompt_cache=prompt_cache,
             draft_tag=draft_tag,

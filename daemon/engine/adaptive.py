@@ -1,24 +1,40 @@
 """Choosing the draft length K per step from the running acceptance.
 
-With per-proposal acceptance a and a draft token costing `cost_ratio` target passes (the draft
-pass plus the wider verification), a step with K proposals yields (1 - a^(K+1)) / (1 - a)
-tokens for 1 + K * cost_ratio passes (Leviathan et al. 2023). The controller estimates a from
-recent steps and picks the K with the best ratio, or K = 0 (plain target decoding) when no K
-beats 1. At K = 0 it probes now and then with one proposal, backing off while probes keep
-failing, so a draft that improves (a new adapter) is noticed and a useless one costs ~nothing.
+With per-proposal acceptance a, a step with K proposals yields (1 - a^(K+1)) / (1 - a) tokens
+(Leviathan et al. 2023) and costs `step_costs[K]` target passes: K draft passes plus one target
+pass over K + 1 tokens, measured on this machine at load (measure_step_costs). On a CPU the wide
+pass is not free, and its price does not grow evenly with K (Intel MKL: 2 tokens cost 1.2 passes,
+5 tokens 1.9), so the controller keeps a price per K instead of one ratio. It picks the K with the
+most tokens per pass, or K = 0 (plain target decoding) when no K beats 1.
 
-Decisions depend only on the acceptance history and the fixed cost ratio, never on wall-clock
+Estimating a. Recent steps' evidence (decaying, ~5 steps) is shrunk toward the long-run
+acceptance (~30 steps, plus what earlier requests saw: AcceptanceMemory). Recent
+evidence also decays during plain steps, so after an unlucky run of rejections the estimate
+drifts back to the long-run figure and a draft that is good on the whole resumes within a few
+tokens, instead of waiting for a lucky probe. When even the long-run figure says no K pays, the
+controller probes now and then with one proposal, backing off while probes keep failing, so a
+draft that improves (a new adapter) is noticed and a useless one costs ~nothing.
+
+Decisions depend only on the acceptance history and the fixed step costs, never on wall-clock
 timings, so a seeded request makes the same choices, and the same output, every run.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-DEFAULT_COST_RATIO = 0.4  # SmolLM2-135M target, self:4 draft, OpenBLAS: (19 + ~7) / 57 ms
+DEFAULT_COST_RATIO = 0.4  # a drafted token's price in target passes when nothing was measured
 MAX_PROBE_BACKOFF = 8
+
+StepCosts = tuple[float, ...]  # [k] = a step with k proposals, in target passes; [0] = 1.0
+
+
+def linear_step_costs(cost_ratio: float, max_k: int = 16) -> StepCosts:
+    """Leviathan's cost model: each proposal adds `cost_ratio` of a target pass."""
+    return tuple(1.0 + k * cost_ratio for k in range(max_k + 1))
 
 
 class KPolicy(Protocol):
@@ -58,39 +74,51 @@ class AdaptiveK:
     max_k: int = 8
     start_k: int = 4
     probe_interval: int = 16
-    cost_ratio: float = DEFAULT_COST_RATIO
-    memory: float = 0.8  # per-step decay of the acceptance evidence (~5 steps of memory)
-    prior_accepts: float = 0.5  # a weak prior of a = 0.5, worth one proposal
-    prior_trials: float = 1.0
-    _accepts: float = field(default=0.0, init=False)
+    step_costs: StepCosts = field(default_factory=lambda: linear_step_costs(DEFAULT_COST_RATIO))
+    memory: float = 0.8  # per-step decay of the recent evidence (~5 steps)
+    long_memory: float = 0.97  # per-step decay of the long-run evidence (~30 steps)
+    shrink: float = 2.0  # the long-run figure's weight against recent evidence, in proposals
+    prior_alpha: float = 0.5  # before any evidence: a weak a = 0.5 ...
+    prior_weight: float = 1.0  # ... worth one proposal (seed_from: earlier requests' a)
+    _accepts: float = field(default=0.0, init=False)  # recent, decaying
     _trials: float = field(default=0.0, init=False)
+    _long_accepts: float = field(default=0.0, init=False)  # long-run, decaying slowly
+    _long_trials: float = field(default=0.0, init=False)
     _steps: int = field(default=0, init=False)
     _idle: int = field(default=0, init=False)  # plain steps since the last speculative one
     _backoff: int = field(default=1, init=False)
-    _probing: bool = field(default=False, init=False)
+
+    @property
+    def long_run_alpha(self) -> float:
+        weight = self.prior_weight
+        return (self._long_accepts + weight * self.prior_alpha) / (self._long_trials + weight)
 
     @property
     def alpha(self) -> float:
-        return (self._accepts + self.prior_accepts) / (self._trials + self.prior_trials)
+        return (self._accepts + self.shrink * self.long_run_alpha) / (self._trials + self.shrink)
+
+    def gain(self, alpha: float, k: int) -> float:
+        """Expected tokens per target pass with k proposals."""
+        return expected_tokens(alpha, k) / self.step_costs[min(k, len(self.step_costs) - 1)]
 
     def best_k(self) -> int:
-        """The K >= max(1, min_k) with the best expected speedup, or 0 if none beats 1."""
+        """The K >= max(1, min_k) with the best expected gain, or 0 if none beats 1."""
         lo = max(1, self.min_k)
         if lo > self.max_k:
             return self.min_k
         a = self.alpha
-        best = max(range(lo, self.max_k + 1), key=lambda k: speedup_bound(a, k, self.cost_ratio))
-        if self.min_k == 0 and speedup_bound(a, best, self.cost_ratio) < 1.0:
+        best = max(range(lo, self.max_k + 1), key=lambda k: self.gain(a, k))
+        if self.min_k == 0 and self.gain(a, best) < 1.0:
             return 0
         return best
 
     def seed_from(self, alpha: float, weight: float = 4.0) -> None:
-        """Start from what earlier requests saw (AcceptanceMemory) instead of `start_k`. A
-        draft known to be useless opens with a one-token probe instead of a K = start_k step:
-        ~1/4 of the cost, and every request still tests the draft, so a short request is still
-        recorded as a failure case (the learning loop needs them) and a better adapter shows."""
-        self._accepts = alpha * weight
-        self._trials = weight
+        """Start from what earlier requests saw (AcceptanceMemory) instead of `start_k`: their
+        acceptance becomes the long-run prior. A draft known to be useless opens with a
+        one-token probe instead of a K = start_k step: ~1/4 of the cost, and every request
+        still tests the draft, so a short request is still recorded as a failure case (the
+        learning loop needs them) and a better adapter shows."""
+        self.prior_alpha, self.prior_weight = alpha, weight
         self._steps = max(self._steps, 1)
         self._idle = self.probe_interval * self._backoff  # due: best_k() = 0 means a probe
 
@@ -104,6 +132,10 @@ class AdaptiveK:
 
     def update(self, k: int, accepted: int) -> None:
         self._steps += 1
+        self._accepts *= self.memory
+        self._trials *= self.memory
+        self._long_accepts *= self.long_memory
+        self._long_trials *= self.long_memory
         if k == 0:
             self._idle += 1
             return
@@ -111,8 +143,11 @@ class AdaptiveK:
         self._idle = 0
         # A step shows `accepted` successes and, if it stopped early, one failure; later
         # proposals were never tested (geometric counting, unbiased for a).
-        self._accepts = self._accepts * self.memory + accepted
-        self._trials = self._trials * self.memory + accepted + (1 if accepted < k else 0)
+        trials = accepted + (1 if accepted < k else 0)
+        self._accepts += accepted
+        self._trials += trials
+        self._long_accepts += accepted
+        self._long_trials += trials
         if was_idle:
             # A probe: if it does not lift K above 0, wait longer before the next one.
             if self.best_k() == 0:
@@ -150,7 +185,7 @@ class AcceptanceMemory:
 def make_policy(
     draft_tokens: int | None,
     spec: Any,
-    cost_ratio: float | None = None,
+    step_costs: Sequence[float] | None = None,
     prior_alpha: float | None = None,
 ) -> KPolicy:
     """Fixed K when the request sets one, else the adaptive controller from the config,
@@ -162,43 +197,47 @@ def make_policy(
         max_k=spec.adaptive_max,
         start_k=spec.adaptive_start,
         probe_interval=spec.probe_interval,
-        cost_ratio=DEFAULT_COST_RATIO if cost_ratio is None else cost_ratio,
+        step_costs=tuple(step_costs) if step_costs else linear_step_costs(DEFAULT_COST_RATIO),
     )
     if prior_alpha is not None:
         policy.seed_from(prior_alpha)
     return policy
 
 
-def measure_cost_ratio(
-    target: Any, draft: Any, k: int = 4, repeats: int = 5, draft_vocab: Any | None = None
-) -> float:
-    """Measure the cost of one drafted token in target passes on this machine.
+def measure_step_costs(
+    target: Any, draft: Any, max_k: int = 8, repeats: int = 3, draft_vocab: Any | None = None
+) -> StepCosts:
+    """Measure what a step with k proposals costs in target passes on this machine, k = 0..max_k.
 
-    (draft pass + extra verification width per token) / one target pass, from short timed
-    forwards over fresh caches; with `draft_vocab` the draft pass uses the restricted head, as
-    generation will. The worker calls this once at load and passes the result to
-    `generate(cost_ratio=...)`; it is rounded so restarts make the same K choices.
+    (k draft passes + one target pass over k + 1 tokens) / one target pass over 1 token, from
+    short timed forwards after a 32-token context (best of `repeats`); with `draft_vocab` the
+    draft pass uses the restricted head, as generation will. The worker calls this once at load
+    and passes the result to `generate(step_costs=...)`; figures are rounded so restarts make
+    the same K choices. Costs never fall as k grows (a noisy reading must not favour long steps).
     """
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
     from speclora.daemon.engine.draft_vocab import DraftHead, model_parts
 
-    def timed(model: Any, width: int, fn: Any = None) -> float:
+    def timed(model: Any, widths: Sequence[int], fn: Any = None) -> list[float]:
         cache = make_prompt_cache(model)
         mx.eval(model(mx.zeros((1, 32), mx.uint32), cache=cache))
-        best = float("inf")
+        best = [float("inf")] * len(widths)
         for _ in range(repeats):
-            x = mx.zeros((width,), mx.uint32)
-            start = time.perf_counter()
-            mx.eval(fn(x, cache) if fn else model(x[None], cache=cache))
-            best = min(best, time.perf_counter() - start)
-            for c in cache:
-                c.trim(width)
+            for i, width in enumerate(widths):
+                x = mx.zeros((width,), mx.uint32)
+                start = time.perf_counter()
+                mx.eval(fn(x, cache) if fn else model(x[None], cache=cache))
+                best[i] = min(best[i], time.perf_counter() - start)
+                for c in cache:
+                    c.trim(width)
         return best
 
-    one = timed(target, 1)
-    wide = timed(target, k + 1)
+    passes = timed(target, range(1, max_k + 2))  # [w - 1] = a pass over w tokens
     head = DraftHead(model_parts(draft), draft_vocab)
-    draft_one = timed(draft, 1, lambda x, cache: head.logits(x, cache)[1])
-    ratio = (draft_one + (wide - one) / k) / one
-    return round(max(ratio, 0.01), 2)
+    (draft_one,) = timed(draft, [1], lambda x, cache: head.logits(x, cache)[1])
+    costs = [1.0]
+    for k in range(1, max_k + 1):
+        cost = round((k * draft_one + passes[k]) / passes[0], 2)
+        costs.append(max(cost, costs[-1] + 0.01))
+    return tuple(costs)

@@ -19,7 +19,7 @@ before the verify pass writes them again).
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -309,7 +309,7 @@ def detailed_steps(
     tracker: CompletionTracker,
     *,
     draft_vocab: DraftVocab | None = None,
-    cost_ratio: float | None = None,
+    step_costs: Sequence[float] | None = None,
     memory: AcceptanceMemory | None = None,
     prompt_cache: PromptCache | None = None,
     draft_tag: str = "",
@@ -325,7 +325,7 @@ def detailed_steps(
     if request.sampling.seed is not None and not request.sampling.greedy:
         memory = None  # a seeded sample must not depend on earlier requests
     prior = memory.alpha if memory is not None else None
-    policy: KPolicy = make_policy(draft_tokens, spec, cost_ratio, prior)
+    policy: KPolicy = make_policy(draft_tokens, spec, step_costs, prior)
     prompt = list(tracker.prompt_ids)
     # The prompt's last token goes in with the first step, so the caches take the rest.
     body = len(prompt) - 1
