@@ -100,7 +100,7 @@ def speculative_rows(spec: dict[str, Any]) -> Iterator[Row]:
                 yield (
                     f"T = {t:g}, trained draft, K = {kk}: speedup; measured / Leviathan bound",
                     f"{_f(row['speedup'])}x; {_f(row['measured_over_bound'])} "
-                    f"(alpha {_f(row['alpha'])}, c {_f(row['c'])})",
+                    f"(alpha {_f(row.get('bound_alpha') or row['alpha'])}, c {_f(row['c'])})",
                     ">= 0.9 of the bound",
                 )
     for draft, costs in spec.get("costs", {}).items():

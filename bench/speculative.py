@@ -13,7 +13,8 @@ Columns: tok/s; speedup over target-only at the same temperature; acceptance (ac
 proposed, the daemon's figure); alpha, the per-position acceptance (accepted / (accepted +
 rejections), the i.i.d. estimate Leviathan's formula uses); tokens per target pass; c, draft
 pass / target pass time as measured here; the bound (1 - alpha^(K+1)) / ((1 - alpha)(K c + 1))
-(for adaptive rows, the best K's); measured speedup / bound; and for T = 0 whether every
+(for adaptive rows, the best K's at the alpha the same head showed at fixed K, so a controller
+that seldom drafts cannot lower its own bar); measured speedup / bound; and for T = 0 whether every
 prompt's output is token-for-token the target's.
 
     python bench/speculative.py [--json PATH] [--smoke] [--target X --draft Y] [-k 4]
@@ -117,6 +118,7 @@ class Row:
     identical: bool | None = None
     c: float | None = None
     k_value: int | None = None
+    bound_alpha: float | None = None  # adaptive rows: the fixed-K row's alpha (same head)
     outputs: list[list[int]] = field(default_factory=list, repr=False)
 
     def add(self, run: Run) -> None:
@@ -150,11 +152,12 @@ class Row:
         return self.tokens / self.passes if self.passes else 0.0
 
     def bound(self) -> float | None:
-        if self.alpha is None or self.c is None:
+        alpha = self.bound_alpha if self.bound_alpha is not None else self.alpha
+        if alpha is None or self.c is None:
             return None
         if self.k_value is not None:
-            return speedup_bound(self.alpha, self.k_value, self.c)
-        return max(1.0, *(speedup_bound(self.alpha, k, self.c) for k in range(1, 9)))
+            return speedup_bound(alpha, self.k_value, self.c)
+        return max(1.0, *(speedup_bound(alpha, k, self.c) for k in range(1, 9)))
 
 
 def mlx_lm_run(target, draft, tokenizer, ids, max_tokens, temperature, seed, k) -> Run:
@@ -467,6 +470,10 @@ def bench_draft(
                 flush=True,
             )
     rows = [row for row, _ in methods]
+    for row in rows:
+        if row.k == "adaptive":
+            fixed = next(r for r in rows if r.method == row.method and r.k == str(k))
+            row.bound_alpha = fixed.alpha
     if temperature == 0.0:
         reference = reference or rows[0]  # the first block's target-only outputs
         for row in rows:
