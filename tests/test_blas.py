@@ -34,7 +34,7 @@ def test_the_best_installed_blas_is_loaded_before_mlx() -> None:
     info = blas_info()
     assert info.fast, info
     best = candidates(cpu_vendor())
-    expected = "mkl" if "libmkl" in best[0] else "openblas"  # (make setup installs MKL on Intel)
+    expected = "mkl" if "libmkl" in best[0] else "openblas"  # (MKL only where speclora[mkl] is)
     assert info.name == expected, (info, best[:2])
 
 

@@ -5,8 +5,8 @@ With per-proposal acceptance a, a step with K proposals yields (1 - a^(K+1)) / (
 pass over K + 1 tokens, measured on this machine at load (measure_step_costs). On a CPU the wide
 pass is not free, and its price does not grow evenly with K (OpenBLAS on a 2-core Xeon: 2 tokens
 cost ~1.25 passes, 5 tokens ~1.35, 8 tokens ~1.4), so the controller keeps a price per K instead
-of one ratio. It picks the K with the
-most tokens per pass, or K = 0 (plain target decoding) when no K beats 1.
+of one ratio. It picks the K with the most tokens per pass, or K = 0 (plain target decoding) when
+no K beats 1.
 
 Estimating a. Recent steps' evidence (decaying, ~5 steps) is shrunk toward the long-run
 acceptance (~30 steps, plus what earlier requests saw: AcceptanceMemory). Recent
