@@ -108,6 +108,11 @@ class AcceptanceEstimate:
         self._long_successes *= self.long_memory
         self._long_trials *= self.long_memory
 
+    def fade(self) -> None:
+        """A step that tested nothing: recent evidence fades toward the long-run figure."""
+        self._successes *= self.memory
+        self._trials *= self.memory
+
     def observe(self, successes: float, trials: float) -> None:
         self._successes += successes
         self._trials += trials

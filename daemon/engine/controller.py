@@ -14,10 +14,13 @@ way) and the length of the suffix match it continues; the step yields
 1 + sum_i prod_{j <= i} a_j with a_j = min(A_MAX, f * c_j), where the calibration f
 (acceptance per unit of confidence) is estimated per match-length band from the history steps
 seen, the same recent-vs-long-run way as the draft's a: a 2-token match is weak evidence, a
-16-token one is a copied span. A band's estimate changes only when it is tested, so a band that
-proposed garbage stays quiet for the rest of the request; each request starts from what earlier
-ones saw (HistoryMemory), blended with the band's default so that no band is shut for good. The
-history step takes the prefix of the proposal with the best tokens per cost.
+16-token one is a copied span. A band's long-run figure changes only when it is tested, so a
+band that proposed garbage stays quiet (its recent evidence fades back to that figure between
+tests); while history has proposals that do not pay, a short probe now and then (backing off
+while probes leave it unpriced, as adaptive K's do) re-tests it, so a good source that had bad
+luck comes back. Each request starts from what earlier ones saw (HistoryMemory), blended
+with the band's default so that no band is shut for good. The history step takes the prefix of
+the proposal with the best tokens per cost.
 
 Decisions depend only on the request's tokens, the acceptance seen and the fixed prices, never
 on wall-clock time, so a seeded request makes the same choices every run.
@@ -38,6 +41,8 @@ A_MAX = 0.98  # never price a history token as certain: past text is not the tar
 # a token at confidence 1 continuing a match of that length is accepted this often.
 MATCH_BANDS = (0, 3, 5, 9)
 BAND_PRIORS = (0.3, 0.5, 0.7, 0.85)
+HISTORY_PROBE_TOKENS = 4  # a probe verifies this much of a proposal that did not pay
+MAX_PROBE_BACKOFF = 8
 
 
 def match_band(match_len: int) -> int:
@@ -139,6 +144,7 @@ class StepController:
         min_token_prob: float = 0.1,
         spec_factor: float = 1.0,
         calibration: Sequence[float | None] | None = None,
+        probe_interval: int = 16,
     ) -> None:
         self.prices = prices
         self.draft_policy = draft_policy
@@ -155,6 +161,9 @@ class StepController:
         # positions they tested (for HistoryMemory).
         self.history_accepted = [0.0] * len(MATCH_BANDS)
         self.history_tested = [0.0] * len(MATCH_BANDS)
+        self.probe_interval = probe_interval
+        self._unpriced = 0  # steps since history last proposed, while it had proposals
+        self._backoff = 1
 
     def _draft_plan(self, budget: int) -> StepPlan:
         policy = self.draft_policy
@@ -183,8 +192,12 @@ class StepController:
             return PLAIN
         band = match_band(proposal.match_len)
         n, expected, _ = history_prefix(proposal.confidence, self.bands[band].value, self.prices)
+        probe = False
         if n == 0:
-            return PLAIN
+            self._unpriced += 1
+            if self._unpriced < self.probe_interval * self._backoff:
+                return PLAIN
+            n, probe = min(HISTORY_PROBE_TOKENS, len(proposal.tokens)), True
         return StepPlan(
             "history",
             n,
@@ -192,6 +205,7 @@ class StepController:
             confidence=tuple(proposal.confidence[:n]),
             expected=expected,
             band=band,
+            probe=probe,
         )
 
     def _gain(self, plan: StepPlan) -> float:
@@ -209,12 +223,15 @@ class StepController:
             return history
         if draft.k and (draft.probe or self._gain(draft) >= 1.0):
             return draft
-        return PLAIN
+        return history if history.probe else PLAIN
 
     def update(self, plan: StepPlan, accepted: int) -> None:
         if self.draft_policy is not None:
             # A history step did not test the draft: for adaptive K it is an idle step.
             self.draft_policy.update(plan.k if plan.source == "draft" else 0, accepted)
+        for band, estimate in enumerate(self.bands):
+            if plan.source != "history" or band != plan.band:
+                estimate.fade()
         if plan.source == "history":
             # Tested positions: the accepted ones and the first rejected one, if any.
             tested = sum(plan.confidence[: accepted + (1 if accepted < plan.k else 0)])
@@ -223,6 +240,10 @@ class StepController:
             estimate.observe(accepted, tested)
             self.history_accepted[plan.band] += accepted
             self.history_tested[plan.band] += tested
+            self._unpriced = 0
+            if plan.probe:  # did it bring the band back? if not, wait longer next time
+                n, _, _ = history_prefix(plan.confidence, estimate.value, self.prices)
+                self._backoff = min(self._backoff * 2, MAX_PROBE_BACKOFF) if n == 0 else 1
 
 
 def make_controller(
@@ -258,5 +279,6 @@ def make_controller(
         draft_policy=policy,
         history=history,
         calibration=history_calibration,
+        probe_interval=spec.probe_interval,  # type: ignore[attr-defined]
         **options,
     )
