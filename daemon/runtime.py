@@ -23,8 +23,8 @@ from speclora.daemon.learning.recorder import FailureRecorder
 from speclora.daemon.learning.session import run_training
 from speclora.daemon.learning.store import FailureStore
 from speclora.daemon.learning.swap import apply_adapter, load_active_adapter
-from speclora.daemon.servicer import TRAINING_TASK
 from speclora.daemon.state import ModelHub
+from speclora.daemon.stats import TRAINING_TASK
 from speclora.daemon.worker import TaskFactory, Worker
 from speclora.shared.config import Config
 from speclora.shared.paths import Paths, ensure_private_dir

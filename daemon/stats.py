@@ -12,9 +12,19 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from speclora.daemon import blas
 from speclora.daemon.engine.events import GenerationSummary, Mode
+
+import speclora
+
+if TYPE_CHECKING:
+    from speclora.daemon.worker import Worker
+
+TRAINING_TASK = "training"  # the worker task a training run is
 
 
 @dataclass(frozen=True)
@@ -150,6 +160,48 @@ class StatsTracker:
                 per_adapter=tuple(self._adapters[k] for k in sorted(self._adapters)),
                 tokens_per_second_recent=sum(rates) / len(rates) if rates else 0.0,
             )
+
+
+def daemon_snapshot(
+    worker: Worker,
+    default_mode: Mode,
+    failure_counts: Callable[[], tuple[int, int]] | None = None,
+) -> StatsSnapshot:
+    """The daemon's state as every transport reports it, without waiting for the worker.
+
+    `failure_counts` -> (failure cases stored, cases since the last run), None without a
+    learning loop."""
+    hub = worker.hub
+    serving = worker.stats.snapshot()
+    failures, pending = failure_counts() if failure_counts else (0, 0)
+    rss, peak = memory_usage()
+    return StatsSnapshot(
+        target_model=hub.target_name,
+        draft_model=hub.draft_name,
+        adapter_version=hub.adapter_version,
+        uptime_s=serving.uptime_s,
+        requests_total=serving.requests_total,
+        requests_active=worker.active_count,
+        tokens_total=serving.tokens_total,
+        prompt_tokens_total=serving.prompt_tokens_total,
+        prompt_tokens_cached=serving.prompt_tokens_cached,
+        acceptance_lifetime=serving.acceptance_lifetime,
+        acceptance_recent=serving.acceptance_recent,
+        acceptance_history=serving.acceptance_history,
+        per_adapter=serving.per_adapter,
+        tokens_per_second_recent=serving.tokens_per_second_recent,
+        failure_cases=failures,
+        pending_cases=pending,
+        training_state=worker.task_state(TRAINING_TASK),
+        queue_depth=worker.queue_depth,
+        rss_bytes=rss,
+        peak_rss_bytes=peak,
+        weight_bytes=hub.weight_bytes,
+        prompt_cache_bytes=hub.prompt_cache.stats().bytes if hub.prompt_cache else 0,
+        blas=blas.blas_info().name,
+        version=speclora.__version__,
+        default_mode=default_mode,
+    )
 
 
 def memory_usage() -> tuple[int, int]:
