@@ -88,7 +88,8 @@ class DaemonError(SpecLoRAClientError):
 class TextChunk:
     text: str
     token_ids: tuple[int, ...]
-    from_draft: tuple[bool, ...]  # per token: proposed by the draft, accepted by the target
+    from_draft: tuple[bool, ...]  # per token: proposed by the model draft, accepted
+    from_history: tuple[bool, ...] = ()  # per token: proposed by the history drafter, accepted
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,11 @@ class GenerationSummary:
     mode: str  # "detailed" | "fast"
     total_time_s: float
     cached_prompt_tokens: int
+    # By source (they add up to proposed/accepted).
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    history_proposed: int = 0
+    history_accepted: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,16 @@ class StatsSnapshot:
     blas: str
     version: str
     default_mode: str
+    # By source since start (acceptance_* above count both), and the history drafter's size.
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    history_proposed: int = 0
+    history_accepted: int = 0
+    draft_acceptance_recent: float = 0.0
+    history_acceptance_recent: float = 0.0
+    history_tokens: int = 0
+    history_documents: int = 0
+    history_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -412,7 +428,9 @@ class SpecLoRAClient:
         for event in self._stream(call):
             if event.HasField("chunk"):
                 c = event.chunk
-                yield TextChunk(c.text, tuple(c.token_ids), tuple(c.from_draft))
+                yield TextChunk(
+                    c.text, tuple(c.token_ids), tuple(c.from_draft), tuple(c.from_history)
+                )
             else:
                 yield _summary(event.summary)
 

@@ -162,7 +162,10 @@ def check_stats_request(msg: pb.StatsRequest) -> float:
 def chunk_to_pb(chunk: TextChunk) -> pb.GenerateEvent:
     return pb.GenerateEvent(
         chunk=pb.TextChunk(
-            text=chunk.text, token_ids=list(chunk.token_ids), from_draft=list(chunk.from_draft)
+            text=chunk.text,
+            token_ids=list(chunk.token_ids),
+            from_draft=list(chunk.from_draft),
+            from_history=list(chunk.from_history),
         )
     )
 
@@ -187,6 +190,10 @@ def result_to_pb(result: GenerationResult) -> pb.GenerateEvent:
             mode=_MODE_TO_PB[s.mode],
             total_time_s=s.total_time_s,
             cached_prompt_tokens=s.cached_prompt_tokens,
+            draft_proposed=s.draft_proposed,
+            draft_accepted=s.draft_accepted,
+            history_proposed=s.history_proposed,
+            history_accepted=s.history_accepted,
         )
     )
 
@@ -248,6 +255,15 @@ def snapshot_to_pb(snap: StatsSnapshot) -> pb.StatsSnapshot:
         blas=snap.blas,
         version=snap.version,
         default_mode=_MODE_TO_PB[snap.default_mode],
+        draft_proposed=snap.sources.draft_proposed,
+        draft_accepted=snap.sources.draft_accepted,
+        history_proposed=snap.sources.history_proposed,
+        history_accepted=snap.sources.history_accepted,
+        draft_acceptance_recent=snap.sources.draft_acceptance_recent,
+        history_acceptance_recent=snap.sources.history_acceptance_recent,
+        history_tokens=snap.history.tokens,
+        history_documents=snap.history.documents,
+        history_bytes=snap.history.bytes,
     )
 
 

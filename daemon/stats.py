@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from speclora.daemon import blas
@@ -54,6 +54,28 @@ class ServingStats:
     acceptance_history: tuple[float, ...]  # per request, oldest first
     per_adapter: tuple[AdapterAcceptance, ...]
     tokens_per_second_recent: float
+    sources: SourceCounts = field(default_factory=lambda: SourceCounts())
+
+
+@dataclass(frozen=True)
+class SourceCounts:
+    """Proposals by source since start, and each source's acceptance over the recent window."""
+
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    history_proposed: int = 0
+    history_accepted: int = 0
+    draft_acceptance_recent: float = 0.0
+    history_acceptance_recent: float = 0.0
+
+
+@dataclass(frozen=True)
+class HistoryCounts:
+    """What the history drafter holds (engine.history.SuffixIndex)."""
+
+    tokens: int = 0
+    documents: int = 0
+    bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,8 @@ class StatsSnapshot:
     blas: str
     version: str
     default_mode: Mode
+    sources: SourceCounts = field(default_factory=lambda: SourceCounts())
+    history: HistoryCounts = field(default_factory=lambda: HistoryCounts())
 
 
 @dataclass(frozen=True)
@@ -92,7 +116,15 @@ class _Recent:
     proposed: int
     accepted: int
     tokens_per_second: float
-    spoke: bool  # whether the draft proposed anything (K > 0 at some step)
+    spoke: bool  # whether anything was proposed (K > 0 at some step)
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    history_proposed: int = 0
+    history_accepted: int = 0
+
+
+def _rate(accepted: int, proposed: int) -> float:
+    return accepted / proposed if proposed else 0.0
 
 
 class StatsTracker:
@@ -108,6 +140,7 @@ class StatsTracker:
         self._prompt_cached = 0
         self._proposed = 0
         self._accepted = 0
+        self._by_source = {"draft": [0, 0], "history": [0, 0]}  # [proposed, accepted]
         self._recent: deque[_Recent] = deque(maxlen=window)
         self._adapters: dict[str, AdapterAcceptance] = {}
 
@@ -119,20 +152,31 @@ class StatsTracker:
             self._prompt_cached += summary.cached_prompt_tokens
             self._proposed += summary.proposed
             self._accepted += summary.accepted
+            for source, proposed, accepted in (
+                ("draft", summary.draft_proposed, summary.draft_accepted),
+                ("history", summary.history_proposed, summary.history_accepted),
+            ):
+                self._by_source[source][0] += proposed
+                self._by_source[source][1] += accepted
             self._recent.append(
                 _Recent(
                     summary.proposed,
                     summary.accepted,
                     summary.tokens_per_second,
                     summary.proposed > 0,
+                    summary.draft_proposed,
+                    summary.draft_accepted,
+                    summary.history_proposed,
+                    summary.history_accepted,
                 )
             )
+            # Per adapter: the model draft's own proposals, which the adapter changes.
             old = self._adapters.get(adapter_version, AdapterAcceptance(adapter_version, 0, 0, 0))
             self._adapters[adapter_version] = AdapterAcceptance(
                 adapter_version,
                 old.requests + 1,
-                old.proposed + summary.proposed,
-                old.accepted + summary.accepted,
+                old.proposed + summary.draft_proposed,
+                old.accepted + summary.draft_accepted,
             )
 
     def record_cancelled(self, tokens: int) -> None:
@@ -159,6 +203,19 @@ class StatsTracker:
                 acceptance_history=tuple(r.accepted / r.proposed for r in recent if r.spoke),
                 per_adapter=tuple(self._adapters[k] for k in sorted(self._adapters)),
                 tokens_per_second_recent=sum(rates) / len(rates) if rates else 0.0,
+                sources=SourceCounts(
+                    draft_proposed=self._by_source["draft"][0],
+                    draft_accepted=self._by_source["draft"][1],
+                    history_proposed=self._by_source["history"][0],
+                    history_accepted=self._by_source["history"][1],
+                    draft_acceptance_recent=_rate(
+                        sum(r.draft_accepted for r in recent), sum(r.draft_proposed for r in recent)
+                    ),
+                    history_acceptance_recent=_rate(
+                        sum(r.history_accepted for r in recent),
+                        sum(r.history_proposed for r in recent),
+                    ),
+                ),
             )
 
 
@@ -201,7 +258,18 @@ def daemon_snapshot(
         blas=blas.blas_info().name,
         version=speclora.__version__,
         default_mode=default_mode,
+        sources=serving.sources,
+        history=history_counts(hub),
     )
+
+
+def history_counts(hub: object) -> HistoryCounts:
+    """What the hub's history drafter holds (all zero without one)."""
+    history = getattr(hub, "history", None)
+    index = getattr(history, "index", None)
+    if index is None:
+        return HistoryCounts()
+    return HistoryCounts(tokens=index.tokens, documents=index.documents, bytes=index.nbytes)
 
 
 def memory_usage() -> tuple[int, int]:

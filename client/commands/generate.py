@@ -11,9 +11,16 @@ from speclora.client.stub import GenerationSummary, SpecLoRAClient, TextChunk
 
 
 def summary_line(s: GenerationSummary) -> str:
+    sources = (
+        f" = draft {s.draft_accepted}/{s.draft_proposed} + history "
+        f"{s.history_accepted}/{s.history_proposed}"
+        if s.history_proposed
+        else ""
+    )
     return (
         f"[{s.completion_tokens} tokens, {s.tokens_per_second:.1f} tok/s, acceptance "
-        f"{s.acceptance_rate:.2f} ({s.accepted}/{s.proposed}), {s.tokens_per_step:.2f} tokens/step, "
+        f"{s.acceptance_rate:.2f} ({s.accepted}/{s.proposed}{sources}), "
+        f"{s.tokens_per_step:.2f} tokens/step, "
         f"{s.mode}, finish {s.finish_reason}{', recorded' if s.failure_recorded else ''}"
         f"{f', {s.cached_prompt_tokens} prompt tokens cached' if s.cached_prompt_tokens else ''}]"
     )
@@ -100,6 +107,7 @@ def _result(chunks: list[TextChunk], s: GenerationSummary | None) -> dict[str, o
         "text": "".join(c.text for c in chunks),
         "token_ids": [t for c in chunks for t in c.token_ids],
         "from_draft": [d for c in chunks for d in c.from_draft],
+        "from_history": [h for c in chunks for h in c.from_history],
     }
     if s is not None:
         result.update(
@@ -110,6 +118,10 @@ def _result(chunks: list[TextChunk], s: GenerationSummary | None) -> dict[str, o
             proposed=s.proposed,
             accepted=s.accepted,
             acceptance_rate=s.acceptance_rate,
+            draft_proposed=s.draft_proposed,
+            draft_accepted=s.draft_accepted,
+            history_proposed=s.history_proposed,
+            history_accepted=s.history_accepted,
             tokens_per_second=s.tokens_per_second,
             time_to_first_token_s=s.time_to_first_token_s,
             tokens_per_step=s.tokens_per_step,

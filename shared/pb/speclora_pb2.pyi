@@ -66,17 +66,19 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., raw: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., draft_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., record: _Optional[bool] = ...) -> None: ...
 
 class TextChunk(_message.Message):
-    __slots__ = ("text", "token_ids", "from_draft")
+    __slots__ = ("text", "token_ids", "from_draft", "from_history")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FROM_DRAFT_FIELD_NUMBER: _ClassVar[int]
+    FROM_HISTORY_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     from_draft: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., from_draft: _Optional[_Iterable[bool]] = ...) -> None: ...
+    from_history: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., from_draft: _Optional[_Iterable[bool]] = ..., from_history: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class GenerationSummary(_message.Message):
-    __slots__ = ("request_id", "prompt_tokens", "completion_tokens", "proposed", "accepted", "acceptance_rate", "tokens_per_second", "time_to_first_token_s", "finish_reason", "adapter_version", "failure_recorded", "target_passes", "tokens_per_step", "mode", "total_time_s", "cached_prompt_tokens")
+    __slots__ = ("request_id", "prompt_tokens", "completion_tokens", "proposed", "accepted", "acceptance_rate", "tokens_per_second", "time_to_first_token_s", "finish_reason", "adapter_version", "failure_recorded", "target_passes", "tokens_per_step", "mode", "total_time_s", "cached_prompt_tokens", "draft_proposed", "draft_accepted", "history_proposed", "history_accepted")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +95,10 @@ class GenerationSummary(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TIME_S_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_tokens: int
     completion_tokens: int
@@ -109,7 +115,11 @@ class GenerationSummary(_message.Message):
     mode: Mode
     total_time_s: float
     cached_prompt_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., adapter_version: _Optional[str] = ..., failure_recorded: _Optional[bool] = ..., target_passes: _Optional[int] = ..., tokens_per_step: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ..., total_time_s: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+    draft_proposed: int
+    draft_accepted: int
+    history_proposed: int
+    history_accepted: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., adapter_version: _Optional[str] = ..., failure_recorded: _Optional[bool] = ..., target_passes: _Optional[int] = ..., tokens_per_step: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ..., total_time_s: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ..., draft_proposed: _Optional[int] = ..., draft_accepted: _Optional[int] = ..., history_proposed: _Optional[int] = ..., history_accepted: _Optional[int] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("chunk", "summary")
@@ -214,7 +224,7 @@ class AdapterAcceptance(_message.Message):
     def __init__(self, adapter_version: _Optional[str] = ..., requests: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ...) -> None: ...
 
 class StatsSnapshot(_message.Message):
-    __slots__ = ("target_model", "draft_model", "adapter_version", "uptime_s", "requests_total", "requests_active", "tokens_total", "acceptance_lifetime", "acceptance_recent", "acceptance_history", "per_adapter", "tokens_per_second_recent", "failure_cases", "pending_cases", "training_state", "queue_depth", "rss_bytes", "peak_rss_bytes", "weight_bytes", "blas", "version", "default_mode", "prompt_tokens_total", "prompt_tokens_cached", "prompt_cache_bytes")
+    __slots__ = ("target_model", "draft_model", "adapter_version", "uptime_s", "requests_total", "requests_active", "tokens_total", "acceptance_lifetime", "acceptance_recent", "acceptance_history", "per_adapter", "tokens_per_second_recent", "failure_cases", "pending_cases", "training_state", "queue_depth", "rss_bytes", "peak_rss_bytes", "weight_bytes", "blas", "version", "default_mode", "prompt_tokens_total", "prompt_tokens_cached", "prompt_cache_bytes", "draft_proposed", "draft_accepted", "history_proposed", "history_accepted", "draft_acceptance_recent", "history_acceptance_recent", "history_tokens", "history_documents", "history_bytes")
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +250,15 @@ class StatsSnapshot(_message.Message):
     PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_CACHED_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ACCEPTANCE_RECENT_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ACCEPTANCE_RECENT_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     target_model: str
     draft_model: str
     adapter_version: str
@@ -265,7 +284,16 @@ class StatsSnapshot(_message.Message):
     prompt_tokens_total: int
     prompt_tokens_cached: int
     prompt_cache_bytes: int
-    def __init__(self, target_model: _Optional[str] = ..., draft_model: _Optional[str] = ..., adapter_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., requests_total: _Optional[int] = ..., requests_active: _Optional[int] = ..., tokens_total: _Optional[int] = ..., acceptance_lifetime: _Optional[float] = ..., acceptance_recent: _Optional[float] = ..., acceptance_history: _Optional[_Iterable[float]] = ..., per_adapter: _Optional[_Iterable[_Union[AdapterAcceptance, _Mapping]]] = ..., tokens_per_second_recent: _Optional[float] = ..., failure_cases: _Optional[int] = ..., pending_cases: _Optional[int] = ..., training_state: _Optional[str] = ..., queue_depth: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., blas: _Optional[str] = ..., version: _Optional[str] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., prompt_tokens_total: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ...) -> None: ...
+    draft_proposed: int
+    draft_accepted: int
+    history_proposed: int
+    history_accepted: int
+    draft_acceptance_recent: float
+    history_acceptance_recent: float
+    history_tokens: int
+    history_documents: int
+    history_bytes: int
+    def __init__(self, target_model: _Optional[str] = ..., draft_model: _Optional[str] = ..., adapter_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., requests_total: _Optional[int] = ..., requests_active: _Optional[int] = ..., tokens_total: _Optional[int] = ..., acceptance_lifetime: _Optional[float] = ..., acceptance_recent: _Optional[float] = ..., acceptance_history: _Optional[_Iterable[float]] = ..., per_adapter: _Optional[_Iterable[_Union[AdapterAcceptance, _Mapping]]] = ..., tokens_per_second_recent: _Optional[float] = ..., failure_cases: _Optional[int] = ..., pending_cases: _Optional[int] = ..., training_state: _Optional[str] = ..., queue_depth: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., blas: _Optional[str] = ..., version: _Optional[str] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., prompt_tokens_total: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., draft_proposed: _Optional[int] = ..., draft_accepted: _Optional[int] = ..., history_proposed: _Optional[int] = ..., history_accepted: _Optional[int] = ..., draft_acceptance_recent: _Optional[float] = ..., history_acceptance_recent: _Optional[float] = ..., history_tokens: _Optional[int] = ..., history_documents: _Optional[int] = ..., history_bytes: _Optional[int] = ...) -> None: ...
 
 class ActivateAdapterRequest(_message.Message):
     __slots__ = ("version", "rollback")
