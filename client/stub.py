@@ -396,12 +396,14 @@ class SpecLoRAClient:
         draft_tokens: int | None = None,
         mode: str | None = None,
         record: bool | None = None,
+        use_history: bool | None = None,
         timeout: float | None = None,
     ) -> Iterator[GenerateEvent]:
         """Stream a generation: TextChunks as they are accepted, then a GenerationSummary.
 
         messages: (role, content) pairs or {"role", "content"} dicts. Unset options take the
-        daemon's configured defaults; draft_tokens None = adaptive, 0 = no speculation."""
+        daemon's configured defaults; draft_tokens None = adaptive, 0 = no speculation;
+        use_history False = the model draft alone (no proposals from past requests)."""
         request = pb.GenerateRequest(prompt=prompt or "", raw=raw, stop=list(stop))
         for m in messages or ():
             role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
@@ -414,6 +416,7 @@ class SpecLoRAClient:
             "seed": seed,
             "draft_tokens": draft_tokens,
             "record": record,
+            "use_history": use_history,
         }
         for name, value in optional.items():
             if value is not None:

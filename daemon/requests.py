@@ -93,6 +93,7 @@ def generation_request(
     draft_tokens: int | None = None,
     mode: str | None = None,
     record: bool | None = None,
+    use_history: bool | None = None,
 ) -> GenerationRequest:
     """Validate every field and fill what is unset (None) from the daemon's defaults.
 
@@ -143,6 +144,7 @@ def generation_request(
     elif mode not in MODES:
         raise InvalidRequestError("mode", f"{_shown(mode)} is not one of {', '.join(MODES)}")
     record = True if record is None else _boolean("record", record)
+    use_history = True if use_history is None else _boolean("use_history", use_history)
 
     return GenerationRequest(
         prompt=prompt,
@@ -154,6 +156,7 @@ def generation_request(
         draft_tokens=draft_tokens,
         mode=mode,  # type: ignore[arg-type]
         record=record,
+        use_history=use_history,
         request_id=request_id,
     )
 

@@ -117,6 +117,7 @@ def generation_request_from_pb(
         draft_tokens=optional("draft_tokens"),
         mode=_MODE_FROM_PB.get(msg.mode),
         record=optional("record"),
+        use_history=optional("use_history"),
     )
 
 

@@ -37,7 +37,10 @@ def summary_line(s: GenerationSummary) -> str:
 @click.option("--mode", type=click.Choice(["detailed", "fast"]), help="Engine mode.")
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
 @click.option("--raw", is_flag=True, help="Send PROMPT as-is, without the chat template.")
-@click.option("--no-record", is_flag=True, help="Never store this request as a failure case.")
+@click.option(
+    "--no-record", is_flag=True, help="Store nothing of this request (no failure case, no history)."
+)
+@click.option("--no-history", is_flag=True, help="No proposals from the history drafter.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 @address_option
 @click.pass_context
@@ -54,6 +57,7 @@ def generate(
     stop: tuple[str, ...],
     raw: bool,
     no_record: bool,
+    no_history: bool,
     as_json: bool,
     address: str | None,
 ) -> None:
@@ -78,6 +82,7 @@ def generate(
             draft_tokens=draft_tokens,
             mode=mode,
             record=False if no_record else None,
+            use_history=False if no_history else None,
         )
         try:
             for event in stream:

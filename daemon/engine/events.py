@@ -53,6 +53,7 @@ class GenerationRequest:
     draft_tokens: int | None = None  # None = adaptive K, 0 = no speculation
     mode: Mode = "detailed"
     record: bool = True
+    use_history: bool = True  # let the history drafter propose (adaptive K only)
     request_id: str = ""
 
 

@@ -383,7 +383,7 @@ def detailed_steps(
         # A seeded sample must not depend on earlier requests.
         memory = history_memory = None
     use_draft = draft is not None and draft_tokens != 0
-    history = history if draft_tokens is None else None
+    history = history if draft_tokens is None and request.use_history else None
     controller = make_controller(
         draft_tokens,
         spec,
