@@ -87,6 +87,25 @@ class SpeculationConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    """The history drafter: proposals from suffix matches over the request's own tokens and
+    past requests' prompts and outputs (engine.history)."""
+
+    enabled: bool = _opt(True, doc="propose from history (detailed mode, adaptive K)")
+    max_tokens: int = _opt(
+        1_000_000, lo=0, hi=1_000_000_000, doc="past tokens kept (~13 MB per million); 0 = none"
+    )
+    max_proposal: int = _opt(24, lo=1, hi=64, doc="longest proposal, tokens")
+    min_match: int = _opt(2, lo=1, hi=64, doc="shortest suffix match that proposes")
+    max_match: int = _opt(32, lo=1, hi=256, doc="longest suffix match looked for")
+    min_token_prob: float = _opt(
+        0.1, lo=0.0, hi=1.0, doc="stop where cumulative confidence falls below"
+    )
+    spec_factor: float = _opt(1.0, lo=0.1, hi=16.0, doc="proposal at most this times the match")
+    persist: bool = _opt(True, doc="keep past requests in the state dir across restarts")
+
+
+@dataclass(frozen=True)
 class GenerationConfig:
     max_tokens: int = _opt(256, lo=1, hi=1_000_000, doc="default when a request sets none")
     max_tokens_cap: int = _opt(4096, lo=1, hi=1_000_000)
@@ -146,6 +165,7 @@ class ServerConfig:
 class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -156,6 +176,7 @@ SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {
     "models": ModelsConfig,
     "speculation": SpeculationConfig,
+    "history": HistoryConfig,
     "generation": GenerationConfig,
     "learning": LearningConfig,
     "lora": LoraConfig,
