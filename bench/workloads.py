@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few tokens")
     args = parser.parse_args(argv)
-    configure_logging("warning", json_logs=False)
+    configure_logging("warning")
     if args.smoke:
         args.prompts, args.max_tokens = 2, 8
     target, draft, tokenizer, pair = load_models(args)
