@@ -166,6 +166,7 @@ class _Running:
     events: Iterator[Any]
     adapter_version: str = ""
     tokens: int = 0
+    head_restricted: bool = True  # the draft head it was started with (HeadChoice)
 
 
 def engine_generate(spec: SpeculationConfig) -> GenerateFn:
@@ -179,16 +180,24 @@ def engine_generate(spec: SpeculationConfig) -> GenerateFn:
     ) -> Iterator[EngineEvent]:
         from speclora.daemon.engine import AcceptanceMemory, generate
 
+        vocab, prices = hub.extras.get("draft_vocab"), hub.extras.get("prices")
+        choice = hub.extras.get("head_choice")
+        if choice is not None and not choice.use_restricted:
+            vocab, prices = None, choice.full_prices
+        head = "restricted" if vocab is not None else "full"
         return generate(
             hub.target,
             hub.draft,
             hub.tokenizer,
             request,
             spec,
-            draft_vocab=hub.extras.get("draft_vocab"),
+            draft_vocab=vocab,
             prompt_tokens=prompt_tokens,
-            prices=hub.extras.get("prices"),
-            acceptance_memory=hub.acceptance.setdefault(hub.adapter_version, AcceptanceMemory()),
+            prices=prices,
+            # Acceptance differs by head, so each keeps its own memory.
+            acceptance_memory=hub.acceptance.setdefault(
+                (hub.adapter_version, head), AcceptanceMemory()
+            ),
             prompt_cache=hub.prompt_cache,
             draft_tag=hub.adapter_version,
         )
@@ -419,7 +428,15 @@ class Worker:
         except Exception as exc:
             job._fail(exc)
             return
-        self._active.append(_Running(job, events, adapter_version=self.hub.adapter_version))
+        choice = self.hub.extras.get("head_choice")
+        self._active.append(
+            _Running(
+                job,
+                events,
+                adapter_version=self.hub.adapter_version,
+                head_restricted=choice.use_restricted if choice is not None else True,
+            )
+        )
         log.debug("generation_started", request_id=job.request.request_id)
 
     def _step_generation(self, running: _Running) -> None:
@@ -478,6 +495,23 @@ class Worker:
         self.stats.record(summary, version)
         vocab = self.hub.extras.get("draft_vocab")
         if vocab is not None:  # the restricted draft head follows what the target writes
+            choice = self.hub.extras.get("head_choice")
+            if choice is not None and summary.draft_proposed:
+                served = running.head_restricted
+                choice.observe(
+                    vocab,
+                    served,
+                    summary.completion_token_ids,
+                    summary.from_draft,
+                    summary.rejection_positions,
+                )
+                if choice.use_restricted != served:
+                    log.info(
+                        "draft_head_chosen",
+                        head="restricted" if choice.use_restricted else "full",
+                        acceptance_restricted=choice.acceptance(True),
+                        acceptance_full=choice.acceptance(False),
+                    )
             vocab.observe(summary.completion_token_ids)
         self._retire(running)
         log.info(
