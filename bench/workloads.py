@@ -416,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         return tokenizer.decode([t for t in run.tokens if t not in tokenizer.eos_token_ids])
 
     workloads = [
-        w for w in build_workloads(args.prompts, args.max_tokens, chat_reply) if w.key in args.only
+        w
+        for w in build_workloads(args.prompts, args.max_tokens, chat_reply, args.only)
+        if w.key in args.only
     ]
     names = {w.key: w.name for w in workloads}
     rows: list[dict] = []
