@@ -13,6 +13,15 @@ class InvalidRequestError(SpecLoRAError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.description = message
+
+
+class NotFoundError(SpecLoRAError):
+    """The request names something that does not exist (an adapter version, a case) -> NOT_FOUND."""
+
+
+class DeadlineError(SpecLoRAError):
+    """The engine did not get to a call within its time -> DEADLINE_EXCEEDED."""
 
 
 class PreconditionError(SpecLoRAError):
@@ -33,3 +42,12 @@ class ModelError(SpecLoRAError):
 
 class AdapterError(SpecLoRAError):
     """An adapter is missing, corrupt or does not fit the draft."""
+
+
+class AdapterNotFoundError(AdapterError, NotFoundError):
+    """No adapter version of that name -> NOT_FOUND."""
+
+
+class StoreUnavailableError(PreconditionError):
+    """The failure database cannot be opened, read or written -> FAILED_PRECONDITION. The message
+    names the file and what to do about it; serving goes on without it."""

@@ -75,6 +75,7 @@ class StatsSnapshot:
     blas: str
     version: str
     default_mode: Mode
+    failure_store_error: str = ""  # why the failure counts are 0 ("" = the store is fine)
 
 
 @dataclass(frozen=True)
