@@ -51,6 +51,9 @@ class GenerationRequest:
     mode: Mode = "detailed"
     record: bool = True
     request_id: str = ""
+    # time.perf_counter() when the request arrived (the RPC's start): time to first token and
+    # total time count from here, so waiting in the queue shows. None = when the engine starts.
+    received_at: float | None = None
 
 
 @dataclass(frozen=True)
