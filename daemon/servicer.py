@@ -59,7 +59,7 @@ from speclora.daemon.learning.store import FailureCase, StoreStats
 from speclora.daemon.state import ModelHub
 from speclora.daemon.stats import StatsSnapshot, memory_usage
 from speclora.daemon.worker import GenerationResult, TaskFactory, Worker
-from speclora.shared.config import Config
+from speclora.shared.config import Config, GenerationConfig, bounds
 from speclora.shared.pb import speclora_pb2 as pb
 from speclora.shared.pb import speclora_pb2_grpc as pb_grpc
 
@@ -182,6 +182,15 @@ def _check_range(field: str, value: float, lo: float, hi: float, *, lo_open: boo
         raise InvalidRequestError(field, f"{value} is outside {bounds}")
 
 
+def _check_bounds(key: str, value: float, hint: str = "") -> None:
+    """`value` within the range of generation.<key>; the field is named as the client sent it."""
+    allowed = bounds(GenerationConfig, key)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequestError(key, f"must be a finite number, got {value}")
+    if not allowed.allows(value):
+        raise InvalidRequestError(key, f"{value} is outside {allowed.describe()}{hint}")
+
+
 def generation_request_from_pb(
     msg: pb.GenerateRequest, config: Config, request_id: str
 ) -> GenerationRequest:
@@ -189,13 +198,13 @@ def generation_request_from_pb(
     g, s = config.generation, config.speculation
     max_tokens = msg.max_tokens if msg.HasField("max_tokens") else g.max_tokens
     _check_range("max_tokens", max_tokens, 1, g.max_tokens_cap)
+    # Held to the ranges the same keys have in the config (one definition, shared/config.py).
     temperature = msg.temperature if msg.HasField("temperature") else g.temperature
-    _check_range("temperature", temperature, 0.0, 2.0)
+    _check_bounds("temperature", temperature)
     top_p = msg.top_p if msg.HasField("top_p") else g.top_p
-    _check_range("top_p", top_p, 0.0, 1.0, lo_open=True)
+    _check_bounds("top_p", top_p)
     top_k = msg.top_k if msg.HasField("top_k") else g.top_k
-    if top_k < 0:
-        raise InvalidRequestError("top_k", f"must be >= 0 (0 = off), got {top_k}")
+    _check_bounds("top_k", top_k, " (0 = off)")
     seed = msg.seed if msg.HasField("seed") else None
     if seed is not None and seed < 0:
         raise InvalidRequestError("seed", f"must be >= 0, got {seed}")

@@ -30,9 +30,35 @@ def _opt(
     choices: tuple[Any, ...] | None = None,
     lo: float | None = None,
     hi: float | None = None,
+    lo_open: bool = False,
     doc: str = "",
 ) -> Any:
-    return field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi, "doc": doc})
+    """lo_open: the lower bound itself is not allowed ((lo, hi] instead of [lo, hi])."""
+    meta = {"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A numeric key's allowed range; requests that override the key are held to the same."""
+
+    lo: float | None
+    hi: float | None
+    lo_open: bool = False
+
+    def describe(self) -> str:
+        return f"{'(' if self.lo_open else '['}{self.lo}, {self.hi}]"
+
+    def allows(self, value: float) -> bool:
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or value <= self.hi
+
+
+def bounds(section: type, key: str) -> Bounds:
+    """The range a key of `section` (e.g. GenerationConfig, "top_p") accepts."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(section)}[key]
+    return Bounds(meta.get("lo"), meta.get("hi"), bool(meta.get("lo_open")))
 
 
 @dataclass(frozen=True)
@@ -67,7 +93,7 @@ class GenerationConfig:
     max_tokens_cap: int = _opt(4096, lo=1, hi=1_000_000)
     max_prompt_tokens: int = _opt(8192, lo=1, hi=10_000_000)
     temperature: float = _opt(0.0, lo=0.0, hi=2.0)
-    top_p: float = _opt(1.0, lo=0.0, hi=1.0)
+    top_p: float = _opt(1.0, lo=0.0, hi=1.0, lo_open=True, doc="in (0, 1]; 1 = off")
     top_k: int = _opt(0, lo=0, hi=1_000_000)
     max_stop_strings: int = _opt(16, lo=0, hi=1024)
     max_stop_string_chars: int = _opt(256, lo=1, hi=65_536)
@@ -165,9 +191,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     if meta.get("choices") and value not in meta["choices"]:
         allowed = ", ".join(map(str, meta["choices"]))
         raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if lo is not None and value < lo or hi is not None and value > hi:
-        raise ConfigError(f"{key}: {value!r} is outside [{lo}, {hi}]")
+    allowed = Bounds(meta.get("lo"), meta.get("hi"), bool(meta.get("lo_open")))
+    if not allowed.allows(value):
+        raise ConfigError(f"{key}: {value!r} is outside {allowed.describe()}")
     return value
 
 
