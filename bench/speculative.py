@@ -48,7 +48,7 @@ from speclora.daemon.engine import (
     GenerationRequest,
     SamplingParams,
     generate,
-    measure_step_costs,
+    measure_prices,
     speedup_bound,
 )
 from speclora.daemon.engine.draft_vocab import model_parts
@@ -402,10 +402,12 @@ def bench_draft(
     spec = SpeculationConfig(adaptive_max=max(args.k, 8))
     c_full = costs["draft_1_ms"] / costs["target_1_ms"]
     c_vocab = costs.get("draft_restricted_1_ms", costs["draft_1_ms"]) / costs["target_1_ms"]
-    # What the daemon measures at load for adaptive K, with each head.
-    step_costs = measure_step_costs(target, draft, max_k=spec.adaptive_max)
-    vocab_costs = (
-        measure_step_costs(target, draft, max_k=spec.adaptive_max, draft_vocab=vocab)
+    # What the daemon measures at load for the controller, with each head.
+    prices = measure_prices(target, draft, max_k=spec.adaptive_max, max_verify=spec.adaptive_max)
+    vocab_prices = (
+        measure_prices(
+            target, draft, max_k=spec.adaptive_max, max_verify=spec.adaptive_max, draft_vocab=vocab
+        )
         if vocab
         else None
     )
@@ -444,7 +446,7 @@ def bench_draft(
         (
             # One AcceptanceMemory per row across prompts, as the daemon keeps one per draft.
             Row(temperature, label, "ours detailed", "adaptive", c=c_full),
-            ours("detailed", None, step_costs=step_costs, acceptance_memory=AcceptanceMemory()),
+            ours("detailed", None, prices=prices, acceptance_memory=AcceptanceMemory()),
         ),
     ]
     if vocab is not None:
@@ -457,7 +459,7 @@ def bench_draft(
             (
                 Row(temperature, label, f"ours detailed, draft vocab {vocab.size}", "adaptive",
                     c=c_vocab),
-                ours("detailed", None, draft_vocab=vocab, step_costs=vocab_costs,
+                ours("detailed", None, draft_vocab=vocab, prices=vocab_prices,
                      acceptance_memory=AcceptanceMemory()),
             ),
         ]  # fmt: skip

@@ -21,7 +21,8 @@ from speclora.client.stub import (
 from speclora.shared.config import ConfigError
 
 EXIT_NOT_RUNNING = 2
-DRAFT_COLOUR = "cyan"
+DRAFT_COLOUR = "cyan"  # text the model draft proposed
+HISTORY_COLOUR = "magenta"  # text the history drafter proposed (past requests, the prompt)
 _SPARKS = "▁▂▃▄▅▆▇█"
 
 
@@ -31,15 +32,21 @@ def is_tty(stream: TextIO | None = None) -> bool:
 
 
 def chunk_text(chunk: TextChunk, colour: bool) -> str:
-    """A chunk's text; on a terminal, chunks mostly proposed by the draft are coloured.
+    """A chunk's text; on a terminal, chunks mostly proposed by the draft are cyan and those
+    mostly proposed by the history drafter magenta.
 
-    A chunk is one speculative step's text (accepted draft tokens plus the target's own), and
-    its token boundaries are not in the text, so the colour marks the step, not single tokens.
+    A chunk is one speculative step's text (accepted proposals plus the target's own token),
+    and its token boundaries are not in the text, so the colour marks the step, not single
+    tokens.
     """
-    if not colour or not chunk.from_draft:
+    n = len(chunk.token_ids)
+    if not colour or not n:
         return chunk.text
-    drafted = sum(chunk.from_draft) / len(chunk.from_draft)
-    return click.style(chunk.text, fg=DRAFT_COLOUR) if drafted >= 0.5 else chunk.text
+    if sum(chunk.from_history) / n >= 0.5:
+        return click.style(chunk.text, fg=HISTORY_COLOUR)
+    if sum(chunk.from_draft) / n >= 0.5:
+        return click.style(chunk.text, fg=DRAFT_COLOUR)
+    return chunk.text
 
 
 def sparkline(values: Sequence[float], width: int = 40) -> str:
@@ -81,6 +88,11 @@ def stats_lines(snap: StatsSnapshot, spark: bool) -> list[str]:
         f"{snap.prompt_tokens_total} ({snap.prompt_tokens_cached} from the prompt cache)",
         f"acceptance  lifetime {snap.acceptance_lifetime:.3f}   recent {snap.acceptance_recent:.3f}"
         f"   tokens/s recent {snap.tokens_per_second_recent:.1f}",
+        f"  by source draft {snap.draft_accepted}/{snap.draft_proposed} accepted "
+        f"(recent {snap.draft_acceptance_recent:.3f})   history {snap.history_accepted}/"
+        f"{snap.history_proposed} (recent {snap.history_acceptance_recent:.3f})",
+        f"history     {snap.history_tokens} tokens of {snap.history_documents} past requests, "
+        f"{human_bytes(snap.history_bytes)}",
     ]
     if snap.failure_store_error:
         lines.append(f"warning     {snap.failure_store_error}")

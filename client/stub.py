@@ -107,7 +107,8 @@ class DaemonError(SpecLoRAClientError):
 class TextChunk:
     text: str
     token_ids: tuple[int, ...]
-    from_draft: tuple[bool, ...]  # per token: proposed by the draft, accepted by the target
+    from_draft: tuple[bool, ...]  # per token: proposed by the model draft, accepted
+    from_history: tuple[bool, ...] = ()  # per token: proposed by the history drafter, accepted
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,11 @@ class GenerationSummary:
     mode: str  # "detailed" | "fast"
     total_time_s: float
     cached_prompt_tokens: int
+    # By source (they add up to proposed/accepted).
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    history_proposed: int = 0
+    history_accepted: int = 0
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,16 @@ class StatsSnapshot:
     blas: str
     version: str
     default_mode: str
+    # By source since start (acceptance_* above count both), and the history drafter's size.
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    history_proposed: int = 0
+    history_accepted: int = 0
+    draft_acceptance_recent: float = 0.0
+    history_acceptance_recent: float = 0.0
+    history_tokens: int = 0
+    history_documents: int = 0
+    history_bytes: int = 0
     pid: int = 0
     failure_store_error: str = ""  # why failure_cases is 0 when the database is unreadable
 
@@ -491,13 +507,15 @@ class SpecLoRAClient:
         draft_tokens: int | None = None,
         mode: str | None = None,
         record: bool | None = None,
+        use_history: bool | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> Iterator[GenerateEvent]:
         """Stream a generation: TextChunks as they are accepted, then a GenerationSummary.
 
         messages: (role, content) pairs or {"role", "content"} dicts. Unset options take the
-        daemon's configured defaults; draft_tokens None = adaptive, 0 = no speculation.
+        daemon's configured defaults; draft_tokens None = adaptive, 0 = no speculation;
+        use_history False = the model draft alone (no proposals from past requests).
         request_id: your id for the request, echoed in the summary and the daemon's log."""
         request = pb.GenerateRequest(
             prompt=prompt or "", raw=raw, stop=list(stop), request_id=request_id or ""
@@ -513,6 +531,7 @@ class SpecLoRAClient:
             "seed": seed,
             "draft_tokens": draft_tokens,
             "record": record,
+            "use_history": use_history,
         }
         for name, value in optional.items():
             if value is not None:
@@ -527,7 +546,9 @@ class SpecLoRAClient:
         for event in self._stream(call):
             if event.HasField("chunk"):
                 c = event.chunk
-                yield TextChunk(c.text, tuple(c.token_ids), tuple(c.from_draft))
+                yield TextChunk(
+                    c.text, tuple(c.token_ids), tuple(c.from_draft), tuple(c.from_history)
+                )
             else:
                 yield _summary(event.summary)
 

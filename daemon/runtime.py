@@ -23,12 +23,14 @@ from speclora.daemon.learning.operations import Learning
 from speclora.daemon.learning.recorder import FailureRecorder
 from speclora.daemon.learning.store import FailureStore
 from speclora.daemon.learning.swap import load_active_adapter
-from speclora.daemon.servicer import TRAINING_TASK
 from speclora.daemon.state import ModelHub
+from speclora.daemon.stats import TRAINING_TASK
 from speclora.daemon.worker import Worker
 from speclora.shared.config import Config
 from speclora.shared.paths import Paths, ensure_private_dir
 
+# The longest history proposal the controller is priced for (config history.max_proposal).
+MAX_HISTORY_PROPOSAL = 24
 log = structlog.get_logger(__name__)
 
 AUTO_TRAIN_CHECK_S = 5.0
@@ -94,33 +96,35 @@ def build_hub(config: Config) -> ModelHub:
         convert_in_child(spec)
     target, draft = load_pair(m.target, m.draft, m.dtype, progress=_stderr_progress())
     extras: dict[str, Any] = {}
-    if draft is not None:
-        from speclora.daemon.engine import DraftVocab, measure_step_costs
+    from speclora.daemon.engine import DraftVocab, measure_prices
 
-        size = config.speculation.draft_vocab_size
+    spec = config.speculation
+    if draft is not None:
+        size = spec.draft_vocab_size
         if 0 < size < target.vocab_size:  # a head as wide as the vocabulary saves nothing
             extras["draft_vocab"] = DraftVocab(
                 vocab_size=target.vocab_size,
                 size=size,
                 always=tuple(getattr(target.tokenizer, "eos_token_ids", ()) or ()),
             )
-        # Adaptive K needs each K's price in target passes on this machine, with the draft
-        # head generation will use.
-        extras["step_costs"] = measure_step_costs(
-            target.model,
-            draft.model,
-            max_k=config.speculation.adaptive_max,
-            draft_vocab=extras.get("draft_vocab"),
-        )
-        log.info(
-            "draft_ready",
-            draft=draft.name,
-            step_costs=extras["step_costs"],
-            draft_vocab=size if "draft_vocab" in extras else "full",
-        )
+    # The controller needs each step's price in target passes on this machine: verify passes
+    # as wide as the longest proposal, and a draft pass with the head generation will use.
+    extras["prices"] = measure_prices(
+        target.model,
+        draft.model if draft is not None else None,
+        max_k=spec.adaptive_max,
+        max_verify=max(spec.adaptive_max, MAX_HISTORY_PROPOSAL),
+        draft_vocab=extras.get("draft_vocab"),
+    )
+    log.info(
+        "step_prices_measured",
+        draft=draft.name if draft is not None else "none",
+        verify=extras["prices"].verify[: spec.adaptive_max + 1],
+        draft_pass=extras["prices"].draft,
+        draft_vocab=spec.draft_vocab_size if "draft_vocab" in extras else "full",
+    )
     from speclora.daemon.engine import PromptCache
 
-    spec = config.speculation
     prompt_cache = PromptCache(spec.prompt_cache_entries, spec.prompt_cache_mb << 20)
     return ModelHub.from_loaded(target, draft, m.draft, extras=extras, prompt_cache=prompt_cache)
 

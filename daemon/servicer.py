@@ -1,16 +1,17 @@
-"""The gRPC servicer: protobuf <-> domain at the edge, validation, and the one error mapping.
+"""The gRPC servicer: protobuf <-> domain at the edge, and error kinds -> status codes.
 
-Every field a client sends is checked here, before anything reaches the worker, and a bad one
-is INVALID_ARGUMENT with the field's name in the message. Domain errors map to status codes in
-`status_for`; anything else is a bug: INTERNAL, logged with its traceback. Nothing a client
-sends may end in UNKNOWN.
+Every field a client sends is checked before anything reaches the worker, by the validation
+every transport shares (daemon.requests); a bad one is INVALID_ARGUMENT with the field's name in
+the message and in a google.rpc.BadRequest in the status details. Domain errors map by kind
+(daemon.errors) to status codes in `status_for`; anything else is a bug: INTERNAL, logged with
+its traceback. Nothing a client sends may end in UNKNOWN. Adapters and failure cases are asked
+of the learning loop (daemon.learning.operations) in domain terms.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import threading
@@ -26,25 +27,13 @@ import structlog
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from speclora.daemon import blas
-from speclora.daemon.engine.events import (
-    ChatTurn,
-    GenerationRequest,
-    SamplingParams,
-    TextChunk,
-)
-from speclora.daemon.engine.prompt import build_prompt_tokens
+from speclora.daemon.engine.events import GenerationRequest, TextChunk
 from speclora.daemon.errors import (
-    AdapterError,
-    DeadlineError,
+    ErrorKind,
     InvalidRequestError,
-    ModelError,
-    NotFoundError,
     PreconditionError,
-    QueueFullError,
     ShuttingDownError,
     SpecLoRAError,
-    StoreUnavailableError,
 )
 from speclora.daemon.learning.adapters import AdapterInfo
 from speclora.daemon.learning.events import (
@@ -56,24 +45,25 @@ from speclora.daemon.learning.events import (
 )
 from speclora.daemon.learning.operations import CheckedAdapter, PurgeResult
 from speclora.daemon.learning.store import FailureCase, StoreStats
+from speclora.daemon.requests import (
+    check_range,
+    generation_request,
+    prompt_tokens_within_limits,
+)
 from speclora.daemon.state import ModelHub
-from speclora.daemon.stats import StatsSnapshot, memory_usage
+from speclora.daemon.stats import TRAINING_TASK, StatsSnapshot, daemon_snapshot
 from speclora.daemon.worker import GenerationResult, TaskFactory, Worker
-from speclora.shared.config import Config, GenerationConfig, bounds
+from speclora.shared.config import Config
 from speclora.shared.pb import speclora_pb2 as pb
 from speclora.shared.pb import speclora_pb2_grpc as pb_grpc
 
-import speclora
-
 log = structlog.get_logger(__name__)
 
-MAX_DRAFT_TOKENS = 16
 MAX_TRAIN_STEPS = 100_000
 MAX_LIST_CASES = 1000
 DEFAULT_LIST_CASES = 20
 # Longest an adapter swap waits for the engine when the caller set no deadline.
 ACTIVATE_TIMEOUT_S = 60.0
-TRAINING_TASK = "training"
 REQUEST_ID_METADATA_KEY = "x-request-id"
 
 _VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -110,24 +100,12 @@ _BLAS_TO_PB = {
     "accelerate": pb.BLAS_ACCELERATE,
 }
 
-# The one mapping from domain errors to status codes (most specific first).
-_STATUS: tuple[tuple[type[SpecLoRAError], grpc.StatusCode], ...] = (
-    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
-    (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
-    (AdapterError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ModelError, grpc.StatusCode.FAILED_PRECONDITION),
-)
+# Each kind of domain error (daemon.errors, the one classification) has one status code.
+_STATUS = {kind: grpc.StatusCode[kind.name] for kind in ErrorKind}
 
 
 def status_for(exc: SpecLoRAError) -> grpc.StatusCode:
-    for kind, code in _STATUS:
-        if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.FAILED_PRECONDITION
+    return _STATUS[exc.kind]
 
 
 class LearningLoop(Protocol):
@@ -173,102 +151,44 @@ class LearningLoop(Protocol):
 # ---------------------------------------------------------------------- validation
 
 
-def _check_range(field: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidRequestError(field, f"must be a finite number, got {value}")
-    below = value <= lo if lo_open else value < lo
-    if below or value > hi:
-        bounds = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise InvalidRequestError(field, f"{value} is outside {bounds}")
-
-
-def _check_bounds(key: str, value: float, hint: str = "") -> None:
-    """`value` within the range of generation.<key>; the field is named as the client sent it."""
-    allowed = bounds(GenerationConfig, key)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidRequestError(key, f"must be a finite number, got {value}")
-    if not allowed.allows(value):
-        raise InvalidRequestError(key, f"{value} is outside {allowed.describe()}{hint}")
-
-
 def generation_request_from_pb(
     msg: pb.GenerateRequest, config: Config, request_id: str
 ) -> GenerationRequest:
-    """Validate every field and apply the daemon's defaults."""
-    g, s = config.generation, config.speculation
-    max_tokens = msg.max_tokens if msg.HasField("max_tokens") else g.max_tokens
-    _check_range("max_tokens", max_tokens, 1, g.max_tokens_cap)
-    # Held to the ranges the same keys have in the config (one definition, shared/config.py).
-    temperature = msg.temperature if msg.HasField("temperature") else g.temperature
-    _check_bounds("temperature", temperature)
-    top_p = msg.top_p if msg.HasField("top_p") else g.top_p
-    _check_bounds("top_p", top_p)
-    top_k = msg.top_k if msg.HasField("top_k") else g.top_k
-    _check_bounds("top_k", top_k, " (0 = off)")
-    seed = msg.seed if msg.HasField("seed") else None
-    if seed is not None and seed < 0:
-        raise InvalidRequestError("seed", f"must be >= 0, got {seed}")
-    if len(msg.stop) > g.max_stop_strings:
-        raise InvalidRequestError("stop", f"{len(msg.stop)} strings; at most {g.max_stop_strings}")
-    for i, text in enumerate(msg.stop):
-        if not text:
-            raise InvalidRequestError(f"stop[{i}]", "is empty")
-        if len(text) > g.max_stop_string_chars:
-            raise InvalidRequestError(
-                f"stop[{i}]", f"{len(text)} characters; at most {g.max_stop_string_chars}"
-            )
-    draft_tokens = msg.draft_tokens if msg.HasField("draft_tokens") else s.draft_tokens
-    if draft_tokens is not None:
-        _check_range("draft_tokens", draft_tokens, 0, MAX_DRAFT_TOKENS)
-    if msg.mode == pb.MODE_UNSPECIFIED:
-        mode = s.mode
-    elif msg.mode in _MODE_FROM_PB:
-        mode = _MODE_FROM_PB[msg.mode]
-    else:
+    """Unpack the message (unset optional fields -> None) into the one shared validation."""
+    if msg.mode != pb.MODE_UNSPECIFIED and msg.mode not in _MODE_FROM_PB:
         raise InvalidRequestError("mode", f"unknown value {msg.mode} (MODE_DETAILED or MODE_FAST)")
-    return GenerationRequest(
+
+    def optional(name: str) -> Any:
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    return generation_request(
+        config,
+        request_id,
         prompt=msg.prompt,
-        messages=tuple(ChatTurn(m.role, m.content) for m in msg.messages),
+        messages=[(m.role, m.content) for m in msg.messages],
         raw=msg.raw,
-        max_tokens=max_tokens,
-        sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
-        stop=tuple(msg.stop),
-        draft_tokens=draft_tokens,
-        mode=mode,  # type: ignore[arg-type]
-        record=msg.record if msg.HasField("record") else True,
-        request_id=request_id,
+        max_tokens=optional("max_tokens"),
+        temperature=optional("temperature"),
+        top_p=optional("top_p"),
+        top_k=optional("top_k"),
+        seed=optional("seed"),
+        stop=list(msg.stop),
+        draft_tokens=optional("draft_tokens"),
+        mode=_MODE_FROM_PB.get(msg.mode),
+        record=optional("record"),
+        use_history=optional("use_history"),
     )
-
-
-def prompt_tokens_within_limits(
-    request: GenerationRequest, hub: ModelHub, max_prompt_tokens: int
-) -> list[int]:
-    """Template and tokenize the prompt (no MLX); it plus max_tokens must fit the context."""
-    tokens = build_prompt_tokens(hub.tokenizer, request)
-    n = len(tokens)
-    field = "messages" if request.messages else "prompt"
-    if n > max_prompt_tokens:
-        raise InvalidRequestError(
-            field, f"{n} tokens after templating; the limit is {max_prompt_tokens}"
-        )
-    if n + request.max_tokens > hub.max_context:
-        raise InvalidRequestError(
-            "max_tokens",
-            f"the prompt ({n} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
-            f"model's context of {hub.max_context} tokens",
-        )
-    return tokens
 
 
 def train_params_from_pb(msg: pb.TrainRequest) -> TrainParams:
     if msg.HasField("steps"):
-        _check_range("steps", msg.steps, 1, MAX_TRAIN_STEPS)
+        check_range("steps", msg.steps, 1, MAX_TRAIN_STEPS)
     if msg.HasField("max_cases") and msg.max_cases < 2:
         raise InvalidRequestError(
             "max_cases", f"must be >= 2 (one to train, one to hold out), got {msg.max_cases}"
         )
     if msg.HasField("learning_rate"):
-        _check_range("learning_rate", msg.learning_rate, 0.0, 1.0, lo_open=True)
+        check_range("learning_rate", msg.learning_rate, 0.0, 1.0, lo_open=True)
     return TrainParams(
         steps=msg.steps if msg.HasField("steps") else None,
         max_cases=msg.max_cases if msg.HasField("max_cases") else None,
@@ -297,13 +217,13 @@ def check_version(field: str, version: str, *, allow_empty: bool) -> str:
 
 def check_stats_request(msg: pb.StatsRequest) -> float:
     interval = msg.interval_s if msg.HasField("interval_s") else 1.0
-    _check_range("interval_s", interval, 0.1, 3600.0)
+    check_range("interval_s", interval, 0.1, 3600.0)
     return interval
 
 
 def list_cases_from_pb(msg: pb.ListFailureCasesRequest) -> tuple[int, int | None]:
     limit = msg.limit if msg.HasField("limit") else DEFAULT_LIST_CASES
-    _check_range("limit", limit, 1, MAX_LIST_CASES)
+    check_range("limit", limit, 1, MAX_LIST_CASES)
     before = msg.before_id if msg.HasField("before_id") else None
     if before is not None and before < 1:
         raise InvalidRequestError("before_id", f"must be >= 1, got {before}")
@@ -340,7 +260,10 @@ def request_id_for(context: grpc.ServicerContext, explicit: str = "") -> tuple[s
 def chunk_to_pb(chunk: TextChunk) -> pb.GenerateEvent:
     return pb.GenerateEvent(
         chunk=pb.TextChunk(
-            text=chunk.text, token_ids=list(chunk.token_ids), from_draft=list(chunk.from_draft)
+            text=chunk.text,
+            token_ids=list(chunk.token_ids),
+            from_draft=list(chunk.from_draft),
+            from_history=list(chunk.from_history),
         )
     )
 
@@ -365,6 +288,10 @@ def result_to_pb(result: GenerationResult) -> pb.GenerateEvent:
             mode=_MODE_TO_PB[s.mode],
             total_time_s=s.total_time_s,
             cached_prompt_tokens=s.cached_prompt_tokens,
+            draft_proposed=s.draft_proposed,
+            draft_accepted=s.draft_accepted,
+            history_proposed=s.history_proposed,
+            history_accepted=s.history_accepted,
         )
     )
 
@@ -490,6 +417,15 @@ def snapshot_to_pb(snap: StatsSnapshot) -> pb.StatsSnapshot:
         blas_name=snap.blas,
         version=snap.version,
         default_mode=_MODE_TO_PB[snap.default_mode],
+        draft_proposed=snap.sources.draft_proposed,
+        draft_accepted=snap.sources.draft_accepted,
+        history_proposed=snap.sources.history_proposed,
+        history_accepted=snap.sources.history_accepted,
+        draft_acceptance_recent=snap.sources.draft_acceptance_recent,
+        history_acceptance_recent=snap.sources.history_acceptance_recent,
+        history_tokens=snap.history.tokens,
+        history_documents=snap.history.documents,
+        history_bytes=snap.history.bytes,
         pid=os.getpid(),
         failure_store_error=snap.failure_store_error,
     )
@@ -498,9 +434,7 @@ def snapshot_to_pb(snap: StatsSnapshot) -> pb.StatsSnapshot:
 def _bad_request_status(exc: InvalidRequestError) -> grpc.Status:
     """INVALID_ARGUMENT with a google.rpc.BadRequest naming the field, so a client reads the
     field without parsing the message (which still starts with "field: ")."""
-    violation = error_details_pb2.BadRequest.FieldViolation(
-        field=exc.field, description=exc.description
-    )
+    violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.detail)
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
     status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc), details=[detail])
@@ -784,40 +718,5 @@ class SpecLoRAServicer(pb_grpc.SpecLoRAServicer):
 
     def snapshot(self) -> StatsSnapshot:
         """Assemble a stats snapshot without waiting for the worker."""
-        worker, hub = self._worker, self._worker.hub
-        serving = worker.stats.snapshot()
-        failures, pending, store_error = 0, 0, ""
-        if self._learning is not None:
-            try:
-                failures, pending = self._learning.failure_counts()
-            except StoreUnavailableError as exc:  # still a snapshot: serving goes on
-                store_error = str(exc)
-        rss, peak = memory_usage()
-        return StatsSnapshot(
-            target_model=hub.target_name,
-            draft_model=hub.draft_name,
-            adapter_version=hub.adapter_version,
-            uptime_s=serving.uptime_s,
-            requests_total=serving.requests_total,
-            requests_active=worker.active_count,
-            tokens_total=serving.tokens_total,
-            prompt_tokens_total=serving.prompt_tokens_total,
-            prompt_tokens_cached=serving.prompt_tokens_cached,
-            acceptance_lifetime=serving.acceptance_lifetime,
-            acceptance_recent=serving.acceptance_recent,
-            acceptance_history=serving.acceptance_history,
-            per_adapter=serving.per_adapter,
-            tokens_per_second_recent=serving.tokens_per_second_recent,
-            failure_cases=failures,
-            pending_cases=pending,
-            training_state=worker.task_state(TRAINING_TASK),
-            queue_depth=worker.queue_depth,
-            rss_bytes=rss,
-            peak_rss_bytes=peak,
-            weight_bytes=hub.weight_bytes,
-            prompt_cache_bytes=hub.prompt_cache.stats().bytes if hub.prompt_cache else 0,
-            blas=blas.blas_info().name,
-            version=speclora.__version__,
-            default_mode=self._config.speculation.mode,  # type: ignore[arg-type]
-            failure_store_error=store_error,
-        )
+        counts = self._learning.failure_counts if self._learning else None
+        return daemon_snapshot(self._worker, self._config.speculation.mode, counts)  # type: ignore[arg-type]

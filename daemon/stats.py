@@ -12,9 +12,20 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from speclora.daemon import blas
 from speclora.daemon.engine.events import GenerationSummary, Mode
+from speclora.daemon.errors import StoreUnavailableError
+
+import speclora
+
+if TYPE_CHECKING:
+    from speclora.daemon.worker import Worker
+
+TRAINING_TASK = "training"  # the worker task a training run is
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,28 @@ class ServingStats:
     acceptance_history: tuple[float, ...]  # per request, oldest first
     per_adapter: tuple[AdapterAcceptance, ...]
     tokens_per_second_recent: float
+    sources: SourceCounts = field(default_factory=lambda: SourceCounts())
+
+
+@dataclass(frozen=True)
+class SourceCounts:
+    """Proposals by source since start, and each source's acceptance over the recent window."""
+
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    history_proposed: int = 0
+    history_accepted: int = 0
+    draft_acceptance_recent: float = 0.0
+    history_acceptance_recent: float = 0.0
+
+
+@dataclass(frozen=True)
+class HistoryCounts:
+    """What the history drafter holds (engine.history.SuffixIndex)."""
+
+    tokens: int = 0
+    documents: int = 0
+    bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +108,8 @@ class StatsSnapshot:
     blas: str
     version: str
     default_mode: Mode
+    sources: SourceCounts = field(default_factory=lambda: SourceCounts())
+    history: HistoryCounts = field(default_factory=lambda: HistoryCounts())
     failure_store_error: str = ""  # why the failure counts are 0 ("" = the store is fine)
 
 
@@ -83,7 +118,15 @@ class _Recent:
     proposed: int
     accepted: int
     tokens_per_second: float
-    spoke: bool  # whether the draft proposed anything (K > 0 at some step)
+    spoke: bool  # whether anything was proposed (K > 0 at some step)
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    history_proposed: int = 0
+    history_accepted: int = 0
+
+
+def _rate(accepted: int, proposed: int) -> float:
+    return accepted / proposed if proposed else 0.0
 
 
 class StatsTracker:
@@ -99,6 +142,7 @@ class StatsTracker:
         self._prompt_cached = 0
         self._proposed = 0
         self._accepted = 0
+        self._by_source = {"draft": [0, 0], "history": [0, 0]}  # [proposed, accepted]
         self._recent: deque[_Recent] = deque(maxlen=window)
         self._adapters: dict[str, AdapterAcceptance] = {}
 
@@ -110,20 +154,31 @@ class StatsTracker:
             self._prompt_cached += summary.cached_prompt_tokens
             self._proposed += summary.proposed
             self._accepted += summary.accepted
+            for source, proposed, accepted in (
+                ("draft", summary.draft_proposed, summary.draft_accepted),
+                ("history", summary.history_proposed, summary.history_accepted),
+            ):
+                self._by_source[source][0] += proposed
+                self._by_source[source][1] += accepted
             self._recent.append(
                 _Recent(
                     summary.proposed,
                     summary.accepted,
                     summary.tokens_per_second,
                     summary.proposed > 0,
+                    summary.draft_proposed,
+                    summary.draft_accepted,
+                    summary.history_proposed,
+                    summary.history_accepted,
                 )
             )
+            # Per adapter: the model draft's own proposals, which the adapter changes.
             old = self._adapters.get(adapter_version, AdapterAcceptance(adapter_version, 0, 0, 0))
             self._adapters[adapter_version] = AdapterAcceptance(
                 adapter_version,
                 old.requests + 1,
-                old.proposed + summary.proposed,
-                old.accepted + summary.accepted,
+                old.proposed + summary.draft_proposed,
+                old.accepted + summary.draft_accepted,
             )
 
     def record_cancelled(self, tokens: int) -> None:
@@ -150,7 +205,79 @@ class StatsTracker:
                 acceptance_history=tuple(r.accepted / r.proposed for r in recent if r.spoke),
                 per_adapter=tuple(self._adapters[k] for k in sorted(self._adapters)),
                 tokens_per_second_recent=sum(rates) / len(rates) if rates else 0.0,
+                sources=SourceCounts(
+                    draft_proposed=self._by_source["draft"][0],
+                    draft_accepted=self._by_source["draft"][1],
+                    history_proposed=self._by_source["history"][0],
+                    history_accepted=self._by_source["history"][1],
+                    draft_acceptance_recent=_rate(
+                        sum(r.draft_accepted for r in recent), sum(r.draft_proposed for r in recent)
+                    ),
+                    history_acceptance_recent=_rate(
+                        sum(r.history_accepted for r in recent),
+                        sum(r.history_proposed for r in recent),
+                    ),
+                ),
             )
+
+
+def daemon_snapshot(
+    worker: Worker,
+    default_mode: Mode,
+    failure_counts: Callable[[], tuple[int, int]] | None = None,
+) -> StatsSnapshot:
+    """The daemon's state as every transport reports it, without waiting for the worker.
+
+    `failure_counts` -> (failure cases stored, cases since the last run), None without a
+    learning loop."""
+    hub = worker.hub
+    serving = worker.stats.snapshot()
+    failures, pending, store_error = 0, 0, ""
+    if failure_counts is not None:
+        try:
+            failures, pending = failure_counts()
+        except StoreUnavailableError as exc:  # still a snapshot: serving goes on
+            store_error = str(exc)
+    rss, peak = memory_usage()
+    return StatsSnapshot(
+        target_model=hub.target_name,
+        draft_model=hub.draft_name,
+        adapter_version=hub.adapter_version,
+        uptime_s=serving.uptime_s,
+        requests_total=serving.requests_total,
+        requests_active=worker.active_count,
+        tokens_total=serving.tokens_total,
+        prompt_tokens_total=serving.prompt_tokens_total,
+        prompt_tokens_cached=serving.prompt_tokens_cached,
+        acceptance_lifetime=serving.acceptance_lifetime,
+        acceptance_recent=serving.acceptance_recent,
+        acceptance_history=serving.acceptance_history,
+        per_adapter=serving.per_adapter,
+        tokens_per_second_recent=serving.tokens_per_second_recent,
+        failure_cases=failures,
+        pending_cases=pending,
+        training_state=worker.task_state(TRAINING_TASK),
+        queue_depth=worker.queue_depth,
+        rss_bytes=rss,
+        peak_rss_bytes=peak,
+        weight_bytes=hub.weight_bytes,
+        prompt_cache_bytes=hub.prompt_cache.stats().bytes if hub.prompt_cache else 0,
+        blas=blas.blas_info().name,
+        version=speclora.__version__,
+        default_mode=default_mode,
+        sources=serving.sources,
+        history=history_counts(hub),
+        failure_store_error=store_error,
+    )
+
+
+def history_counts(hub: object) -> HistoryCounts:
+    """What the hub's history drafter holds (all zero without one)."""
+    history = getattr(hub, "history", None)
+    index = getattr(history, "index", None)
+    if index is None:
+        return HistoryCounts()
+    return HistoryCounts(tokens=index.tokens, documents=index.documents, bytes=index.nbytes)
 
 
 def memory_usage() -> tuple[int, int]:

@@ -191,7 +191,7 @@ def engine_generate(spec: SpeculationConfig) -> GenerateFn:
             spec,
             draft_vocab=hub.extras.get("draft_vocab"),
             prompt_tokens=prompt_tokens,
-            step_costs=hub.extras.get("step_costs"),
+            prices=hub.extras.get("prices"),
             acceptance_memory=hub.acceptance.setdefault(hub.adapter_version, AcceptanceMemory()),
             prompt_cache=hub.prompt_cache,
             draft_tag=hub.adapter_version,

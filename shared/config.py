@@ -33,32 +33,31 @@ def _opt(
     lo_open: bool = False,
     doc: str = "",
 ) -> Any:
-    """lo_open: the lower bound itself is not allowed ((lo, hi] instead of [lo, hi])."""
     meta = {"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}
     return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class Bounds:
-    """A numeric key's allowed range; requests that override the key are held to the same."""
+    """A key's allowed range; request fields with the same meaning use the same one."""
 
     lo: float | None
     hi: float | None
-    lo_open: bool = False
+    lo_open: bool = False  # lo itself is not allowed
 
-    def describe(self) -> str:
-        return f"{'(' if self.lo_open else '['}{self.lo}, {self.hi}]"
-
-    def allows(self, value: float) -> bool:
+    def __contains__(self, value: float) -> bool:
         if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
             return False
         return self.hi is None or value <= self.hi
 
+    def __str__(self) -> str:
+        return f"{'(' if self.lo_open else '['}{self.lo}, {self.hi}]"
+
 
 def bounds(section: type, key: str) -> Bounds:
-    """The range a key of `section` (e.g. GenerationConfig, "top_p") accepts."""
+    """The range configured for `section.key` (e.g. bounds(GenerationConfig, "top_p"))."""
     meta = {f.name: f.metadata for f in dataclasses.fields(section)}[key]
-    return Bounds(meta.get("lo"), meta.get("hi"), bool(meta.get("lo_open")))
+    return Bounds(meta["lo"], meta["hi"], meta["lo_open"])
 
 
 @dataclass(frozen=True)
@@ -88,12 +87,31 @@ class SpeculationConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    """The history drafter: proposals from suffix matches over the request's own tokens and
+    past requests' prompts and outputs (engine.history)."""
+
+    enabled: bool = _opt(True, doc="propose from history (detailed mode, adaptive K)")
+    max_tokens: int = _opt(
+        1_000_000, lo=0, hi=1_000_000_000, doc="past tokens kept (~13 MB per million); 0 = none"
+    )
+    max_proposal: int = _opt(24, lo=1, hi=64, doc="longest proposal, tokens")
+    min_match: int = _opt(2, lo=1, hi=64, doc="shortest suffix match that proposes")
+    max_match: int = _opt(32, lo=1, hi=256, doc="longest suffix match looked for")
+    min_token_prob: float = _opt(
+        0.1, lo=0.0, hi=1.0, doc="stop where cumulative confidence falls below"
+    )
+    spec_factor: float = _opt(1.0, lo=0.1, hi=16.0, doc="proposal at most this times the match")
+    persist: bool = _opt(True, doc="keep past requests in the state dir across restarts")
+
+
+@dataclass(frozen=True)
 class GenerationConfig:
     max_tokens: int = _opt(256, lo=1, hi=1_000_000, doc="default when a request sets none")
     max_tokens_cap: int = _opt(4096, lo=1, hi=1_000_000)
     max_prompt_tokens: int = _opt(8192, lo=1, hi=10_000_000)
     temperature: float = _opt(0.0, lo=0.0, hi=2.0)
-    top_p: float = _opt(1.0, lo=0.0, hi=1.0, lo_open=True, doc="in (0, 1]; 1 = off")
+    top_p: float = _opt(1.0, lo=0.0, hi=1.0, lo_open=True, doc="0 would keep no token")
     top_k: int = _opt(0, lo=0, hi=1_000_000)
     max_stop_strings: int = _opt(16, lo=0, hi=1024)
     max_stop_string_chars: int = _opt(256, lo=1, hi=65_536)
@@ -147,6 +165,7 @@ class ServerConfig:
 class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -157,6 +176,7 @@ SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {
     "models": ModelsConfig,
     "speculation": SpeculationConfig,
+    "history": HistoryConfig,
     "generation": GenerationConfig,
     "learning": LearningConfig,
     "lora": LoraConfig,
@@ -191,9 +211,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     if meta.get("choices") and value not in meta["choices"]:
         allowed = ", ".join(map(str, meta["choices"]))
         raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
-    allowed = Bounds(meta.get("lo"), meta.get("hi"), bool(meta.get("lo_open")))
-    if not allowed.allows(value):
-        raise ConfigError(f"{key}: {value!r} is outside {allowed.describe()}")
+    allowed = Bounds(meta.get("lo"), meta.get("hi"), meta.get("lo_open", False))
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is outside {allowed}")
     return value
 
 

@@ -57,6 +57,7 @@ def test_env_config_path(tmp_path: Path) -> None:
         ("speculation:\n  adaptive_min: 9\n  adaptive_max: 4\n", "adaptive_min"),
         ("models: [1, 2]\n", "models"),
         ("generation:\n  temperature: .nan\n", "generation.temperature"),
+        ("generation:\n  top_p: 0\n", "generation.top_p"),  # no token would be left
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, yaml_text: str, needle: str) -> None:
@@ -74,3 +75,27 @@ def test_bad_env_value_names_the_key() -> None:
 def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "nope.yaml", env={})
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("generation", "top_p", 1e-6),
+        ("generation", "top_p", 1.0),
+        ("generation", "temperature", 0.0),
+        ("generation", "temperature", 2.0),
+        ("speculation", "draft_tokens", 16),
+        ("speculation", "draft_tokens", 0),
+    ],
+)
+def test_a_default_the_config_accepts_is_a_valid_request(
+    section: str, key: str, value: float
+) -> None:
+    """Requests that leave a field unset take the configured default; the request validation
+    must accept every value the config does (it once refused top_p: 0, which the config took)."""
+    from speclora.daemon.requests import generation_request
+
+    config = load_config(env={}, overrides={section: {key: value}})
+    request = generation_request(config, "r1", prompt="hi")
+    got = request.draft_tokens if key == "draft_tokens" else getattr(request.sampling, key)
+    assert got == value

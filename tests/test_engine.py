@@ -184,7 +184,7 @@ def test_utf8_never_split(untied_loaded):  # noqa: F811
     tracker = CompletionTracker(tokenizer, GenerationRequest(prompt="x", max_tokens=999), [1])
     out = []
     for t in ids:
-        chunk = tracker.add([t], [False])
+        chunk = tracker.add([t])
         if chunk:
             assert "\ufffd" not in chunk.text
             out.append(chunk.text)

@@ -373,7 +373,7 @@ def test_a_bug_is_internal_with_a_request_id(
     def broken(*args: object) -> list[int]:
         raise ZeroDivisionError("oops")
 
-    monkeypatch.setattr("speclora.daemon.servicer.build_prompt_tokens", broken)
+    monkeypatch.setattr("speclora.daemon.requests.build_prompt_tokens", broken)
     with pytest.raises(grpc.RpcError) as err:
         _generate(daemon)
     assert err.value.code() == grpc.StatusCode.INTERNAL

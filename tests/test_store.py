@@ -39,12 +39,19 @@ def make_case(i: int, **kw: object) -> FailureCase:
     return FailureCase(**fields)  # type: ignore[arg-type]
 
 
-def make_summary(proposed: int = 10, accepted: int = 1, n: int = 6) -> GenerationSummary:
+def make_summary(
+    proposed: int = 10, accepted: int = 1, n: int = 6, history: tuple[int, int] = (0, 0)
+) -> GenerationSummary:
+    """`proposed`/`accepted` are the model draft's; `history` = (proposed, accepted) by history."""
     return GenerationSummary(
         prompt_tokens=3,
         completion_tokens=n,
-        proposed=proposed,
-        accepted=accepted,
+        proposed=proposed + history[0],
+        accepted=accepted + history[1],
+        draft_proposed=proposed,
+        draft_accepted=accepted,
+        history_proposed=history[0],
+        history_accepted=history[1],
         target_passes=n,
         time_to_first_token_s=0.01,
         tokens_per_second=10.0,
@@ -130,6 +137,10 @@ def test_failure_rule() -> None:
     assert is_failure(make_summary(10, 1), req, config)
     assert not is_failure(make_summary(10, 6), req, config)  # accepted enough
     assert not is_failure(make_summary(0, 0), req, config)  # no speculation: nothing to learn
+    # Only the model draft's own proposals count: history carrying a request does not hide
+    # that the draft got it wrong, and history alone says nothing about the draft.
+    assert is_failure(make_summary(10, 1, history=(40, 40)), req, config)
+    assert not is_failure(make_summary(0, 0, history=(40, 2)), req, config)
     assert not is_failure(make_summary(10, 1), GenerationRequest(prompt="x", record=False), config)
     assert not is_failure(make_summary(10, 1), req, LearningConfig(record=False))
 
@@ -218,7 +229,8 @@ _WRITER = textwrap.dedent(
         s = GenerationSummary(3, 40, 40, 2, 40, 0.0, 1.0, 1.0, "length", "detailed",
                               prompt_token_ids=tuple(range(n % 50 + 3)),
                               completion_token_ids=tuple(range(40)),
-                              rejection_positions=(1, 5, 9))
+                              rejection_positions=(1, 5, 9), draft_proposed=40,
+                              draft_accepted=2)
         recorder.offer(s, GenerationRequest(prompt="p", request_id=f"r{n}"), "t", "d", "")
         time.sleep(0.001)
     """

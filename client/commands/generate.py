@@ -11,9 +11,16 @@ from speclora.client.stub import GenerationSummary, SpecLoRAClient, TextChunk
 
 
 def summary_line(s: GenerationSummary) -> str:
+    sources = (
+        f" = draft {s.draft_accepted}/{s.draft_proposed} + history "
+        f"{s.history_accepted}/{s.history_proposed}"
+        if s.history_proposed
+        else ""
+    )
     return (
         f"[{s.completion_tokens} tokens, {s.tokens_per_second:.1f} tok/s, acceptance "
-        f"{s.acceptance_rate:.2f} ({s.accepted}/{s.proposed}), {s.tokens_per_step:.2f} tokens/step, "
+        f"{s.acceptance_rate:.2f} ({s.accepted}/{s.proposed}{sources}), "
+        f"{s.tokens_per_step:.2f} tokens/step, "
         f"{s.mode}, finish {s.finish_reason}{', recorded' if s.failure_recorded else ''}"
         f"{f', {s.cached_prompt_tokens} prompt tokens cached' if s.cached_prompt_tokens else ''}]"
     )
@@ -30,7 +37,10 @@ def summary_line(s: GenerationSummary) -> str:
 @click.option("--mode", type=click.Choice(["detailed", "fast"]), help="Engine mode.")
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
 @click.option("--raw", is_flag=True, help="Send PROMPT as-is, without the chat template.")
-@click.option("--no-record", is_flag=True, help="Never store this request as a failure case.")
+@click.option(
+    "--no-record", is_flag=True, help="Store nothing of this request (no failure case, no history)."
+)
+@click.option("--no-history", is_flag=True, help="No proposals from the history drafter.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 @address_option
 @click.pass_context
@@ -47,6 +57,7 @@ def generate(
     stop: tuple[str, ...],
     raw: bool,
     no_record: bool,
+    no_history: bool,
     as_json: bool,
     address: str | None,
 ) -> None:
@@ -71,6 +82,7 @@ def generate(
             draft_tokens=draft_tokens,
             mode=mode,
             record=False if no_record else None,
+            use_history=False if no_history else None,
         )
         try:
             for event in stream:
@@ -100,6 +112,7 @@ def _result(chunks: list[TextChunk], s: GenerationSummary | None) -> dict[str, o
         "text": "".join(c.text for c in chunks),
         "token_ids": [t for c in chunks for t in c.token_ids],
         "from_draft": [d for c in chunks for d in c.from_draft],
+        "from_history": [h for c in chunks for h in c.from_history],
     }
     if s is not None:
         result.update(
@@ -110,6 +123,10 @@ def _result(chunks: list[TextChunk], s: GenerationSummary | None) -> dict[str, o
             proposed=s.proposed,
             accepted=s.accepted,
             acceptance_rate=s.acceptance_rate,
+            draft_proposed=s.draft_proposed,
+            draft_accepted=s.draft_accepted,
+            history_proposed=s.history_proposed,
+            history_accepted=s.history_accepted,
             tokens_per_second=s.tokens_per_second,
             time_to_first_token_s=s.time_to_first_token_s,
             tokens_per_step=s.tokens_per_step,

@@ -7,7 +7,6 @@ the worker interleaves requests by advancing each in turn. Caches are per genera
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from speclora.daemon.engine.adaptive import (
@@ -17,6 +16,8 @@ from speclora.daemon.engine.adaptive import (
     measure_step_costs,
     speedup_bound,
 )
+from speclora.daemon.engine.controller import HistoryMemory, ProposalSource
+from speclora.daemon.engine.costs import StepPrices, default_prices, measure_prices
 from speclora.daemon.engine.draft_vocab import DraftVocab
 from speclora.daemon.engine.events import (
     ChatTurn,
@@ -43,14 +44,18 @@ __all__ = [
     "Generation",
     "GenerationRequest",
     "GenerationSummary",
+    "HistoryMemory",
     "PrefillProgress",
     "PromptCache",
     "SamplingParams",
     "StepEvent",
+    "StepPrices",
     "StepTrace",
     "TextChunk",
     "build_prompt_tokens",
+    "default_prices",
     "generate",
+    "measure_prices",
     "measure_step_costs",
     "speedup_bound",
 ]
@@ -65,8 +70,11 @@ def generate(
     *,
     draft_vocab: DraftVocab | None = None,
     prompt_tokens: list[int] | None = None,
-    step_costs: Sequence[float] | None = None,
+    prices: StepPrices | None = None,
     acceptance_memory: AcceptanceMemory | None = None,
+    history: ProposalSource | None = None,
+    history_memory: HistoryMemory | None = None,
+    history_config: Any | None = None,
     prompt_cache: PromptCache | None = None,
     draft_tag: str = "",
 ) -> Generation:
@@ -76,9 +84,14 @@ def generate(
     spec: the `speculation` config section (SpeculationConfig).
     draft_vocab: restrict the draft's head to a frequency-ranked vocabulary (detailed mode).
     prompt_tokens: already built with build_prompt_tokens (saves tokenizing twice).
-    step_costs: [k] = a step with k proposals in target passes, for adaptive K (measure_step_costs).
+    prices: what a step costs on this machine in target passes (measure_prices at load), for
+        the controller; None = Leviathan's model with a small verify slope.
     acceptance_memory: acceptance seen by earlier requests (one per draft, kept by the worker):
         adaptive K starts from it instead of `adaptive_start`, and this request adds to it.
+    history: the request's history drafter (engine.history.RequestHistory, built from the
+        prompt): suffix matches over its own tokens and past outputs (detailed mode, adaptive K).
+    history_memory: history's calibration seen by earlier requests (one per target).
+    history_config: the `history` config section (proposal length, thresholds).
     prompt_cache: finished requests' target caches (one per target, kept by the worker): the
         longest stored prefix of the prompt is not prefilled again (detailed mode).
     draft_tag: names the draft's current weights (the adapter version), so a draft cache
@@ -101,8 +114,11 @@ def generate(
             spec,
             tracker,
             draft_vocab=draft_vocab,
-            step_costs=step_costs,
+            prices=prices,
             memory=acceptance_memory,
+            history=history,
+            history_memory=history_memory,
+            history_config=history_config,
             prompt_cache=prompt_cache,
             draft_tag=draft_tag,
         )

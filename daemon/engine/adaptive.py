@@ -22,20 +22,31 @@ timings, so a seeded request makes the same choices, and the same output, every 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-DEFAULT_COST_RATIO = 0.4  # a drafted token's price in target passes when nothing was measured
+from speclora.daemon.engine.costs import (
+    DEFAULT_COST_RATIO,
+    StepCosts,
+    linear_step_costs,
+    measure_step_costs,
+)
+
+__all__ = [
+    "AcceptanceEstimate",
+    "AcceptanceMemory",
+    "AdaptiveK",
+    "FixedK",
+    "KPolicy",
+    "expected_tokens",
+    "linear_step_costs",
+    "make_policy",
+    "measure_step_costs",
+    "speedup_bound",
+]
+
 MAX_PROBE_BACKOFF = 8
-
-StepCosts = tuple[float, ...]  # [k] = a step with k proposals, in target passes; [0] = 1.0
-
-
-def linear_step_costs(cost_ratio: float, max_k: int = 16) -> StepCosts:
-    """Leviathan's cost model: each proposal adds `cost_ratio` of a target pass."""
-    return tuple(1.0 + k * cost_ratio for k in range(max_k + 1))
 
 
 class KPolicy(Protocol):
@@ -67,6 +78,49 @@ def speedup_bound(alpha: float, k: int, cost_ratio: float) -> float:
 
 
 @dataclass
+class AcceptanceEstimate:
+    """A per-proposal acceptance estimate: recent evidence (decaying fast) shrunk toward a
+    long-run figure (decaying slowly, starting from a weak prior). `decay()` once per step,
+    then `observe()` what the step showed; steps that test nothing only decay."""
+
+    memory: float = 0.8  # per-step decay of the recent evidence (~5 steps)
+    long_memory: float = 0.97  # per-step decay of the long-run evidence (~30 steps)
+    shrink: float = 2.0  # the long-run figure's weight against recent evidence, in trials
+    prior: float = 0.5  # before any evidence: a weak a = 0.5 ...
+    prior_weight: float = 1.0  # ... worth one trial
+    _successes: float = field(default=0.0, init=False)
+    _trials: float = field(default=0.0, init=False)
+    _long_successes: float = field(default=0.0, init=False)
+    _long_trials: float = field(default=0.0, init=False)
+
+    @property
+    def long_run(self) -> float:
+        weight = self.prior_weight
+        return (self._long_successes + weight * self.prior) / (self._long_trials + weight)
+
+    @property
+    def value(self) -> float:
+        return (self._successes + self.shrink * self.long_run) / (self._trials + self.shrink)
+
+    def decay(self) -> None:
+        self._successes *= self.memory
+        self._trials *= self.memory
+        self._long_successes *= self.long_memory
+        self._long_trials *= self.long_memory
+
+    def fade(self) -> None:
+        """A step that tested nothing: recent evidence fades toward the long-run figure."""
+        self._successes *= self.memory
+        self._trials *= self.memory
+
+    def observe(self, successes: float, trials: float) -> None:
+        self._successes += successes
+        self._trials += trials
+        self._long_successes += successes
+        self._long_trials += trials
+
+
+@dataclass
 class AdaptiveK:
     """Per-request K controller (see module docstring). `next_k()` is side-effect free, so the
     engine may ask ahead (to pipeline plain steps); `update()` records what a step did."""
@@ -76,27 +130,18 @@ class AdaptiveK:
     start_k: int = 4
     probe_interval: int = 16
     step_costs: StepCosts = field(default_factory=lambda: linear_step_costs(DEFAULT_COST_RATIO))
-    memory: float = 0.8  # per-step decay of the recent evidence (~5 steps)
-    long_memory: float = 0.97  # per-step decay of the long-run evidence (~30 steps)
-    shrink: float = 2.0  # the long-run figure's weight against recent evidence, in proposals
-    prior_alpha: float = 0.5  # before any evidence: a weak a = 0.5 ...
-    prior_weight: float = 1.0  # ... worth one proposal (seed_from: earlier requests' a)
-    _accepts: float = field(default=0.0, init=False)  # recent, decaying
-    _trials: float = field(default=0.0, init=False)
-    _long_accepts: float = field(default=0.0, init=False)  # long-run, decaying slowly
-    _long_trials: float = field(default=0.0, init=False)
+    estimate: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
     _steps: int = field(default=0, init=False)
     _idle: int = field(default=0, init=False)  # plain steps since the last speculative one
     _backoff: int = field(default=1, init=False)
 
     @property
     def long_run_alpha(self) -> float:
-        weight = self.prior_weight
-        return (self._long_accepts + weight * self.prior_alpha) / (self._long_trials + weight)
+        return self.estimate.long_run
 
     @property
     def alpha(self) -> float:
-        return (self._accepts + self.shrink * self.long_run_alpha) / (self._trials + self.shrink)
+        return self.estimate.value
 
     def gain(self, alpha: float, k: int) -> float:
         """Expected tokens per target pass with k proposals."""
@@ -119,7 +164,7 @@ class AdaptiveK:
         one-token probe instead of a K = start_k step: ~1/4 of the cost, and every request
         still tests the draft, so a short request is still recorded as a failure case (the
         learning loop needs them) and a better adapter shows."""
-        self.prior_alpha, self.prior_weight = alpha, weight
+        self.estimate.prior, self.estimate.prior_weight = alpha, weight
         self._steps = max(self._steps, 1)
         self._idle = self.probe_interval * self._backoff  # due: best_k() = 0 means a probe
 
@@ -133,10 +178,7 @@ class AdaptiveK:
 
     def update(self, k: int, accepted: int) -> None:
         self._steps += 1
-        self._accepts *= self.memory
-        self._trials *= self.memory
-        self._long_accepts *= self.long_memory
-        self._long_trials *= self.long_memory
+        self.estimate.decay()
         if k == 0:
             self._idle += 1
             return
@@ -144,11 +186,7 @@ class AdaptiveK:
         self._idle = 0
         # A step shows `accepted` successes and, if it stopped early, one failure; later
         # proposals were never tested (geometric counting, unbiased for a).
-        trials = accepted + (1 if accepted < k else 0)
-        self._accepts += accepted
-        self._trials += trials
-        self._long_accepts += accepted
-        self._long_trials += trials
+        self.estimate.observe(accepted, accepted + (1 if accepted < k else 0))
         if was_idle:
             # A probe: if it does not lift K above 0, wait longer before the next one.
             if self.best_k() == 0:
@@ -203,42 +241,3 @@ def make_policy(
     if prior_alpha is not None:
         policy.seed_from(prior_alpha)
     return policy
-
-
-def measure_step_costs(
-    target: Any, draft: Any, max_k: int = 8, repeats: int = 3, draft_vocab: Any | None = None
-) -> StepCosts:
-    """Measure what a step with k proposals costs in target passes on this machine, k = 0..max_k.
-
-    (k draft passes + one target pass over k + 1 tokens) / one target pass over 1 token, from
-    short timed forwards after a 32-token context (best of `repeats`); with `draft_vocab` the
-    draft pass uses the restricted head, as generation will. The worker calls this once at load
-    and passes the result to `generate(step_costs=...)`; figures are rounded so restarts make
-    the same K choices. Costs never fall as k grows (a noisy reading must not favour long steps).
-    """
-    import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
-    from speclora.daemon.engine.draft_vocab import DraftHead, model_parts
-
-    def timed(model: Any, widths: Sequence[int], fn: Any = None) -> list[float]:
-        cache = make_prompt_cache(model)
-        mx.eval(model(mx.zeros((1, 32), mx.uint32), cache=cache))
-        best = [float("inf")] * len(widths)
-        for _ in range(repeats):
-            for i, width in enumerate(widths):
-                x = mx.zeros((width,), mx.uint32)
-                start = time.perf_counter()
-                mx.eval(fn(x, cache) if fn else model(x[None], cache=cache))
-                best[i] = min(best[i], time.perf_counter() - start)
-                for c in cache:
-                    c.trim(width)
-        return best
-
-    passes = timed(target, range(1, max_k + 2))  # [w - 1] = a pass over w tokens
-    head = DraftHead(model_parts(draft), draft_vocab)
-    (draft_one,) = timed(draft, [1], lambda x, cache: head.logits(x, cache)[1])
-    costs = [1.0]
-    for k in range(1, max_k + 1):
-        cost = round((k * draft_one + passes[k]) / passes[0], 2)
-        costs.append(max(cost, costs[-1] + 0.01))
-    return tuple(costs)

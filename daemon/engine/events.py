@@ -17,6 +17,9 @@ from typing import Literal
 
 Mode = Literal["detailed", "fast"]
 FinishReason = Literal["eos", "length", "stop_string", "cancelled"]
+# Who proposed the tokens of a step: the model draft, the history drafter (suffix matches over
+# the request's own tokens and past requests' outputs), or nobody (a plain target pass).
+Source = Literal["draft", "history", "target"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class GenerationRequest:
     draft_tokens: int | None = None  # None = adaptive K, 0 = no speculation
     mode: Mode = "detailed"
     record: bool = True
+    use_history: bool = True  # let the history drafter propose (adaptive K only)
     request_id: str = ""
     # time.perf_counter() when the request arrived (the RPC's start): time to first token and
     # total time count from here, so waiting in the queue shows. None = when the engine starts.
@@ -62,20 +66,22 @@ class TextChunk:
 
     text: str
     token_ids: tuple[int, ...]
-    from_draft: tuple[bool, ...]  # per token: a draft proposal the target accepted
+    from_draft: tuple[bool, ...]  # per token: a model-draft proposal the target accepted
+    from_history: tuple[bool, ...] = ()  # per token: a history proposal the target accepted
 
 
 @dataclass(frozen=True)
 class StepTrace:
     """What one speculative step did (detailed mode). Failure cases and stats come from these."""
 
-    k: int  # draft tokens proposed this step (0 = plain target step)
-    proposed: tuple[int, ...]  # the draft's proposals
-    draft_probs: tuple[float, ...]  # q(x) of each proposal under the draft
+    k: int  # tokens proposed this step (0 = plain target step)
+    proposed: tuple[int, ...]  # the proposals
+    draft_probs: tuple[float, ...]  # q(x) of each proposal (history: its empirical confidence)
     target_probs: tuple[float, ...]  # p(x) of each proposal under the target
     accepted: int  # how many proposals were accepted (prefix length)
     emitted: tuple[int, ...]  # tokens this step added: accepted proposals + one target token
     first_rejection: int | None  # index in `proposed` of the first rejected proposal
+    source: Source = "draft"  # who proposed (k = 0: "target")
 
 
 @dataclass(frozen=True)
@@ -107,14 +113,29 @@ class GenerationSummary:
     mode: Mode
     prompt_token_ids: tuple[int, ...] = ()
     completion_token_ids: tuple[int, ...] = ()
-    from_draft: tuple[bool, ...] = ()  # per completion token
+    from_draft: tuple[bool, ...] = ()  # per completion token: an accepted model-draft proposal
+    from_history: tuple[bool, ...] = ()  # per completion token: an accepted history proposal
     rejection_positions: tuple[int, ...] = ()  # completion indices where a proposal was rejected
     sampling: SamplingParams = field(default_factory=SamplingParams)
     cached_prompt_tokens: int = 0  # of prompt_tokens, taken from the prompt cache
+    # proposed/accepted split by source (they add up to proposed/accepted).
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    history_proposed: int = 0
+    history_accepted: int = 0
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        """The model draft's own acceptance: what the failure-case rule and LoRA judge."""
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
+
+    @property
+    def history_acceptance_rate(self) -> float:
+        return self.history_accepted / self.history_proposed if self.history_proposed else 0.0
 
     @property
     def tokens_per_step(self) -> float:

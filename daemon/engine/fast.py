@@ -5,7 +5,8 @@ both modes share (stop strings, UTF-8-safe chunks, the summary) and a seeded sam
 own PRNG key so interleaved requests do not disturb each other. It reports per token whether
 the draft proposed it, nothing finer, and has no adaptive K (an unset K uses the configured
 `draft_tokens`, else `adaptive_start`). mlx-lm's acceptance rule at T > 0 is "the draft's
-sample equals the target's sample", which is lossless but accepts less than ours.
+sample equals the target's sample", which is lossless but accepts less than ours. It has no
+history drafter either: proposals from past requests are detailed mode's (the default).
 
 The prompt is prefilled here, `speculation.prefill_chunk` tokens per event, into caches that
 are then handed to mlx-lm with only the prompt's last token: mlx-lm would prefill the whole
@@ -109,15 +110,15 @@ def fast_steps(
                 tracker.target_passes += 1
                 step_k = min(k, request.max_tokens - len(tracker.ids)) if speculate else 0
                 step_accepted = 0
-                tracker.proposed += step_k
+                tracker.count_step("draft", step_k, 0)
             drafted = bool(response.from_draft)
             step_open = drafted
             if drafted:
                 step_accepted += 1
-                tracker.accepted += 1
+                tracker.count_step("draft", 0, 1)
             elif step_accepted < step_k:
                 tracker.rejection_positions.append(len(tracker.ids))
-            text = tracker.add([int(response.token)], [drafted])
+            text = tracker.add([int(response.token)], int(drafted), "draft")
             yield StepEvent(chunk=text)
             if tracker.finished:
                 break

@@ -17,6 +17,7 @@ from speclora.daemon.engine.events import (
     FinishReason,
     GenerationRequest,
     GenerationSummary,
+    Source,
     TextChunk,
 )
 
@@ -49,14 +50,15 @@ class CompletionTracker:
         self._detok = tokenizer.detokenizer
         self.ids: list[int] = []
         self.from_draft: list[bool] = []
+        self.from_history: list[bool] = []
         self.rejection_positions: list[int] = []
         self.finish_reason: FinishReason | None = None
         self._text_sent = ""  # only its last _max_stop chars matter, for stop matching
         self._pending_text = ""
         self._pending_from = 0  # index into ids of the first token not yet in a chunk
         # Counters and clocks.
-        self.proposed = 0
-        self.accepted = 0
+        self.proposed = {"draft": 0, "history": 0}  # by source
+        self.accepted = {"draft": 0, "history": 0}
         self.target_passes = 0
         # From the request's arrival when the caller knows it, so queueing counts in TTFT.
         self.start = request.received_at if request.received_at is not None else time.perf_counter()
@@ -87,15 +89,26 @@ class CompletionTracker:
         self.finish_reason = "stop_string"
         return True
 
-    def add(self, tokens: Sequence[int], from_draft: Sequence[bool]) -> TextChunk | None:
-        """Append tokens in order, stopping at the first stop condition; the safe new text."""
-        for token, drafted in zip(tokens, from_draft, strict=True):
+    def count_step(self, source: Source, proposed: int, accepted: int) -> None:
+        """Account one speculative step's proposals (a plain step proposes nothing)."""
+        if source != "target":
+            self.proposed[source] += proposed
+            self.accepted[source] += accepted
+
+    def add(
+        self, tokens: Sequence[int], accepted: int = 0, source: Source = "target"
+    ) -> TextChunk | None:
+        """Append a step's tokens in order (the first `accepted` were proposed by `source`),
+        stopping at the first stop condition; the safe new text."""
+        for i, token in enumerate(tokens):
             if self.finished:
                 break
             if self.first_token is None:
                 self.first_token = time.perf_counter()
+            proposed = i < accepted
             self.ids.append(int(token))
-            self.from_draft.append(bool(drafted))
+            self.from_draft.append(proposed and source == "draft")
+            self.from_history.append(proposed and source == "history")
             if token in self.eos_ids:
                 self.finish_reason = "eos"
                 break
@@ -135,6 +148,7 @@ class CompletionTracker:
             text=text,
             token_ids=tuple(self.ids[start:]),
             from_draft=tuple(self.from_draft[start:]),
+            from_history=tuple(self.from_history[start:]),
         )
 
     def summary(self) -> GenerationSummary:
@@ -148,8 +162,12 @@ class CompletionTracker:
             prompt_tokens=len(self.prompt_ids),
             cached_prompt_tokens=self.cached_prompt_tokens,
             completion_tokens=n,
-            proposed=self.proposed,
-            accepted=self.accepted,
+            proposed=sum(self.proposed.values()),
+            accepted=sum(self.accepted.values()),
+            draft_proposed=self.proposed["draft"],
+            draft_accepted=self.accepted["draft"],
+            history_proposed=self.proposed["history"],
+            history_accepted=self.accepted["history"],
             target_passes=self.target_passes,
             time_to_first_token_s=ttft,
             tokens_per_second=n / decode_time if decode_time > 0 and n else 0.0,
@@ -159,6 +177,7 @@ class CompletionTracker:
             prompt_token_ids=self.prompt_ids,
             completion_token_ids=tuple(self.ids),
             from_draft=tuple(self.from_draft),
+            from_history=tuple(self.from_history),
             rejection_positions=tuple(self.rejection_positions),
             sampling=self.request.sampling,
         )

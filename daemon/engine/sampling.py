@@ -148,6 +148,28 @@ def speculative_verdict(p: mx.array, q: mx.array, proposals: mx.array, key: mx.a
     return Verdict(accepted, draws[accepted], px, qx)
 
 
+def point_mass_verdict(p: mx.array, proposals: mx.array, key: mx.array) -> Verdict:
+    """T > 0 for deterministic proposals (history): the same rule with q a point mass at x.
+
+    min(1, p(x)/q(x)) = p(x), and norm(max(0, p - q)) is p with x removed, renormalised; so
+    accept x with probability p(x), else draw from p without x. The output is distributed as p.
+    p: (K+1, V) filtered target distributions; proposals: (K,).
+    """
+    k = proposals.shape[0]
+    accept_key, resample_key = split_key(key)
+    px = token_probs(p[:k], proposals)
+    u = mx.random.uniform(shape=(k,), key=accept_key)
+    accepted = _leading_true(u < px)
+    columns = mx.arange(p.shape[-1])[None, :]
+    without = mx.where(columns == proposals[:, None].astype(columns.dtype), 0.0, p[:k])
+    mass = mx.sum(without, axis=-1, keepdims=True)
+    # A rejection of x with p(x) = 1 has probability 0; fall back to p to stay well defined.
+    without = mx.where(mass > 1e-9, without / mx.maximum(mass, 1e-30), p[:k])
+    candidates = mx.concatenate([without, p[k:]], axis=0)
+    draws = mx.random.categorical(mx.log(candidates), axis=-1, key=resample_key)
+    return Verdict(accepted, draws[accepted], px, mx.ones_like(px))
+
+
 def expected_acceptance(p: mx.array, q: mx.array) -> tuple[mx.array, mx.array]:
     """(ours, mlx-lm's) expected per-proposal acceptance: sum(min(p, q)) and sum(p * q)."""
     return mx.sum(mx.minimum(p, q), axis=-1), mx.sum(p * q, axis=-1)

@@ -26,7 +26,16 @@ from typing import Any
 import mlx.core as mx
 import structlog
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from speclora.daemon.engine.adaptive import AcceptanceMemory, KPolicy, make_policy
+from speclora.daemon.engine.adaptive import AcceptanceMemory
+from speclora.daemon.engine.controller import (
+    PLAIN,
+    HistoryMemory,
+    ProposalSource,
+    StepController,
+    StepPlan,
+    make_controller,
+)
+from speclora.daemon.engine.costs import StepPrices, default_prices
 from speclora.daemon.engine.draft_vocab import DraftHead, DraftVocab, model_parts
 from speclora.daemon.engine.events import (
     EngineEvent,
@@ -42,6 +51,7 @@ from speclora.daemon.engine.sampling import (
     filtered_logits,
     greedy_verdict,
     make_key,
+    point_mass_verdict,
     sample,
     speculative_verdict,
     split_key,
@@ -120,7 +130,10 @@ class _Decoder:
             DraftHead(self.draft_parts, draft_vocab, extra=prompt) if self.draft_parts else None
         )
         self.vocab: int | None = None  # the target's logits width, learned on the first pass
-        self.lookahead: mx.array | None = None  # a queued plain-step token (lazy)
+        # A queued target pass over seq[-1] (lazy): its logits row and the token sampled from it.
+        # The next step uses it whatever it is: a plain step takes the token, a speculative one
+        # verifies its proposals against the row, so a plain step's pipelining is never wasted.
+        self.lookahead: tuple[mx.array, mx.array] | None = None
 
     @property
     def own_draft_cache(self) -> bool:
@@ -168,20 +181,20 @@ class _Decoder:
 
     # ------------------------------------------------------------------ plain steps
 
-    def _plain_token(self, token: mx.array) -> mx.array:
+    def _plain_pass(self, token: mx.array) -> tuple[mx.array, mx.array]:
         logits = self.target(token.reshape(1, 1), cache=self.target_cache)[0, -1]
-        return sample(logits, self.params, self._next_key())
+        return logits, sample(logits, self.params, self._next_key())
 
     def plain_step(self, pipeline_next: bool) -> int:
-        """One target pass, one token. With `pipeline_next` the following plain pass is queued
+        """One target pass, one token. With `pipeline_next` the following pass is queued
         before this token is read, so graph building overlaps compute."""
         if self.lookahead is not None:
-            token, self.lookahead = self.lookahead, None
+            (_, token), self.lookahead = self.lookahead, None
         else:
-            token = self._plain_token(mx.array([self.seq[-1]], mx.uint32))
+            _, token = self._plain_pass(mx.array([self.seq[-1]], mx.uint32))
         if pipeline_next:
-            self.lookahead = self._plain_token(token)
-            mx.async_eval(self.lookahead)
+            self.lookahead = self._plain_pass(token)
+            mx.async_eval(self.lookahead[1])
         value = int(token.item())
         self.seq.append(value)
         self.target_len = len(self.seq) - 1  # (a queued pass holds one more until dropped)
@@ -198,7 +211,10 @@ class _Decoder:
     def _propose(self, k: int) -> _Proposal:
         assert self.head is not None and self.draft_cache is not None
         greedy = self.params.greedy
+        queued = self.lookahead is not None  # the target (and shared layers) then hold seq
         if self.shares_cache:
+            if queued:
+                trim_prompt_cache(self.draft_cache, 1)  # the draft recomputes seq[-1] itself
             feed = mx.array(self.seq[-1:], mx.uint32)  # the shared layers hold seq[:-1]
         else:
             feed = mx.array(self.seq[self.draft_len :], mx.uint32)
@@ -224,40 +240,57 @@ class _Decoder:
             if i < k - 1:
                 feed = token.reshape(1)
         if self.shares_cache:
-            # The verify pass writes these k positions of the shared layers again, its own way.
-            trim_prompt_cache(self.draft_cache, k)
+            # The verify pass writes these positions of the shared layers again, its own way
+            # (all k, or all but seq[-1] when a queued pass already verifies its position).
+            trim_prompt_cache(self.draft_cache, k - 1 if queued else k)
         return _Proposal(
             tokens=mx.stack(tokens),
             draft_probs=mx.stack(probs),
             q=mx.stack(rows) if rows else None,
         )
 
+    def _verify_logits(self, proposals: mx.array) -> mx.array:
+        """(K + 1, V) target logits after seq[-1] and after each proposal, in one pass. A queued
+        plain pass already holds the row after seq[-1]; the pass then covers the proposals."""
+        if self.lookahead is not None:
+            (row, _), self.lookahead = self.lookahead, None
+            rest = self.target(proposals[None], cache=self.target_cache)[0]
+            return mx.concatenate([row[None], rest], axis=0)
+        verify_in = mx.concatenate([mx.array([self.seq[-1]], mx.uint32), proposals])
+        return self.target(verify_in[None], cache=self.target_cache)[0]
+
+    def _verify(
+        self, proposals: mx.array, confidence: mx.array, q: mx.array | None, point_mass: bool
+    ) -> tuple[list[int], int, list[int], Any]:
+        """Verify k proposals; the target cache keeps seq through the accepted ones. Returns
+        (proposed, accepted, emitted, verdict)."""
+        k = proposals.shape[0]
+        logits = self._verify_logits(proposals)
+        if self.params.greedy:
+            verdict = greedy_verdict(logits, proposals, confidence)
+        else:
+            p = mx.softmax(filtered_logits(logits, self.params), axis=-1)
+            if point_mass:
+                verdict = point_mass_verdict(p, proposals, self._next_key())
+            else:
+                assert q is not None
+                verdict = speculative_verdict(p, q, proposals, self._next_key())
+        mx.eval(proposals, verdict.accepted, verdict.next_token, verdict.target_probs)
+        proposed = proposals.tolist()
+        n = int(verdict.accepted.item())
+        emitted = proposed[:n] + [int(verdict.next_token.item())]
+        # Target cache: seq + k proposals; keep through the n accepted.
+        trim_prompt_cache(self.target_cache, k - n)
+        return proposed, n, emitted, verdict
+
     def speculative_step(self, k: int) -> _StepResult:
         """Draft k, verify k + 1 in one target pass, rewind both caches to the accepted prefix."""
         if self.vocab is None:
             self.vocab = self._vocab_width()
-        self.drop_lookahead()
         proposal = self._propose(k)
-        verify_in = mx.concatenate([mx.array([self.seq[-1]], mx.uint32), proposal.tokens])
-        logits = self.target(verify_in[None], cache=self.target_cache)[0]
-        if self.params.greedy:
-            verdict = greedy_verdict(logits, proposal.tokens, proposal.draft_probs)
-        else:
-            assert proposal.q is not None
-            p = mx.softmax(filtered_logits(logits, self.params), axis=-1)
-            verdict = speculative_verdict(p, proposal.q, proposal.tokens, self._next_key())
-        mx.eval(
-            proposal.tokens,
-            verdict.accepted,
-            verdict.next_token,
-            verdict.target_probs,
-            verdict.draft_probs,
+        proposed, n, emitted, verdict = self._verify(
+            proposal.tokens, proposal.draft_probs, proposal.q, point_mass=False
         )
-        proposed = proposal.tokens.tolist()
-        n = int(verdict.accepted.item())
-        emitted = proposed[:n] + [int(verdict.next_token.item())]
-        # Target cache: seq[:-1] + [seq[-1]] + k proposals; keep through the n accepted.
-        trim_prompt_cache(self.target_cache, k - n)
         if self.own_draft_cache:  # (a shared draft cache was trimmed with the target's)
             # Draft cache: ran on seq and proposals 1..k-1; keep through the n accepted.
             if n < k:
@@ -265,6 +298,27 @@ class _Decoder:
                 self.draft_len = len(self.seq) + n
             else:
                 self.draft_len = len(self.seq) + k - 1
+        return self._advance(proposed, n, emitted, verdict)
+
+    def history_step(self, tokens: Sequence[int], confidence: Sequence[float]) -> _StepResult:
+        """Verify a history proposal (no draft pass). A draft with a cache of its own falls
+        behind and catches up when it next proposes."""
+        proposed, n, emitted, verdict = self._verify(
+            mx.array(list(tokens), mx.uint32),
+            mx.array(list(confidence), mx.float32),
+            None,
+            point_mass=True,
+        )
+        return self._advance(proposed, n, emitted, verdict, confidence=list(confidence))
+
+    def _advance(
+        self,
+        proposed: list[int],
+        n: int,
+        emitted: list[int],
+        verdict: Any,
+        confidence: list[float] | None = None,
+    ) -> _StepResult:
         self.seq.extend(emitted)
         self.target_len = len(self.seq) - 1
         return _StepResult(
@@ -272,7 +326,7 @@ class _Decoder:
             accepted=n,
             emitted=emitted,
             target_probs=verdict.target_probs.tolist(),
-            draft_probs=verdict.draft_probs.tolist(),
+            draft_probs=confidence if confidence is not None else verdict.draft_probs.tolist(),
         )
 
     def _vocab_width(self) -> int:
@@ -309,8 +363,11 @@ def detailed_steps(
     tracker: CompletionTracker,
     *,
     draft_vocab: DraftVocab | None = None,
-    step_costs: Sequence[float] | None = None,
+    prices: StepPrices | None = None,
     memory: AcceptanceMemory | None = None,
+    history: ProposalSource | None = None,
+    history_memory: HistoryMemory | None = None,
+    history_config: Any | None = None,
     prompt_cache: PromptCache | None = None,
     draft_tag: str = "",
 ) -> Generator[EngineEvent, None, None]:
@@ -318,18 +375,30 @@ def detailed_steps(
     goes, so a caller can summarise a cancelled generation. With `prompt_cache`, the prompt's
     longest stored prefix is not prefilled again, and the caches are stored at the end; a
     draft cache is reused only under the same `draft_tag` (the adapter version: a swap changes
-    the draft's weights in place)."""
+    the draft's weights in place). `history` proposes continuations when K is adaptive (the
+    controller, controller.py, picks the source per step); a fixed K uses the draft alone."""
     # The request's K, else the configured default; None means adaptive.
     draft_tokens = request.draft_tokens if request.draft_tokens is not None else spec.draft_tokens
-    speculate = draft is not None and draft_tokens != 0
     if request.sampling.seed is not None and not request.sampling.greedy:
-        memory = None  # a seeded sample must not depend on earlier requests
-    prior = memory.alpha if memory is not None else None
-    policy: KPolicy = make_policy(draft_tokens, spec, step_costs, prior)
+        # A seeded sample must not depend on earlier requests.
+        memory = history_memory = None
+    use_draft = draft is not None and draft_tokens != 0
+    history = history if draft_tokens is None and request.use_history else None
+    controller = make_controller(
+        draft_tokens,
+        spec,
+        prices or default_prices(),
+        has_draft=use_draft,
+        history=history,
+        draft_alpha=memory.alpha if memory is not None else None,
+        history_calibration=history_memory.calibration() if history_memory is not None else None,
+        history_config=history_config,
+    )
+    speculate = use_draft or history is not None
     prompt = list(tracker.prompt_ids)
     # The prompt's last token goes in with the first step, so the caches take the rest.
     body = len(prompt) - 1
-    draft = draft if speculate else None
+    draft = draft if use_draft else None
     draft_key = (id(draft), draft_tag) if draft is not None else None
     reused = prompt_cache.fetch(target, prompt, draft_key) if prompt_cache else None
     tracker.cached_prompt_tokens = reused.n if reused else 0
@@ -346,41 +415,48 @@ def detailed_steps(
         if tracker.remaining <= 0:
             tracker.finish("length")
 
-        k = min(policy.next_k(), tracker.remaining - 1) if speculate else 0
+        plan: StepPlan = controller.plan(tracker.remaining - 1) if speculate else PLAIN
         while not tracker.finished:
             before = len(tracker.ids)
-            if k <= 0:
-                policy.update(0, 0)
-                k_next = min(policy.next_k(), tracker.remaining - 2) if speculate else 0
-                pipeline = k_next <= 0 and tracker.remaining > 1
-                token = decoder.plain_step(pipeline_next=pipeline)
-                emitted, accepted, trace = [token], 0, StepTrace(0, (), (), (), 0, (token,), None)
+            if plan.k <= 0:
+                # Queue the next pass now: whatever the next step is, it uses it.
+                token = decoder.plain_step(pipeline_next=tracker.remaining > 1)
+                emitted, accepted = [token], 0
+                trace = StepTrace(0, (), (), (), 0, (token,), None, source="target")
             else:
-                step = decoder.speculative_step(k)
+                if plan.source == "history":
+                    step = decoder.history_step(plan.tokens, plan.confidence)
+                else:
+                    step = decoder.speculative_step(plan.k)
                 emitted, accepted = step.emitted, step.accepted
-                policy.update(k, accepted)
                 trace = StepTrace(
-                    k=k,
+                    k=plan.k,
                     proposed=tuple(step.proposed),
                     draft_probs=tuple(step.draft_probs),
                     target_probs=tuple(step.target_probs),
                     accepted=accepted,
                     emitted=tuple(emitted),
-                    first_rejection=accepted if accepted < k else None,
+                    first_rejection=accepted if accepted < plan.k else None,
+                    source=plan.source,
                 )
-                tracker.proposed += k
-                tracker.accepted += accepted
+            controller.update(plan, accepted)
+            if history is not None:
+                history.extend(emitted)
+            tracker.count_step(plan.source, plan.k, accepted)
             tracker.target_passes += 1
-            text = tracker.add(emitted, [True] * accepted + [False])
-            if trace.first_rejection is not None and before + accepted < len(tracker.ids):
+            text = tracker.add(emitted, accepted, plan.source)
+            rejected = trace.first_rejection is not None and before + accepted < len(tracker.ids)
+            if rejected and plan.source == "draft":  # what the LoRA loop learns from
                 tracker.rejection_positions.append(before + accepted)
             if not tracker.finished:
-                k = min(policy.next_k(), tracker.remaining - 1) if speculate else 0
+                plan = controller.plan(tracker.remaining - 1) if speculate else PLAIN
             yield StepEvent(chunk=text, trace=trace)
         decoder.drop_lookahead()
         tracker.end = time.perf_counter()
-        if memory is not None and tracker.proposed:
-            memory.record(tracker.accepted, len(tracker.rejection_positions))
+        if memory is not None and tracker.proposed["draft"]:
+            memory.record(tracker.accepted["draft"], len(tracker.rejection_positions))
+        if history_memory is not None and isinstance(controller, StepController):
+            history_memory.record(controller.history_accepted, controller.history_tested)
         summary = tracker.summary()
         log.debug(
             "generation_finished",
@@ -388,6 +464,8 @@ def detailed_steps(
             mode="detailed",
             tokens=summary.completion_tokens,
             acceptance=round(summary.acceptance_rate, 3),
+            draft_acceptance=round(summary.draft_acceptance_rate, 3),
+            history_acceptance=round(summary.history_acceptance_rate, 3),
             tokens_per_step=round(summary.tokens_per_step, 2),
             finish_reason=summary.finish_reason,
         )

@@ -36,13 +36,16 @@ class _Offered:
 def is_failure(
     summary: GenerationSummary, request: GenerationRequest, config: LearningConfig
 ) -> bool:
-    """A request is worth learning from when the draft proposed and was mostly rejected."""
+    """A request is worth learning from when the model draft proposed and was mostly rejected.
+
+    Only the model draft's own proposals count: history's are not what LoRA trains, and a
+    request that history carried can still be one the draft got wrong."""
     return (
         config.record
         and request.record
-        and summary.proposed > 0
+        and summary.draft_proposed > 0
         and summary.completion_tokens > 0
-        and summary.acceptance_rate < config.failure_threshold
+        and summary.draft_acceptance_rate < config.failure_threshold
     )
 
 
@@ -59,8 +62,8 @@ def case_from_summary(
         completion_ids=tuple(summary.completion_token_ids),
         from_draft=tuple(summary.from_draft),
         rejection_positions=tuple(summary.rejection_positions),
-        proposed=summary.proposed,
-        accepted=summary.accepted,
+        proposed=summary.draft_proposed,
+        accepted=summary.draft_accepted,
         temperature=s.temperature,
         top_p=s.top_p,
         top_k=s.top_k,

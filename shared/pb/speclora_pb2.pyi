@@ -84,7 +84,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "raw", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "draft_tokens", "mode", "record", "request_id")
+    __slots__ = ("prompt", "messages", "raw", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "draft_tokens", "mode", "record", "request_id", "use_history")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class GenerateRequest(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USE_HISTORY_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     raw: bool
@@ -111,20 +112,23 @@ class GenerateRequest(_message.Message):
     mode: Mode
     record: bool
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., raw: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., draft_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., record: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    use_history: bool
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., raw: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., draft_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., record: _Optional[bool] = ..., request_id: _Optional[str] = ..., use_history: _Optional[bool] = ...) -> None: ...
 
 class TextChunk(_message.Message):
-    __slots__ = ("text", "token_ids", "from_draft")
+    __slots__ = ("text", "token_ids", "from_draft", "from_history")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FROM_DRAFT_FIELD_NUMBER: _ClassVar[int]
+    FROM_HISTORY_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     from_draft: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., from_draft: _Optional[_Iterable[bool]] = ...) -> None: ...
+    from_history: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., from_draft: _Optional[_Iterable[bool]] = ..., from_history: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class GenerationSummary(_message.Message):
-    __slots__ = ("request_id", "prompt_tokens", "completion_tokens", "proposed", "accepted", "acceptance_rate", "tokens_per_second", "time_to_first_token_s", "finish_reason", "adapter_version", "failure_recorded", "target_passes", "tokens_per_step", "mode", "total_time_s", "cached_prompt_tokens")
+    __slots__ = ("request_id", "prompt_tokens", "completion_tokens", "proposed", "accepted", "acceptance_rate", "tokens_per_second", "time_to_first_token_s", "finish_reason", "adapter_version", "failure_recorded", "target_passes", "tokens_per_step", "mode", "total_time_s", "cached_prompt_tokens", "draft_proposed", "draft_accepted", "history_proposed", "history_accepted")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +145,10 @@ class GenerationSummary(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TIME_S_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_tokens: int
     completion_tokens: int
@@ -157,7 +165,11 @@ class GenerationSummary(_message.Message):
     mode: Mode
     total_time_s: float
     cached_prompt_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., adapter_version: _Optional[str] = ..., failure_recorded: _Optional[bool] = ..., target_passes: _Optional[int] = ..., tokens_per_step: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ..., total_time_s: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+    draft_proposed: int
+    draft_accepted: int
+    history_proposed: int
+    history_accepted: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., adapter_version: _Optional[str] = ..., failure_recorded: _Optional[bool] = ..., target_passes: _Optional[int] = ..., tokens_per_step: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ..., total_time_s: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ..., draft_proposed: _Optional[int] = ..., draft_accepted: _Optional[int] = ..., history_proposed: _Optional[int] = ..., history_accepted: _Optional[int] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("chunk", "summary")
@@ -264,7 +276,7 @@ class AdapterAcceptance(_message.Message):
     def __init__(self, adapter_version: _Optional[str] = ..., requests: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ...) -> None: ...
 
 class StatsSnapshot(_message.Message):
-    __slots__ = ("target_model", "draft_model", "adapter_version", "uptime_s", "requests_total", "requests_active", "tokens_total", "acceptance_lifetime", "acceptance_recent", "acceptance_history", "per_adapter", "tokens_per_second_recent", "failure_cases", "pending_cases", "training_state_name", "queue_depth", "rss_bytes", "peak_rss_bytes", "weight_bytes", "blas_name", "version", "default_mode", "prompt_tokens_total", "prompt_tokens_cached", "prompt_cache_bytes", "training_state", "blas", "pid", "failure_store_error")
+    __slots__ = ("target_model", "draft_model", "adapter_version", "uptime_s", "requests_total", "requests_active", "tokens_total", "acceptance_lifetime", "acceptance_recent", "acceptance_history", "per_adapter", "tokens_per_second_recent", "failure_cases", "pending_cases", "training_state_name", "queue_depth", "rss_bytes", "peak_rss_bytes", "weight_bytes", "blas_name", "version", "default_mode", "prompt_tokens_total", "prompt_tokens_cached", "prompt_cache_bytes", "training_state", "blas", "pid", "failure_store_error", "draft_proposed", "draft_accepted", "history_proposed", "history_accepted", "draft_acceptance_recent", "history_acceptance_recent", "history_tokens", "history_documents", "history_bytes")
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -294,6 +306,15 @@ class StatsSnapshot(_message.Message):
     BLAS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     FAILURE_STORE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ACCEPTANCE_RECENT_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ACCEPTANCE_RECENT_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     target_model: str
     draft_model: str
     adapter_version: str
@@ -323,7 +344,16 @@ class StatsSnapshot(_message.Message):
     blas: Blas
     pid: int
     failure_store_error: str
-    def __init__(self, target_model: _Optional[str] = ..., draft_model: _Optional[str] = ..., adapter_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., requests_total: _Optional[int] = ..., requests_active: _Optional[int] = ..., tokens_total: _Optional[int] = ..., acceptance_lifetime: _Optional[float] = ..., acceptance_recent: _Optional[float] = ..., acceptance_history: _Optional[_Iterable[float]] = ..., per_adapter: _Optional[_Iterable[_Union[AdapterAcceptance, _Mapping]]] = ..., tokens_per_second_recent: _Optional[float] = ..., failure_cases: _Optional[int] = ..., pending_cases: _Optional[int] = ..., training_state_name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., blas_name: _Optional[str] = ..., version: _Optional[str] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., prompt_tokens_total: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., training_state: _Optional[_Union[TrainingState, str]] = ..., blas: _Optional[_Union[Blas, str]] = ..., pid: _Optional[int] = ..., failure_store_error: _Optional[str] = ...) -> None: ...
+    draft_proposed: int
+    draft_accepted: int
+    history_proposed: int
+    history_accepted: int
+    draft_acceptance_recent: float
+    history_acceptance_recent: float
+    history_tokens: int
+    history_documents: int
+    history_bytes: int
+    def __init__(self, target_model: _Optional[str] = ..., draft_model: _Optional[str] = ..., adapter_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., requests_total: _Optional[int] = ..., requests_active: _Optional[int] = ..., tokens_total: _Optional[int] = ..., acceptance_lifetime: _Optional[float] = ..., acceptance_recent: _Optional[float] = ..., acceptance_history: _Optional[_Iterable[float]] = ..., per_adapter: _Optional[_Iterable[_Union[AdapterAcceptance, _Mapping]]] = ..., tokens_per_second_recent: _Optional[float] = ..., failure_cases: _Optional[int] = ..., pending_cases: _Optional[int] = ..., training_state_name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., blas_name: _Optional[str] = ..., version: _Optional[str] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., prompt_tokens_total: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., training_state: _Optional[_Union[TrainingState, str]] = ..., blas: _Optional[_Union[Blas, str]] = ..., pid: _Optional[int] = ..., failure_store_error: _Optional[str] = ..., draft_proposed: _Optional[int] = ..., draft_accepted: _Optional[int] = ..., history_proposed: _Optional[int] = ..., history_accepted: _Optional[int] = ..., draft_acceptance_recent: _Optional[float] = ..., history_acceptance_recent: _Optional[float] = ..., history_tokens: _Optional[int] = ..., history_documents: _Optional[int] = ..., history_bytes: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()

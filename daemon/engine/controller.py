@@ -1,0 +1,284 @@
+"""One place that chooses, per step, who proposes and how much.
+
+The sources: the model draft (K proposals for K draft passes), the history drafter (a suffix
+match's continuation over the request's own tokens and past requests' outputs: no draft pass
+at all), or nobody (K = 0, a plain target pass). Each candidate is scored as expected tokens
+per unit of measured cost (costs.StepPrices: a wider verify is not free on a CPU), and the best
+wins; a plain pass scores 1. A useless source therefore costs nothing but the occasional probe,
+and a good one is used as far as it pays.
+
+Expected tokens. A model-draft step of k proposals at per-proposal acceptance a yields
+(1 - a^(k+1)) / (1 - a) (Leviathan et al. 2023), with a from adaptive K's estimate. A history
+proposal comes with each token's empirical confidence c_i (how often past text continued that
+way) and the length of the suffix match it continues; the step yields
+1 + sum_i prod_{j <= i} a_j with a_j = min(A_MAX, f * c_j), where the calibration f
+(acceptance per unit of confidence) is estimated per match-length band from the history steps
+seen, the same recent-vs-long-run way as the draft's a: a 2-token match is weak evidence, a
+16-token one is a copied span. A band's long-run figure changes only when it is tested, so a
+band that proposed garbage stays quiet (its recent evidence fades back to that figure between
+tests); while history has proposals that do not pay, a short probe now and then (backing off
+while probes leave it unpriced, as adaptive K's do) re-tests it, so a good source that had bad
+luck comes back. Each request starts from what earlier ones saw (HistoryMemory), blended
+with the band's default so that no band is shut for good. The history step takes the prefix of
+the proposal with the best tokens per cost.
+
+Decisions depend only on the request's tokens, the acceptance seen and the fixed prices, never
+on wall-clock time, so a seeded request makes the same choices every run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from speclora.daemon.engine.adaptive import AcceptanceEstimate, AdaptiveK, KPolicy, expected_tokens
+from speclora.daemon.engine.costs import StepPrices
+from speclora.daemon.engine.events import Source
+
+A_MAX = 0.98  # never price a history token as certain: past text is not the target
+# Match-length bands (lower bounds) and each band's default calibration before any evidence:
+# a token at confidence 1 continuing a match of that length is accepted this often.
+MATCH_BANDS = (0, 3, 5, 9)
+BAND_PRIORS = (0.3, 0.5, 0.7, 0.85)
+HISTORY_PROBE_TOKENS = 4  # a probe verifies this much of a proposal that did not pay
+MAX_PROBE_BACKOFF = 8
+
+
+def match_band(match_len: int) -> int:
+    return sum(match_len >= lo for lo in MATCH_BANDS[1:])
+
+
+class Proposal(Protocol):
+    tokens: tuple[int, ...]
+    confidence: tuple[float, ...]
+    match_len: int
+
+
+class ProposalSource(Protocol):
+    """The history drafter as the controller sees it (engine.history.RequestHistory)."""
+
+    def propose(
+        self, max_len: int, *, min_token_prob: float = ..., spec_factor: float = ...
+    ) -> Proposal | None: ...
+
+    def extend(self, tokens: Sequence[int]) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    source: Source
+    k: int  # proposals this step (0: a plain pass)
+    tokens: tuple[int, ...] = ()  # history's proposals (the draft makes its own)
+    confidence: tuple[float, ...] = ()
+    probe: bool = False  # a model-draft step taken to re-test a draft that did not pay
+    expected: float = 1.0  # the tokens it was expected to yield
+    band: int = 0  # history: the match-length band it was priced in
+
+
+PLAIN = StepPlan("target", 0)
+
+
+@dataclass
+class HistoryMemory:
+    """History's calibration per match band across requests (one per target, kept by the
+    worker), so a new request starts from what earlier ones saw. Seeded requests neither read
+    nor feed it."""
+
+    decay: float = 0.5
+    _accepted: list[float] = field(default_factory=lambda: [0.0] * len(MATCH_BANDS))
+    _tested: list[float] = field(default_factory=lambda: [0.0] * len(MATCH_BANDS))
+
+    def calibration(self) -> tuple[float | None, ...]:
+        return tuple(
+            a / t if t >= 1.0 else None for a, t in zip(self._accepted, self._tested, strict=True)
+        )
+
+    def record(self, accepted: Sequence[float], tested: Sequence[float]) -> None:
+        for band in range(len(MATCH_BANDS)):
+            self._accepted[band] = self._accepted[band] * self.decay + accepted[band]
+            self._tested[band] = self._tested[band] * self.decay + tested[band]
+
+
+def history_prefix(
+    confidence: Sequence[float], calibration: float, prices: StepPrices
+) -> tuple[int, float, float]:
+    """(n, expected tokens, tokens per cost) of the best prefix of a history proposal; n = 0
+    when no prefix beats a plain pass."""
+    best_n, best_expected, best_gain = 0, 1.0, 1.0
+    expected, run = 1.0, 1.0
+    for n, c in enumerate(confidence, start=1):
+        run *= min(A_MAX, calibration * c)
+        expected += run
+        gain = expected / prices.verify_cost(n)
+        if gain > best_gain:
+            best_n, best_expected, best_gain = n, expected, gain
+    return best_n, best_expected, best_gain
+
+
+class FixedPlans:
+    """A request that fixed K: the model draft proposes exactly K (fewer near the end), and
+    nothing else does; K = 0 is plain decoding."""
+
+    def __init__(self, k: int, has_draft: bool) -> None:
+        self.k = k if has_draft else 0
+
+    def plan(self, budget: int) -> StepPlan:
+        k = min(self.k, budget)
+        return StepPlan("draft", k) if k > 0 else PLAIN
+
+    def update(self, plan: StepPlan, accepted: int) -> None:
+        pass
+
+
+class StepController:
+    """Adaptive: the best of the model draft's K, history's proposal and a plain pass."""
+
+    def __init__(
+        self,
+        prices: StepPrices,
+        *,
+        draft_policy: KPolicy | None = None,
+        history: ProposalSource | None = None,
+        max_history: int = 24,
+        min_token_prob: float = 0.1,
+        spec_factor: float = 1.0,
+        calibration: Sequence[float | None] | None = None,
+        probe_interval: int = 16,
+    ) -> None:
+        self.prices = prices
+        self.draft_policy = draft_policy
+        self.history = history
+        self.max_history = max_history
+        self.min_token_prob = min_token_prob
+        self.spec_factor = spec_factor
+        seen = tuple(calibration) if calibration is not None else (None,) * len(MATCH_BANDS)
+        self.bands = [
+            AcceptanceEstimate(prior=default if old is None else (default + old) / 2, shrink=2.0)
+            for default, old in zip(BAND_PRIORS, seen, strict=True)
+        ]
+        # What this request's history steps yielded per band, against the confidence of the
+        # positions they tested (for HistoryMemory).
+        self.history_accepted = [0.0] * len(MATCH_BANDS)
+        self.history_tested = [0.0] * len(MATCH_BANDS)
+        self.probe_interval = probe_interval
+        self._unpriced = 0  # steps since history last proposed, while it had proposals
+        self._backoff = 1
+
+    def _draft_plan(self, budget: int) -> StepPlan:
+        policy = self.draft_policy
+        if policy is None:
+            return PLAIN
+        k = min(policy.next_k(), budget)
+        if k <= 0:
+            return PLAIN
+        if isinstance(policy, AdaptiveK):
+            a = policy.alpha
+            expected = expected_tokens(a, k)
+            probe = policy.gain(a, k) < 1.0
+        else:
+            expected, probe = 1.0, False
+        return StepPlan("draft", k, probe=probe, expected=expected)
+
+    def _history_plan(self, budget: int) -> StepPlan:
+        if self.history is None or budget <= 0:
+            return PLAIN
+        proposal = self.history.propose(
+            min(self.max_history, budget),
+            min_token_prob=self.min_token_prob,
+            spec_factor=self.spec_factor,
+        )
+        if proposal is None or not proposal.tokens:
+            return PLAIN
+        band = match_band(proposal.match_len)
+        n, expected, _ = history_prefix(proposal.confidence, self.bands[band].value, self.prices)
+        probe = False
+        if n == 0:
+            self._unpriced += 1
+            if self._unpriced < self.probe_interval * self._backoff:
+                return PLAIN
+            n, probe = min(HISTORY_PROBE_TOKENS, len(proposal.tokens)), True
+        return StepPlan(
+            "history",
+            n,
+            tokens=tuple(proposal.tokens[:n]),
+            confidence=tuple(proposal.confidence[:n]),
+            expected=expected,
+            band=band,
+            probe=probe,
+        )
+
+    def _gain(self, plan: StepPlan) -> float:
+        if plan.source == "draft":
+            return plan.expected / self.prices.draft_step(plan.k)
+        if plan.source == "history":
+            return plan.expected / self.prices.verify_cost(plan.k)
+        return 1.0
+
+    def plan(self, budget: int) -> StepPlan:
+        """The step to take; `budget` = proposals the request can still use (tokens left - 1)."""
+        draft = self._draft_plan(budget)
+        history = self._history_plan(budget)
+        if history.k and self._gain(history) > max(self._gain(draft), 1.0):
+            return history
+        if draft.k and (draft.probe or self._gain(draft) >= 1.0):
+            return draft
+        return history if history.probe else PLAIN
+
+    def update(self, plan: StepPlan, accepted: int) -> None:
+        if self.draft_policy is not None:
+            # A history step did not test the draft: for adaptive K it is an idle step.
+            self.draft_policy.update(plan.k if plan.source == "draft" else 0, accepted)
+        for band, estimate in enumerate(self.bands):
+            if plan.source != "history" or band != plan.band:
+                estimate.fade()
+        if plan.source == "history":
+            # Tested positions: the accepted ones and the first rejected one, if any.
+            tested = sum(plan.confidence[: accepted + (1 if accepted < plan.k else 0)])
+            estimate = self.bands[plan.band]
+            estimate.decay()
+            estimate.observe(accepted, tested)
+            self.history_accepted[plan.band] += accepted
+            self.history_tested[plan.band] += tested
+            self._unpriced = 0
+            if plan.probe:  # did it bring the band back? if not, wait longer next time
+                n, _, _ = history_prefix(plan.confidence, estimate.value, self.prices)
+                self._backoff = min(self._backoff * 2, MAX_PROBE_BACKOFF) if n == 0 else 1
+
+
+def make_controller(
+    draft_tokens: int | None,
+    spec: object,
+    prices: StepPrices,
+    *,
+    has_draft: bool,
+    history: ProposalSource | None,
+    draft_alpha: float | None,
+    history_calibration: Sequence[float | None] | None,
+    history_config: object | None = None,
+) -> FixedPlans | StepController:
+    """Fixed K when the request (or config) sets one, else the adaptive controller."""
+    from speclora.daemon.engine.adaptive import make_policy
+
+    if draft_tokens is not None:
+        return FixedPlans(draft_tokens, has_draft)
+    policy = (
+        make_policy(None, spec, prices.draft_steps(spec.adaptive_max), draft_alpha)  # type: ignore[attr-defined]
+        if has_draft
+        else None
+    )
+    options = {}
+    if history_config is not None:
+        options = dict(
+            max_history=history_config.max_proposal,  # type: ignore[attr-defined]
+            min_token_prob=history_config.min_token_prob,  # type: ignore[attr-defined]
+            spec_factor=history_config.spec_factor,  # type: ignore[attr-defined]
+        )
+    return StepController(
+        prices,
+        draft_policy=policy,
+        history=history,
+        calibration=history_calibration,
+        probe_interval=spec.probe_interval,  # type: ignore[attr-defined]
+        **options,
+    )

@@ -1,0 +1,170 @@
+"""The step controller against the best fixed choice, on simulated acceptance processes.
+
+A draft or history source whose proposals are accepted by a known random process (iid, or
+bursty: easy and hard stretches that switch as tokens are emitted), priced with a CPU-like
+table. The adaptive controller must reach at least 0.95 of the best fixed K (or fixed history
+length) chosen in hindsight, use a good source fully, and leave a useless one alone.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+from speclora.daemon.engine.adaptive import make_policy
+from speclora.daemon.engine.controller import FixedPlans, HistoryMemory, StepController, StepPlan
+from speclora.daemon.engine.costs import StepPrices
+from speclora.shared.config import SpeculationConfig
+
+# A 2-core CPU with OpenBLAS: a pass over 2 tokens costs 1.25 passes, over 9 tokens 1.4.
+CPU = (1.0, 1.25, 1.3, 1.33, 1.35, 1.37, 1.38, 1.39, 1.4) + tuple(
+    1.4 + 0.01 * i for i in range(1, 60)
+)
+SPEC = SpeculationConfig()
+
+
+class Process:
+    """Per-position acceptance: `easy` or `hard`, switching with probability `switch` per
+    emitted token (so acceptance is bursty, as on real text, when they differ)."""
+
+    def __init__(self, easy: float, hard: float, switch: float, seed: int):
+        self.rng = random.Random(seed)
+        self.a = (easy, hard)
+        self.switch = switch
+        self.state = 0
+
+    def _tick(self) -> None:
+        if self.rng.random() < self.switch:
+            self.state = 1 - self.state
+
+    def accept(self, k: int) -> int:
+        accepted = 0
+        while accepted < k:
+            self._tick()
+            if self.rng.random() >= self.a[self.state]:
+                break
+            accepted += 1
+        self._tick()  # the target's own token
+        return accepted
+
+
+@dataclass(frozen=True)
+class Offer:
+    tokens: tuple[int, ...]
+    confidence: tuple[float, ...]
+    match_len: int
+    source: str = "history"
+
+
+class SimulatedHistory:
+    """Always has a 24-token continuation of a 12-token match (a copied span)."""
+
+    def extend(self, tokens) -> None:
+        pass
+
+    def propose(self, max_len: int, *, min_token_prob: float = 0.1, spec_factor: float = 1.0):
+        n = min(max_len, 24)
+        return Offer(tuple(range(n)), (1.0,) * n, 12) if n > 0 else None
+
+
+class FixedHistoryLength:
+    """Hindsight baseline: every step verifies exactly n history tokens."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def plan(self, budget: int) -> StepPlan:
+        n = min(self.n, budget)
+        return (
+            StepPlan("history", n, tuple(range(n)), (1.0,) * n) if n > 0 else StepPlan("target", 0)
+        )
+
+    def update(self, plan, accepted) -> None:
+        pass
+
+
+def tokens_per_pass(controller, process: Process, prices: StepPrices, tokens: int = 3000) -> float:
+    n, cost = 0, 0.0
+    while n < tokens:
+        plan = controller.plan(tokens - n - 1)
+        accepted = process.accept(plan.k) if plan.k else process.accept(0)
+        if plan.source == "draft":
+            cost += prices.draft_step(plan.k)
+        else:
+            cost += prices.verify_cost(plan.k)
+        n += accepted + 1
+        controller.update(plan, accepted)
+    return n / cost
+
+
+def adaptive(prices: StepPrices, history=None, draft: bool = True) -> StepController:
+    policy = make_policy(None, SPEC, prices.draft_steps(SPEC.adaptive_max)) if draft else None
+    return StepController(prices, draft_policy=policy, history=history)
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+PROCESSES = [
+    (0.3, 0.3, 0.0),  # a poor draft
+    (0.6, 0.6, 0.0),
+    (0.8, 0.8, 0.0),
+    (0.92, 0.92, 0.0),  # a good pre-trained draft
+    (1.0, 1.0, 0.0),  # the target as its own draft
+    (0.98, 0.5, 0.05),  # bursty: easy and hard stretches
+    (0.99, 0.3, 0.1),
+    (0.95, 0.6, 0.02),
+]
+
+
+@pytest.mark.parametrize("draft_cost", [0.13, 0.3])
+@pytest.mark.parametrize("process", PROCESSES)
+def test_adaptive_k_reaches_the_best_fixed_k(process, draft_cost):
+    prices = StepPrices(CPU, draft_cost)
+    seeds = range(3)
+    fixed = {
+        k: mean(tokens_per_pass(FixedPlans(k, True), Process(*process, s), prices) for s in seeds)
+        for k in range(SPEC.adaptive_max + 1)
+    }
+    best = max(fixed.values())
+    ours = mean(tokens_per_pass(adaptive(prices), Process(*process, s), prices) for s in seeds)
+    assert ours >= 0.95 * best, (ours, fixed)
+
+
+@pytest.mark.parametrize("a", [0.5, 0.8, 0.95])
+def test_history_proposals_are_used_as_far_as_they_pay(a):
+    prices = StepPrices(CPU, 0.3)
+    fixed = {
+        n: mean(
+            tokens_per_pass(FixedHistoryLength(n), Process(a, a, 0, s), prices) for s in range(3)
+        )
+        for n in (0, 1, 2, 4, 8, 12, 16, 24)
+    }
+    best = max(fixed.values())
+    ours = mean(
+        tokens_per_pass(
+            adaptive(prices, SimulatedHistory(), draft=False), Process(a, a, 0, s), prices
+        )
+        for s in range(3)
+    )
+    assert ours >= 0.95 * best, (ours, fixed)
+
+
+def test_a_useless_history_costs_almost_nothing():
+    """Proposals that are never accepted: the controller stops proposing after a few tries,
+    and a later request remembers (HistoryMemory) and tries less."""
+    prices = StepPrices(CPU, 0.3)
+    memory = HistoryMemory()
+    tried = []
+    for seed in range(3):
+        controller = StepController(
+            prices, history=SimulatedHistory(), calibration=memory.calibration()
+        )
+        ratio = tokens_per_pass(controller, Process(0.0, 0.0, 0, seed), prices, tokens=400)
+        memory.record(controller.history_accepted, controller.history_tested)
+        tried.append(sum(controller.history_tested))
+        assert ratio >= 0.95
+    assert tried[-1] <= tried[0]
