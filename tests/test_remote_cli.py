@@ -80,8 +80,10 @@ VOLATILE = {
 }
 OVERRIDES = {
     "models": {"draft": "self:2"},
-    # A fixed K: adaptive K follows the step costs each daemon measured on its own at start.
+    # A fixed K and no history drafter: adaptive K and the history's proposal lengths follow
+    # step prices each daemon measured on its own at start.
     "speculation": {"draft_tokens": 2},
+    "history": {"enabled": False},
     "learning": {"min_cases": 4, "failure_threshold": 0.99},
     "lora": {"batch_size": 2, "rank": 4},
 }
