@@ -37,6 +37,7 @@ ERROR_STATUS: dict[ErrorKind, tuple[int, str, str | None]] = {
     ErrorKind.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
     ErrorKind.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "queue_full"),
     ErrorKind.UNAVAILABLE: (503, "server_error", "unavailable"),
+    ErrorKind.DEADLINE_EXCEEDED: (504, "server_error", "deadline_exceeded"),
 }
 
 
