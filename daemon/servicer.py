@@ -481,6 +481,7 @@ class SpecLoRAServicer(pb_grpc.SpecLoRAServicer):
         serving = worker.stats.snapshot()
         failures, pending = self._learning.failure_counts() if self._learning else (0, 0)
         rss, peak = memory_usage()
+        history = hub.history.stats() if hub.history is not None else None
         return StatsSnapshot(
             target_model=hub.target_name,
             draft_model=hub.draft_name,
@@ -507,4 +508,7 @@ class SpecLoRAServicer(pb_grpc.SpecLoRAServicer):
             blas=blas.blas_info().name,
             version=speclora.__version__,
             default_mode=self._config.speculation.mode,  # type: ignore[arg-type]
+            history_documents=history.documents if history else 0,
+            history_tokens=history.tokens if history else 0,
+            history_bytes=history.bytes if history else 0,
         )

@@ -75,6 +75,10 @@ class StatsSnapshot:
     blas: str
     version: str
     default_mode: Mode
+    # The history drafter's past requests in memory (committed ones only); 0 when it is off.
+    history_documents: int = 0
+    history_tokens: int = 0
+    history_bytes: int = 0
 
 
 @dataclass(frozen=True)

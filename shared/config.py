@@ -94,6 +94,24 @@ class LearningConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    enabled: bool = _opt(True, doc="propose from the request's own tokens and past requests")
+    max_tokens: int = _opt(
+        1_000_000, lo=1_000, hi=100_000_000, doc="past requests' tokens kept per target"
+    )
+    max_proposal: int = _opt(24, lo=1, hi=256, doc="tokens one history proposal may hold")
+    min_match: int = _opt(2, lo=1, hi=64, doc="shortest suffix match that may propose")
+    max_match: int = _opt(32, lo=1, hi=64, doc="longest suffix match looked for")
+    min_token_prob: float = _opt(
+        0.1, lo=0.0, hi=1.0, doc="stop where the continuation's cumulative probability drops below"
+    )
+    spec_factor: float = _opt(
+        1.0, lo=0.1, hi=64.0, doc="a proposal holds at most spec_factor * match length tokens"
+    )
+    persist: bool = _opt(True, doc="keep it in the data dir across restarts")
+
+
+@dataclass(frozen=True)
 class LoraConfig:
     rank: int = _opt(32, lo=1, hi=1024)
     scale: float = _opt(20.0, lo=0.0, hi=1e4)
@@ -123,6 +141,7 @@ class Config:
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
@@ -133,6 +152,7 @@ _SECTION_TYPES = {
     "speculation": SpeculationConfig,
     "generation": GenerationConfig,
     "learning": LearningConfig,
+    "history": HistoryConfig,
     "lora": LoraConfig,
     "server": ServerConfig,
 }
@@ -205,6 +225,9 @@ def _check_cross_field(config: Config) -> None:
         raise ConfigError("speculation.adaptive_min must be <= speculation.adaptive_max")
     if not s.adaptive_min <= s.adaptive_start <= s.adaptive_max:
         raise ConfigError("speculation.adaptive_start must lie within [adaptive_min, adaptive_max]")
+    h = config.history
+    if h.min_match > h.max_match:
+        raise ConfigError("history.min_match must be <= history.max_match")
     g = config.generation
     if g.max_tokens > g.max_tokens_cap:
         raise ConfigError("generation.max_tokens must be <= generation.max_tokens_cap")

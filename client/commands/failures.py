@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from speclora.client.commands.history import purge_history_file
 from speclora.daemon.learning.store import FailureStore, StoreError
 from speclora.shared.config import ConfigError, load_config
 from speclora.shared.paths import resolve_paths
@@ -138,16 +139,27 @@ def export(ctx: click.Context, path: str, fmt: str) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def purge(ctx: click.Context, yes: bool) -> None:
-    """Delete every recorded case for good (the file is vacuumed)."""
+    """Delete every recorded case and the history of past requests for good (both files are
+    vacuumed)."""
     store = _open_store(ctx)
-    if store is None:
-        return
-    with store:
-        n = store.count()
-        if not yes:
-            click.confirm(f"Delete all {n} failure cases (they contain your prompts)?", abort=True)
-        deleted = store.purge()
-    click.echo(f"Deleted {deleted} case{'s' if deleted != 1 else ''}; the database is vacuumed.")
+    if store is not None:
+        with store:
+            n = store.count()
+            if not yes:
+                click.confirm(
+                    f"Delete all {n} failure cases and the history of past requests "
+                    "(they contain your prompts)?",
+                    abort=True,
+                )
+            deleted = store.purge()
+        click.echo(
+            f"Deleted {deleted} case{'s' if deleted != 1 else ''}; the database is vacuumed."
+        )
+    elif not yes and resolve_paths().history_database.exists():
+        click.confirm("Delete the history of past requests (it contains your prompts)?", abort=True)
+    rows = purge_history_file()  # the same prompts live there too
+    if rows is not None:
+        click.echo(f"Deleted {rows} past request{'s' if rows != 1 else ''} from the history.")
 
 
 @failures_group.command("stats")

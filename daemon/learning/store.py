@@ -398,11 +398,11 @@ class FailureStore:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _write(self) -> _Transaction:
-        return _Transaction(self._db)
+    def _write(self) -> Transaction:
+        return Transaction(self._db)
 
 
-class _Transaction:
+class Transaction:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (the caller holds the lock)."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
