@@ -18,7 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 from helpers.daemons import LocalDaemon, local_daemon, wait_until
-from helpers.http import JSON, open_stream, post, read_until, request, sse_events
+from helpers.httpcheck import JSON, open_stream, post, read_until, request, sse_events
 from speclora.shared.pb import speclora_pb2 as pb
 
 LONG = 2000  # tokens: with a short prompt, just inside the tiny model's 2048 context

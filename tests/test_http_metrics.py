@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 from helpers.daemons import local_daemon, wait_until
-from helpers.http import one, open_stream, read_until, scrape, total
+from helpers.httpcheck import one, open_stream, read_until, scrape, total
 from speclora.shared.pb import speclora_pb2 as pb
 
 

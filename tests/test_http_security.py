@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 from helpers.daemons import LocalDaemon, local_config, local_daemon
-from helpers.http import JSON, post, request
+from helpers.httpcheck import JSON, post, request
 from speclora.daemon.server import ServerSetupError, http_api_key, open_http
 
 KEY = "test-key-0123456789"

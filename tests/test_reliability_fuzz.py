@@ -152,6 +152,7 @@ REQUESTS = {
     "ExportFailureCases": st.just(pb.ExportFailureCasesRequest()),
     "GetFailureStats": st.just(pb.GetFailureStatsRequest()),
     "PurgeFailureCases": st.just(pb.PurgeFailureCasesRequest()),
+    "PurgeHistory": st.just(pb.PurgeHistoryRequest()),
 }
 assert set(REQUESTS) == set(METHODS), "a new RPC needs a strategy here"
 

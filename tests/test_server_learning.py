@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers.daemons import local_config
-from helpers.http import one, scrape
+from helpers.httpcheck import one, scrape
 from speclora.client.stub import (
     GenerationSummary,
     PreconditionFailed,
