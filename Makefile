@@ -33,8 +33,8 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not real_model and not slow"
 
-demo: setup
-	$(VENV)/bin/speclora demo
+demo: setup  # make demo KEEP=1 leaves the daemon running afterwards
+	$(VENV)/bin/speclora demo $(if $(KEEP),--keep-daemon)
 
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=shared/pb --grpc_python_out=shared/pb \
