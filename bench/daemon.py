@@ -9,6 +9,12 @@ Per round, on the same prompts at T = 0 (identical work each time):
 Rounds alternate the phases so load drift on a shared machine hits all of them alike.
 Rates are completion tokens over wall time measured by the caller (prefill included).
 
+Then the two transports on the same requests: each prompt streamed over gRPC (the stub) and
+over the HTTP API (POST /v1/chat/completions, stream: true, read as SSE by http.client), in
+alternating order (gRPC first, then HTTP first), so drift and the prompt cache treat both
+alike. Per pair: HTTP tokens/s over gRPC's, and HTTP's time to first token minus gRPC's, both
+measured by the client (to the first text).
+
 Then the prompt cache, in-process: a multi-turn chat where each turn re-sends the conversation,
 every turn run twice back to back, with the prompt cache and without; time to first token
 compared turn by turn, outputs checked identical.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import json
 import os
 import shutil
@@ -158,6 +165,114 @@ def concurrent(
     )
 
 
+@dataclass(frozen=True)
+class Timed:
+    tokens: int
+    ttft_s: float  # request sent -> first text received
+    total_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.total_s
+
+
+def grpc_stream(client: SpecLoRAClient, prompt: str, max_tokens: int, k: int | None) -> Timed:
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    for event in client.generate(
+        messages=[("user", prompt)], max_tokens=max_tokens, temperature=0.0, draft_tokens=k,
+        record=False,
+    ):  # fmt: skip
+        if isinstance(event, GenerationSummary):
+            tokens = event.completion_tokens
+        elif first is None and event.text:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return Timed(tokens, (first or end) - start, end - start)
+
+
+def http_stream(
+    conn: http.client.HTTPConnection, prompt: str, max_tokens: int, k: int | None
+) -> Timed:
+    body = {
+        "model": "speclora",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "record": False,
+    }
+    if k is not None:
+        body["draft_tokens"] = k
+    start = time.perf_counter()
+    conn.request(
+        "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+    )
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    first = None
+    tokens = 0
+    while True:
+        line = response.readline()
+        if not line or line == b"data: [DONE]\n":
+            break
+        if not line.startswith(b"data: "):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            first = time.perf_counter()
+    response.read()
+    end = time.perf_counter()
+    return Timed(tokens, (first or end) - start, end - start)
+
+
+def transports(
+    address: str, http_address: str, prompts: list[str], max_tokens: int, k: int | None, rounds: int
+) -> list[dict]:
+    """Each prompt over both transports, back to back, the order alternating."""
+    host, port = http_address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=600)
+    pairs = []
+    with SpecLoRAClient(address) as client:
+        for prompt in prompts:  # warm up: each prompt's KV in the prompt cache for both
+            grpc_stream(client, prompt, 4, k)
+            http_stream(conn, prompt, 4, k)
+        for r in range(rounds):
+            for i, prompt in enumerate(prompts):
+                grpc_first = (r + i) % 2 == 0
+                if grpc_first:
+                    g = grpc_stream(client, prompt, max_tokens, k)
+                    h = http_stream(conn, prompt, max_tokens, k)
+                else:
+                    h = http_stream(conn, prompt, max_tokens, k)
+                    g = grpc_stream(client, prompt, max_tokens, k)
+                assert g.tokens == h.tokens, (g, h)  # the same work
+                pairs.append(
+                    {
+                        "grpc_first": grpc_first,
+                        "tokens": g.tokens,
+                        "grpc_tokens_per_s": g.rate,
+                        "http_tokens_per_s": h.rate,
+                        "http_over_grpc": h.rate / g.rate,
+                        "grpc_ttft_s": g.ttft_s,
+                        "http_ttft_s": h.ttft_s,
+                        "ttft_http_minus_grpc_ms": (h.ttft_s - g.ttft_s) * 1000,
+                    }
+                )
+    conn.close()
+    return pairs
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and the range around it (min, max) of paired measurements."""
+    ordered = sorted(values)
+    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1]}
+
+
 def kv_bytes_per_token(model) -> int:
     """Bytes one token adds to a model's KV cache (keys and values, every layer)."""
     args = model.args
@@ -195,6 +310,18 @@ def memory_report(address: str, hub: ModelHub, clients: int, context_tokens: int
     }
 
 
+def http_address_from_log(log: Path) -> str:
+    """host:port of the HTTP API, from the daemon's daemon_ready log line."""
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == "daemon_ready" and record["http"]:
+            return record["http"].removeprefix("http://")
+    raise SystemExit(f"the daemon logged no HTTP address; see {log}")
+
+
 def start_daemon(env: dict[str, str], home: Path) -> tuple[subprocess.Popen[bytes], str]:
     log = open(home / "daemon.log", "ab")  # noqa: SIM115  (kept open for the child)
     proc = subprocess.Popen(
@@ -216,6 +343,73 @@ def start_daemon(env: dict[str, str], home: Path) -> tuple[subprocess.Popen[byte
         time.sleep(0.5)
 
 
+def transport_results(pairs: list[dict]) -> dict:
+    return {
+        "transports": pairs,
+        "http_over_grpc_tokens_per_s": spread([p["http_over_grpc"] for p in pairs]),
+        "ttft_http_minus_grpc_ms": spread([p["ttft_http_minus_grpc_ms"] for p in pairs]),
+    }
+
+
+def print_transports(pairs: list[dict]) -> None:
+    results = transport_results(pairs)
+    rate, ttft = results["http_over_grpc_tokens_per_s"], results["ttft_http_minus_grpc_ms"]
+    print(
+        f"\nTransports, the same {len(pairs)} streamed chat requests over gRPC and HTTP (SSE), "
+        "alternating order, client-side timing:\n"
+    )
+    print("| measure | median | min .. max | target |")
+    print("|---|---:|---:|---:|")
+    print(
+        f"| HTTP tokens/s / gRPC tokens/s | {rate['median']:.3f} | {rate['min']:.3f} .. "
+        f"{rate['max']:.3f} | >= 0.95 |"
+    )
+    print(
+        f"| HTTP TTFT - gRPC TTFT (ms) | {ttft['median']:+.1f} | {ttft['min']:+.1f} .. "
+        f"{ttft['max']:+.1f} | within 10 |"
+    )
+    grpc_rates = [p["grpc_tokens_per_s"] for p in pairs]
+    http_rates = [p["http_tokens_per_s"] for p in pairs]
+    print(
+        f"| tokens/s, gRPC / HTTP (median) | {statistics.median(grpc_rates):.1f} / "
+        f"{statistics.median(http_rates):.1f} | | |"
+    )
+
+
+def transports_only(
+    env: dict[str, str], work: Path, prompts: list[str], args, k: int | None
+) -> int:
+    proc, address = start_daemon(env, work / "home")
+    try:
+        run_client(address, prompts[:1], 8, k)  # warm up the daemon
+        http_address = http_address_from_log(work / "home" / "daemon.log")
+        pairs = transports(address, http_address, prompts, args.max_tokens, k, args.rounds)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        shutil.rmtree(work, ignore_errors=True)
+    results = {
+        "target": env.get("SPECLORA_MODELS_TARGET", "configured"),
+        "prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "draft_tokens": "adaptive" if k is None else k,
+        "load_average": os.getloadavg()[0],
+        **transport_results(pairs),
+        "targets": {"http_over_grpc_tokens_per_s": 0.95, "ttft_http_minus_grpc_ms": 10.0},
+    }
+    print(
+        f"K={results['draft_tokens']}, {len(prompts)} prompts x {args.max_tokens} tokens, T=0, "
+        f"{args.rounds} round(s), load average {results['load_average']:.1f} on "
+        f"{os.cpu_count()} cores"
+    )
+    print_transports(pairs)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -234,12 +428,18 @@ def main() -> int:
         "process measures at start, so the two sides would not do identical work)",
     )
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--transports-only",
+        action="store_true",
+        help="only the gRPC vs HTTP comparison (no in-process engine, clients, memory, chat)",
+    )
     args = parser.parse_args()
     configure_logging("warning", stream=sys.stderr)  # stdout is the table
 
     work = Path(tempfile.mkdtemp(prefix="speclora-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPECLORA_MODELS_")}
     env["SPECLORA_HOME"] = str(work / "home")
+    env["SPECLORA_SERVER_HTTP_ADDRESS"] = "127.0.0.1:0"  # a free port; read back from the log
     prompts = list(PROMPTS)
     if args.smoke:
         from speclora.daemon.tiny import write_tiny_pair
@@ -254,6 +454,8 @@ def main() -> int:
     k = None if args.draft_tokens < 0 else args.draft_tokens
     (work / "home").mkdir(parents=True, exist_ok=True)
 
+    if args.transports_only:
+        return transports_only(env, work, prompts, args, k)
     hub = build_hub(config)
     in_process(hub, config, prompts[:1], 8, k)  # warm up MLX kernels
     proc, address = start_daemon(env, work / "home")
@@ -267,6 +469,14 @@ def main() -> int:
             phases["concurrent"].append(
                 concurrent(address, prompts, args.max_tokens, k, args.clients)
             )
+        pairs = transports(
+            address,
+            http_address_from_log(work / "home" / "daemon.log"),
+            prompts,
+            args.max_tokens,
+            k,
+            args.rounds,
+        )
         longest_prompt = max(len(hub.tokenizer.encode(p)) for p in prompts) + 32  # + template
         memory = memory_report(address, hub, args.clients, longest_prompt + args.max_tokens)
     finally:
@@ -305,6 +515,9 @@ def main() -> int:
         "fairness_per_round": fairness,
         "per_round_tokens_per_s": {name: [p.rate for p in ps] for name, ps in phases.items()},
         "memory": memory,
+        "transports": pairs,
+        "http_over_grpc_tokens_per_s": spread([p["http_over_grpc"] for p in pairs]),
+        "ttft_http_minus_grpc_ms": spread([p["ttft_http_minus_grpc_ms"] for p in pairs]),
         "chat_turns": chat,
         "chat_ttft_fresh_over_cached": ttft_ratio,
         "chat_identical": all(t["identical"] for t in chat),
@@ -313,6 +526,8 @@ def main() -> int:
             "concurrent_vs_single": 1.0,
             "fairness": 1.5,
             "peak_rss_over_weights_plus_kv": 1.25,
+            "http_over_grpc_tokens_per_s": 0.95,
+            "ttft_http_minus_grpc_ms": 10.0,
         },
     }
     print(
@@ -343,6 +558,7 @@ def main() -> int:
         f"{memory['peak_rss_bytes'] / mib:.0f} MiB | {memory['rss_over_weights_plus_kv']:.2f} / "
         f"{memory['peak_rss_over_weights_plus_kv']:.2f} | <= 1.25 |"
     )
+    print_transports(pairs)
     print(
         f"\nPrompt cache, {len(chat)}-turn chat (each turn re-sends the conversation), "
         f"in-process, T=0:\n"

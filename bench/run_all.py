@@ -21,7 +21,7 @@ from headline import headline_markdown  # bench/ is on sys.path when run as a sc
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHES = ("speculative", "daemon", "learning")
+BENCHES = ("speculative", "daemon", "learning", "workloads")
 
 
 def machine_description() -> dict[str, str | int]:

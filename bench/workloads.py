@@ -51,6 +51,7 @@ from mlx_lm import stream_generate
 from speclora.daemon.engine import (
     AcceptanceMemory,
     ChatTurn,
+    DraftVocab,
     GenerationRequest,
     HistoryMemory,
     StepEvent,
@@ -105,7 +106,9 @@ def _request(prompt: str, max_tokens: int) -> GenerationRequest:
     return GenerationRequest(prompt=prompt, max_tokens=max_tokens)
 
 
-def build_workloads(n: int, max_tokens: int, chat_reply: Callable[[GenerationRequest], str]):
+def build_workloads(
+    n: int, max_tokens: int, chat_reply: Callable[[GenerationRequest], str], only: str
+) -> list[Workload]:
     problems = _humaneval()
     code = [p["prompt"] + p["canonical_solution"] for p in problems]
     edits = (
@@ -130,7 +133,7 @@ def build_workloads(n: int, max_tokens: int, chat_reply: Callable[[GenerationReq
         )
         passage_tasks.append(_request(f"{ask}\n\n{text}", max_tokens))
     chat = []
-    for i in range(n):
+    for i in range(n if "c" in only else 0):
         first = GenerationRequest(
             messages=(
                 ChatTurn("user", f"Write a short Python function for this:\n{code[60 + i]}"),
@@ -302,37 +305,43 @@ class Row:
         }
 
 
-def run_workload(wl: Workload, target, draft, tokenizer, spec, hcfg, prices) -> list[dict]:
+def run_workload(wl: Workload, target, draft, tokenizer, spec, hcfg, prices, vocab) -> list[dict]:
     index = SuffixIndex(hcfg.max_tokens, max_match=hcfg.max_match, min_match=hcfg.min_match)
     hybrid_memory, history_memory = HistoryMemory(), HistoryMemory()
     draft_memory, hybrid_draft_memory = AcceptanceMemory(), AcceptanceMemory()
     for request in wl.warmup:  # the earlier requests the history learned from
         ids = build_prompt_tokens(tokenizer, request)
         run = ours_run(
-            target, draft, tokenizer, request, ids, spec, prices=prices,
+            target, draft, tokenizer, request, ids, spec, prices=prices, draft_vocab=vocab,
             history=RequestHistory(ids, index), history_config=hcfg,
         )  # fmt: skip
         index.add(ids + run.tokens)
+        if vocab is not None:
+            vocab.observe(run.tokens)
     log(f"  ({wl.key}) history: {index.tokens} tokens of {index.documents} requests")
 
     def history_of(ids):
         return RequestHistory(ids, index if index.documents else None)
 
+    def ours(draft_model, request, ids, **kw) -> Run:
+        run = ours_run(
+            target, draft_model, tokenizer, request, ids, spec, prices=prices,
+            draft_vocab=vocab if draft_model is not None else None, history_config=hcfg, **kw,
+        )  # fmt: skip
+        if vocab is not None and draft_model is not None:
+            vocab.observe(run.tokens)  # the restricted head follows the target, as in the daemon
+        return run
+
     methods: list[tuple[str, Callable[[GenerationRequest, list[int]], Run]]] = [
         ("target-only (mlx-lm)", lambda r, ids: mlx_run(target, None, tokenizer, ids, r.max_tokens)),
         (f"mlx-lm speculative, K = {MLX_K}", lambda r, ids: mlx_run(target, draft, tokenizer, ids, r.max_tokens)),
-        ("prompt lookup (vLLM ngram)", lambda r, ids: ours_run(
-            target, None, tokenizer, r, ids, spec, prices=prices, history=PromptLookup(ids),
-            history_config=hcfg)),
-        ("ours draft-only", lambda r, ids: ours_run(
-            target, draft, tokenizer, r, ids, spec, prices=prices, acceptance_memory=draft_memory)),
-        ("ours history-only", lambda r, ids: ours_run(
-            target, None, tokenizer, r, ids, spec, prices=prices, history=history_of(ids),
-            history_memory=history_memory, history_config=hcfg)),
-        ("ours hybrid", lambda r, ids: ours_run(
-            target, draft, tokenizer, r, ids, spec, prices=prices, history=history_of(ids),
-            acceptance_memory=hybrid_draft_memory, history_memory=hybrid_memory,
-            history_config=hcfg)),
+        ("prompt lookup (vLLM ngram)", lambda r, ids: ours(None, r, ids, history=PromptLookup(ids))),
+        ("ours draft-only", lambda r, ids: ours(draft, r, ids, acceptance_memory=draft_memory)),
+        ("ours history-only", lambda r, ids: ours(
+            None, r, ids, history=history_of(ids), history_memory=history_memory)),
+        ("ours hybrid", lambda r, ids: ours(
+            draft, r, ids, history=history_of(ids), acceptance_memory=hybrid_draft_memory,
+            history_memory=hybrid_memory)),
     ]  # fmt: skip
     rows = [Row(wl.key, name) for name, _ in methods]
     for i, request in enumerate(wl.measured):
@@ -381,28 +390,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few tokens")
     args = parser.parse_args(argv)
-    configure_logging("warning", json_logs=False)
+    configure_logging("warning")
     if args.smoke:
         args.prompts, args.max_tokens = 2, 8
     target, draft, tokenizer, pair = load_models(args)
     spec = SpeculationConfig()
     hcfg = HistoryConfig()
-    prices = measure_prices(target, draft, max_k=spec.adaptive_max, max_verify=hcfg.max_proposal)
+    # The draft head the daemon serves with by default (speculation.draft_vocab_size).
+    vocab_size = int(target.model.embed_tokens.weight.shape[0])
+    vocab = (
+        DraftVocab(vocab_size, spec.draft_vocab_size, always=tuple(tokenizer.eos_token_ids))
+        if 0 < spec.draft_vocab_size < vocab_size
+        else None
+    )
+    prices = measure_prices(
+        target, draft, max_k=spec.adaptive_max, max_verify=hcfg.max_proposal, draft_vocab=vocab
+    )
     log(f"pair {pair}; prices: verify {prices.verify[:9]}, draft pass {prices.draft}")
 
     def chat_reply(request: GenerationRequest) -> str:
         ids = build_prompt_tokens(tokenizer, request)
-        run = ours_run(target, draft, tokenizer, request, ids, spec, prices=prices)
+        run = ours_run(
+            target, draft, tokenizer, request, ids, spec, prices=prices, draft_vocab=vocab
+        )
         return tokenizer.decode([t for t in run.tokens if t not in tokenizer.eos_token_ids])
 
     workloads = [
-        w for w in build_workloads(args.prompts, args.max_tokens, chat_reply) if w.key in args.only
+        w
+        for w in build_workloads(args.prompts, args.max_tokens, chat_reply, args.only)
+        if w.key in args.only
     ]
     names = {w.key: w.name for w in workloads}
     rows: list[dict] = []
     for wl in workloads:
         log(f"({wl.key}) {wl.name}: {len(wl.warmup)} warm-up, {len(wl.measured)} measured")
-        rows += run_workload(wl, target, draft, tokenizer, spec, hcfg, prices)
+        rows += run_workload(wl, target, draft, tokenizer, spec, hcfg, prices, vocab)
     print(
         f"Workloads on {pair}, T = 0, {args.prompts} prompts each, max {args.max_tokens} tokens.\n"
     )

@@ -116,11 +116,25 @@ def build_hub(config: Config) -> ModelHub:
         max_verify=max(spec.adaptive_max, MAX_HISTORY_PROPOSAL),
         draft_vocab=extras.get("draft_vocab"),
     )
+    if "draft_vocab" in extras:
+        from speclora.daemon.engine.costs import with_draft_head
+        from speclora.daemon.engine.draft_vocab import HeadChoice
+
+        # Whether the restricted head pays is the pair's property: measure both heads' prices
+        # here, and let what the target writes decide (HeadChoice).
+        extras["head_choice"] = HeadChoice(
+            restricted_prices=extras["prices"],
+            full_prices=with_draft_head(extras["prices"], target.model, draft.model, None),
+            max_k=spec.adaptive_max,
+        )
     log.info(
         "step_prices_measured",
         draft=draft.name if draft is not None else "none",
         verify=extras["prices"].verify[: spec.adaptive_max + 1],
         draft_pass=extras["prices"].draft,
+        full_head_draft_pass=(
+            extras["head_choice"].full_prices.draft if "head_choice" in extras else None
+        ),
         draft_vocab=spec.draft_vocab_size if "draft_vocab" in extras else "full",
     )
     from speclora.daemon.engine import PromptCache

@@ -3,6 +3,10 @@
 `create_server(config, worker)` builds and binds a server without starting anything else, so
 tests run a real one in-process on a temporary socket. `serve(config)` is `speclora serve`:
 single-instance lock, models, worker, server, then SIGTERM/SIGINT -> drain -> exit 0.
+
+Beside gRPC, the HTTP API (daemon/http, the OpenAI-compatible routes and /metrics) runs in the
+same process: uvicorn in a thread of its own, started before the models load so that it can
+answer 503 meanwhile, stopped after the worker has drained.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import ipaddress
 import os
 import secrets
 import signal
+import socket
 import stat
 import sys
 import threading
@@ -29,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from speclora.daemon.errors import SpecLoRAError
 from speclora.daemon.servicer import LearningLoop, SpecLoRAServicer, add_to_server
+from speclora.daemon.stats import StatsSnapshot, daemon_snapshot
 from speclora.daemon.worker import Worker
 from speclora.shared.config import Config
 from speclora.shared.paths import (
@@ -46,6 +52,7 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecLoRA"].full_name
 TOKEN_METADATA_KEY = "authorization"
+API_KEY_ENV = "SPECLORA_API_KEY"  # the HTTP API key itself (like OPENAI_API_KEY for clients)
 # RPCs beyond the engine's capacity (streams, watchers, health) that may be in flight at once.
 _EXTRA_RPCS = 32
 # Room after the drain deadline for handlers to send their final status before grpc cancels.
@@ -127,16 +134,19 @@ def socket_path_for(config: Config, paths: Paths) -> Path:
     return path
 
 
-def check_tcp_address(address: str, allow_non_loopback: bool) -> str:
-    host, _, port = address.rpartition(":")
+def is_loopback(host: str) -> bool:
     bare = host.strip("[]")
     try:
-        loopback = bare == "localhost" or ipaddress.ip_address(bare).is_loopback
+        return bare == "localhost" or ipaddress.ip_address(bare).is_loopback
     except ValueError:
-        loopback = False
-    if not loopback and not allow_non_loopback:
+        return False
+
+
+def check_tcp_address(address: str, allow_non_loopback: bool, key: str = "tcp_address") -> str:
+    host, _, port = address.rpartition(":")
+    if not is_loopback(host) and not allow_non_loopback:
         raise ServerSetupError(
-            f"server.tcp_address {address!r} is not a loopback address; anyone who can reach it "
+            f"server.{key} {address!r} is not a loopback address; anyone who can reach it "
             "could use the daemon. Use 127.0.0.1, or set server.allow_non_loopback: true"
         )
     return f"{host}:{port}"
@@ -216,6 +226,116 @@ def _guarded(handler: Any, check: Callable[[grpc.ServicerContext], None]) -> Any
     return handler
 
 
+# ---------------------------------------------------------------------- HTTP
+
+
+def http_api_key(config: Config, paths: Paths, loopback: bool) -> str | None:
+    """The key HTTP clients must send: $SPECLORA_API_KEY, else server.http_api_key_file's
+    content, else (off loopback only, where a key is required) the daemon's token file."""
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    if key:
+        return key
+    file = config.server.http_api_key_file
+    if file:
+        path = Path(file).expanduser()
+        try:
+            key = path.read_text().strip()
+        except OSError as exc:
+            raise ServerSetupError(
+                f"server.http_api_key_file: cannot read {path}: {exc.strerror}"
+            ) from None
+        if not key:
+            raise ServerSetupError(f"server.http_api_key_file: {path} is empty")
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            log.warning("api_key_file_readable_by_others", path=str(path), hint="chmod 600")
+        return key
+    return None if loopback else ensure_token(paths.token_file)
+
+
+class HttpServer:
+    """The HTTP API: uvicorn serving an HttpApi on a socket bound here, in a thread."""
+
+    def __init__(self, api: Any, sock: socket.socket, stop_margin_s: float = _STOP_MARGIN_S):
+        import uvicorn
+
+        self.api = api
+        self.socket = sock
+        host, port = sock.getsockname()[:2]
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        config = uvicorn.Config(
+            api.app,
+            http="h11",
+            loop="asyncio",
+            ws="none",
+            lifespan="off",
+            log_config=None,  # the daemon's logging stays as configured
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=int(stop_margin_s) or 1,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def _run(self) -> None:
+        try:
+            self._server.run(sockets=[self.socket])
+        except BaseException:  # SystemExit from uvicorn's startup included
+            log.exception("http_server_failed")
+
+    def start(self, timeout_s: float = 10.0) -> HttpServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.socket.close()
+                raise ServerSetupError(f"the HTTP server on {self.address} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("http_stop_timeout", seconds=timeout_s)
+        self.socket.close()
+
+
+def open_http(config: Config, paths: Paths) -> HttpServer | None:
+    """Bind and start the HTTP API per server.http_address (None when it is off). It answers
+    503 until `attach` and `start_serving`."""
+    from speclora.daemon.http.app import HttpApi
+
+    s = config.server
+    if not s.http_address:
+        return None
+    address = check_tcp_address(s.http_address, s.allow_non_loopback, key="http_address")
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    loopback = is_loopback(host)
+    key = http_api_key(config, paths, loopback)
+    # A client off loopback addresses us by this name; a wildcard bind has none of its own.
+    hosts = [*s.http_allowed_hosts]
+    if not loopback and host not in ("0.0.0.0", "::"):
+        hosts.append(host)
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, int(port)), family=family)
+    except OSError as exc:
+        raise ServerSetupError(
+            f"cannot listen on {address} for HTTP: {exc.strerror or exc}. Set "
+            "server.http_address to a free port, or null to turn the HTTP API off"
+        ) from None
+    api = HttpApi(config, api_key=key, allowed_hosts=hosts)
+    server = HttpServer(api, sock).start()
+    log.info("http_listening", url=server.url, api_key=key is not None)
+    return server
+
+
 # ---------------------------------------------------------------------- the server
 
 
@@ -243,6 +363,7 @@ class DaemonServer:
         worker: Worker,
         socket_path: Path,
         tcp_address: str | None,
+        http: HttpServer | None = None,
     ) -> None:
         self.grpc_server = server
         self.servicer = servicer
@@ -250,11 +371,19 @@ class DaemonServer:
         self.worker = worker
         self.socket_path = socket_path
         self.tcp_address = tcp_address
+        self.http = http
+
+    @property
+    def http_address(self) -> str | None:
+        """host:port the HTTP API listens on (the real port when configured as 0)."""
+        return self.http.address if self.http else None
 
     def start(self) -> None:
         self.grpc_server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.http is not None:
+            self.http.api.start_serving()
 
     def shutdown(self, grace_s: float) -> bool:
         """Refuse new calls, let streams finish for up to `grace_s`, then cancel the rest.
@@ -263,6 +392,8 @@ class DaemonServer:
         # Refuse first, then say NOT_SERVING: a client that sees NOT_SERVING and calls at once
         # must get UNAVAILABLE, not a request that slipped in between the two.
         self.servicer.begin_shutdown()
+        if self.http is not None:
+            self.http.api.begin_shutdown()
         self.health.enter_graceful_shutdown()
         # grpc keeps accepting during the drain so that late calls reach our servicer and get a
         # clear UNAVAILABLE; a stopped grpc server would cancel them (CANCELLED) instead.
@@ -271,6 +402,8 @@ class DaemonServer:
         self.health.close_watches()
         stopped = self.grpc_server.stop(_STOP_MARGIN_S)
         stopped.wait()
+        if self.http is not None:
+            self.http.stop()
         if self.socket_path.is_socket():
             self.socket_path.unlink()
         log.info("shutdown_finished", drained=drained)
@@ -283,9 +416,39 @@ def create_server(
     *,
     learning: LearningLoop | None = None,
     paths: Paths | None = None,
+    http: HttpServer | None = None,
 ) -> tuple[DaemonServer, str]:
-    """Build and bind the server (not started). Returns it and the Unix address to dial."""
+    """Build and bind the server (not started). Returns it and the Unix address to dial.
+
+    The HTTP API comes with it: `http` when the caller opened it already (serve opens it
+    before loading models), else opened here per server.http_address."""
     paths = paths or resolve_paths()
+    opened = http is None
+    if http is None:
+        http = open_http(config, paths)
+    try:
+        server = _create_grpc_server(config, worker, learning, paths, http)
+    except BaseException:
+        if opened and http is not None:
+            http.stop()
+        raise
+    if http is not None:
+        counts = learning.failure_counts if learning else None
+
+        def snapshot() -> StatsSnapshot:  # the one the Stats RPC assembles
+            return daemon_snapshot(worker, config.speculation.mode, counts)  # type: ignore[arg-type]
+
+        http.api.attach(worker, snapshot)
+    return server, f"unix:{server.socket_path}"
+
+
+def _create_grpc_server(
+    config: Config,
+    worker: Worker,
+    learning: LearningLoop | None,
+    paths: Paths,
+    http: HttpServer | None,
+) -> DaemonServer:
     s = config.server
     socket_path = socket_path_for(config, paths)
     ensure_private_dir(socket_path.parent)
@@ -330,7 +493,7 @@ def create_server(
         except RuntimeError as exc:
             raise ServerSetupError(f"cannot listen on {tcp}: {exc}") from None
         tcp = f"{tcp.rpartition(':')[0]}:{port}"
-    return DaemonServer(server, servicer, health_servicer, worker, socket_path, tcp), address
+    return DaemonServer(server, servicer, health_servicer, worker, socket_path, tcp, http)
 
 
 # ---------------------------------------------------------------------- serve
@@ -357,9 +520,12 @@ def serve(config: Config, paths: Paths | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     runtime = None
+    http: HttpServer | None = None  # ours to stop until the DaemonServer owns it
     try:
         if config.server.tcp_address:  # refuse a bad address before minutes of model loading
             check_tcp_address(config.server.tcp_address, config.server.allow_non_loopback)
+        # HTTP listens from here on: a taken port fails now, and clients see 503 while loading.
+        http = open_http(config, paths)
         log_blas()
         # Imported after the lock: a refused second instance should not pay for mlx-lm.
         from speclora.daemon.runtime import build_runtime
@@ -368,13 +534,15 @@ def serve(config: Config, paths: Paths | None = None) -> int:
         if stop_requested.is_set():
             return 0
         server, address = create_server(
-            config, runtime.worker, learning=runtime.learning, paths=paths
+            config, runtime.worker, learning=runtime.learning, paths=paths, http=http
         )
+        http = None
         server.start()
         log.info(
             "daemon_ready",
             address=address,
             tcp=server.tcp_address,
+            http=server.http.url if server.http else None,
             target=runtime.worker.hub.target_name,
             draft=runtime.worker.hub.draft_name,
             pid=os.getpid(),
@@ -387,6 +555,8 @@ def serve(config: Config, paths: Paths | None = None) -> int:
         server.shutdown(config.server.shutdown_grace_s)
         return 0
     finally:
+        if http is not None:
+            http.stop()
         if runtime is not None:
             runtime.close()
         lock.release()

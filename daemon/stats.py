@@ -6,13 +6,14 @@ snapshots. Neither side touches MLX, so snapshots never wait behind engine steps
 
 from __future__ import annotations
 
+import bisect
 import os
 import resource
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,12 @@ if TYPE_CHECKING:
 
 TRAINING_TASK = "training"  # the worker task a training run is
 
+# Histogram buckets (seconds), vLLM's for the same two measures.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class AdapterAcceptance:
@@ -37,6 +44,67 @@ class AdapterAcceptance:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.proposed if self.proposed else 0.0
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    """Observations per bucket: counts[i] fell at or below bounds[i] and above bounds[i - 1];
+    the last count is above every bound."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+class _Histogram:
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(self.bounds, tuple(self.counts), self.sum)
+
+
+SOURCES = ("draft", "history")  # who proposes: the model draft, the history drafter
+
+
+@dataclass(frozen=True)
+class DraftSteps:
+    """What one generation's speculative steps did (detailed mode, where each step is traced),
+    per source of proposals."""
+
+    drafts: tuple[tuple[str, int], ...] = ()  # (source, steps where it proposed)
+    # (source, [i]: its steps whose proposal i was accepted)
+    accepted_per_position: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Lifetime counters /metrics reports beside the Stats fields (vLLM's spec_decode schema)."""
+
+    finish_reasons: tuple[tuple[str, int], ...] = ()  # (reason, requests); client cancels too
+    # Per source ("draft", "history"), finished requests: tokens proposed, of those accepted,
+    # speculative steps (detailed mode only: fast mode traces no steps), and per position.
+    proposed: tuple[tuple[str, int], ...] = ()
+    accepted: tuple[tuple[str, int], ...] = ()
+    drafts: tuple[tuple[str, int], ...] = ()
+    accepted_per_position: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    time_to_first_token: HistogramSnapshot = field(
+        default_factory=lambda: _Histogram(TTFT_BUCKETS).snapshot()
+    )
+    request_duration: HistogramSnapshot = field(
+        default_factory=lambda: _Histogram(LATENCY_BUCKETS).snapshot()
+    )
+    task_runs: tuple[tuple[str, str, int], ...] = ()  # (task, outcome, runs)
 
 
 @dataclass(frozen=True)
@@ -54,6 +122,7 @@ class ServingStats:
     acceptance_history: tuple[float, ...]  # per request, oldest first
     per_adapter: tuple[AdapterAcceptance, ...]
     tokens_per_second_recent: float
+    counters: Counters = field(default_factory=Counters)
     sources: SourceCounts = field(default_factory=lambda: SourceCounts())
 
 
@@ -107,6 +176,7 @@ class StatsSnapshot:
     blas: str
     version: str
     default_mode: Mode
+    counters: Counters = field(default_factory=Counters)  # not in the proto (yet); /metrics
     sources: SourceCounts = field(default_factory=lambda: SourceCounts())
     history: HistoryCounts = field(default_factory=lambda: HistoryCounts())
 
@@ -140,12 +210,32 @@ class StatsTracker:
         self._prompt_cached = 0
         self._proposed = 0
         self._accepted = 0
-        self._by_source = {"draft": [0, 0], "history": [0, 0]}  # [proposed, accepted]
         self._recent: deque[_Recent] = deque(maxlen=window)
         self._adapters: dict[str, AdapterAcceptance] = {}
+        self._finish: Counter[str] = Counter()
+        self._by_source = {name: [0, 0] for name in SOURCES}  # [proposed, accepted]
+        self._drafts: Counter[str] = Counter()
+        self._per_position: dict[str, list[int]] = {name: [] for name in SOURCES}
+        self._ttft = _Histogram(TTFT_BUCKETS)
+        self._duration = _Histogram(LATENCY_BUCKETS)
+        self._tasks: Counter[tuple[str, str]] = Counter()
 
-    def record(self, summary: GenerationSummary, adapter_version: str) -> None:
+    def record(
+        self, summary: GenerationSummary, adapter_version: str, steps: DraftSteps = DraftSteps()
+    ) -> None:
         with self._lock:
+            self._finish[summary.finish_reason] += 1
+            for source, n in steps.drafts:
+                self._drafts[source] += n
+            for source, counts in steps.accepted_per_position:
+                mine = self._per_position[source]
+                for i, n in enumerate(counts):
+                    if i == len(mine):
+                        mine.append(0)
+                    mine[i] += n
+            if summary.completion_tokens:
+                self._ttft.observe(summary.time_to_first_token_s)
+            self._duration.observe(summary.total_time_s)
             self._requests += 1
             self._tokens += summary.completion_tokens
             self._prompt_tokens += summary.prompt_tokens
@@ -182,7 +272,13 @@ class StatsTracker:
     def record_cancelled(self, tokens: int) -> None:
         with self._lock:
             self._cancelled += 1
+            self._finish["cancelled"] += 1
             self._tokens += tokens
+
+    def record_task(self, name: str, outcome: str) -> None:
+        """A background task (training) ended: 'promoted', 'rejected', 'failed', 'cancelled'..."""
+        with self._lock:
+            self._tasks[(name, outcome)] += 1
 
     def snapshot(self) -> ServingStats:
         with self._lock:
@@ -203,6 +299,18 @@ class StatsTracker:
                 acceptance_history=tuple(r.accepted / r.proposed for r in recent if r.spoke),
                 per_adapter=tuple(self._adapters[k] for k in sorted(self._adapters)),
                 tokens_per_second_recent=sum(rates) / len(rates) if rates else 0.0,
+                counters=Counters(
+                    finish_reasons=tuple(sorted(self._finish.items())),
+                    proposed=tuple((name, self._by_source[name][0]) for name in SOURCES),
+                    accepted=tuple((name, self._by_source[name][1]) for name in SOURCES),
+                    drafts=tuple((name, self._drafts[name]) for name in SOURCES),
+                    accepted_per_position=tuple(
+                        (name, tuple(self._per_position[name])) for name in SOURCES
+                    ),
+                    time_to_first_token=self._ttft.snapshot(),
+                    request_duration=self._duration.snapshot(),
+                    task_runs=tuple((t, o, n) for (t, o), n in sorted(self._tasks.items())),
+                ),
                 sources=SourceCounts(
                     draft_proposed=self._by_source["draft"][0],
                     draft_accepted=self._by_source["draft"][1],
@@ -258,6 +366,7 @@ def daemon_snapshot(
         blas=blas.blas_info().name,
         version=speclora.__version__,
         default_mode=default_mode,
+        counters=serving.counters,
         sources=serving.sources,
         history=history_counts(hub),
     )

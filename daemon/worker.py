@@ -19,9 +19,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import structlog
@@ -30,6 +30,7 @@ from speclora.daemon.engine.events import (
     GenerationRequest,
     GenerationSummary,
     StepEvent,
+    StepTrace,
     TextChunk,
 )
 from speclora.daemon.errors import (
@@ -40,7 +41,7 @@ from speclora.daemon.errors import (
 )
 from speclora.daemon.memory import release_free_memory
 from speclora.daemon.state import ModelHub
-from speclora.daemon.stats import StatsTracker
+from speclora.daemon.stats import DraftSteps, StatsTracker
 from speclora.shared.config import Config, SpeculationConfig
 
 log = structlog.get_logger(__name__)
@@ -67,14 +68,20 @@ class _Failure:
     error: BaseException
 
 
+JOB_END = _END  # what a `deliver_to` sink receives after a job's last event
+
+
 class Job(Generic[T]):
-    """Something submitted to the worker. Iterate it (from one RPC thread) for its events."""
+    """Something submitted to the worker. Iterate it (from one RPC thread) for its events, or
+    have them delivered (`deliver_to`) where no thread may block on them."""
 
     def __init__(self, kind: str, on_cancel: Callable[[Job[Any]], None]) -> None:
         self.kind = kind
         self._results: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._cancelled = threading.Event()
         self._on_cancel = on_cancel
+        self._sink: Callable[[object], None] | None = None
+        self._sink_lock = threading.RLock()  # a sink may cancel its job from inside
 
     @property
     def cancelled(self) -> bool:
@@ -88,13 +95,42 @@ class Job(Generic[T]):
         if self._cancelled.is_set():
             return
         self._cancelled.set()
-        self._results.put(_END)  # wake a reader blocked on this job
+        self._put(_END)  # wake a reader blocked on this job
         self._on_cancel(self)
 
     def abort(self, error: BaseException) -> None:
         """End the job with `error` for its reader (e.g. the daemon is shutting down)."""
-        self._results.put(_Failure(error))
+        self._put(_Failure(error))
         self.cancel()
+
+    def deliver_to(self, sink: Callable[[object], None]) -> None:
+        """Hand the events to `sink` as they come instead of to an iterating reader (for an
+        event loop, which must not block on a queue; a thread per reader would cost a thread
+        switch per event). `sink(event)` per event, then `sink(JOB_END)`, or `sink(error)`
+        with the exception that ends the job. It runs in the thread that produced the item
+        (mostly the worker's), so it must be quick and must not block."""
+        with self._sink_lock:
+            while True:
+                try:
+                    item = self._results.get_nowait()
+                except queue.Empty:
+                    break
+                self._forward(sink, item)
+            self._sink = sink
+
+    def _put(self, item: object) -> None:
+        with self._sink_lock:
+            if self._sink is None:
+                self._results.put(item)
+            else:
+                self._forward(self._sink, item)
+
+    @staticmethod
+    def _forward(sink: Callable[[object], None], item: object) -> None:
+        try:
+            sink(item.error if isinstance(item, _Failure) else item)
+        except Exception:  # never let a reader's bug reach the worker's loop
+            log.exception("job_sink_failed")
 
     def __iter__(self) -> Iterator[T]:
         while True:
@@ -120,14 +156,14 @@ class Job(Generic[T]):
 
     # Worker side.
     def _emit(self, event: object) -> None:
-        self._results.put(event)
+        self._put(event)
 
     def _fail(self, error: BaseException) -> None:
-        self._results.put(_Failure(error))
-        self._results.put(_END)
+        self._put(_Failure(error))
+        self._put(_END)
 
     def _finish(self) -> None:
-        self._results.put(_END)
+        self._put(_END)
 
 
 class GenerateJob(Job[TextChunk | GenerationResult]):
@@ -166,6 +202,27 @@ class _Running:
     events: Iterator[Any]
     adapter_version: str = ""
     tokens: int = 0
+    head_restricted: bool = True  # the draft head it was started with (HeadChoice)
+    # Per source: speculative steps, and [i]: steps accepting proposal i (traced steps only).
+    drafts: Counter[str] = field(default_factory=Counter)
+    accepted_at: dict[str, list[int]] = field(default_factory=dict)
+    last_event: Any = None  # a task's last event (a training run's TrainResult)
+
+    def count_step(self, trace: StepTrace | None) -> None:
+        if trace is None or trace.k == 0:
+            return
+        self.drafts[trace.source] += 1
+        at = self.accepted_at.setdefault(trace.source, [])
+        for i in range(trace.accepted):
+            if i == len(at):
+                at.append(0)
+            at[i] += 1
+
+    def draft_steps(self) -> DraftSteps:
+        return DraftSteps(
+            tuple(sorted(self.drafts.items())),
+            tuple((source, tuple(at)) for source, at in sorted(self.accepted_at.items())),
+        )
 
 
 def engine_generate(spec: SpeculationConfig) -> GenerateFn:
@@ -179,16 +236,24 @@ def engine_generate(spec: SpeculationConfig) -> GenerateFn:
     ) -> Iterator[EngineEvent]:
         from speclora.daemon.engine import AcceptanceMemory, generate
 
+        vocab, prices = hub.extras.get("draft_vocab"), hub.extras.get("prices")
+        choice = hub.extras.get("head_choice")
+        if choice is not None and not choice.use_restricted:
+            vocab, prices = None, choice.full_prices
+        head = "restricted" if vocab is not None else "full"
         return generate(
             hub.target,
             hub.draft,
             hub.tokenizer,
             request,
             spec,
-            draft_vocab=hub.extras.get("draft_vocab"),
+            draft_vocab=vocab,
             prompt_tokens=prompt_tokens,
-            prices=hub.extras.get("prices"),
-            acceptance_memory=hub.acceptance.setdefault(hub.adapter_version, AcceptanceMemory()),
+            prices=prices,
+            # Acceptance differs by head, so each keeps its own memory.
+            acceptance_memory=hub.acceptance.setdefault(
+                (hub.adapter_version, head), AcceptanceMemory()
+            ),
             prompt_cache=hub.prompt_cache,
             draft_tag=hub.adapter_version,
         )
@@ -419,7 +484,15 @@ class Worker:
         except Exception as exc:
             job._fail(exc)
             return
-        self._active.append(_Running(job, events, adapter_version=self.hub.adapter_version))
+        choice = self.hub.extras.get("head_choice")
+        self._active.append(
+            _Running(
+                job,
+                events,
+                adapter_version=self.hub.adapter_version,
+                head_restricted=choice.use_restricted if choice is not None else True,
+            )
+        )
         log.debug("generation_started", request_id=job.request.request_id)
 
     def _step_generation(self, running: _Running) -> None:
@@ -442,6 +515,7 @@ class Worker:
             self._forward_error(job, exc)
             return
         if isinstance(event, StepEvent):
+            running.count_step(event.trace)
             if event.chunk is not None and event.chunk.token_ids:
                 running.tokens += len(event.chunk.token_ids)
                 job._emit(event.chunk)
@@ -475,9 +549,26 @@ class Worker:
                 )
             except Exception:  # recording is best effort; the answer still goes out
                 log.exception("failure_record_failed", request_id=request.request_id)
-        self.stats.record(summary, version)
+        self.stats.record(summary, version, running.draft_steps())
         vocab = self.hub.extras.get("draft_vocab")
         if vocab is not None:  # the restricted draft head follows what the target writes
+            choice = self.hub.extras.get("head_choice")
+            if choice is not None and summary.draft_proposed:
+                served = running.head_restricted
+                choice.observe(
+                    vocab,
+                    served,
+                    summary.completion_token_ids,
+                    summary.from_draft,
+                    summary.rejection_positions,
+                )
+                if choice.use_restricted != served:
+                    log.info(
+                        "draft_head_chosen",
+                        head="restricted" if choice.use_restricted else "full",
+                        acceptance_restricted=choice.acceptance(True),
+                        acceptance_full=choice.acceptance(False),
+                    )
             vocab.observe(summary.completion_token_ids)
         self._retire(running)
         log.info(
@@ -527,7 +618,7 @@ class Worker:
         if job.cancelled:
             self._close(running)
             self._tasks.remove(running)
-            self._end_task(job, "idle")
+            self._end_task(job, "idle", "cancelled")
             log.info("task_cancelled", task=job.kind)
             return
         try:
@@ -535,19 +626,23 @@ class Worker:
         except StopIteration:
             self._tasks.remove(running)
             job._finish()
-            self._end_task(job, "idle")
+            # A task's last event may name its outcome (a training run's: promoted, rejected).
+            self._end_task(job, "idle", getattr(running.last_event, "outcome", "finished"))
         except Exception as exc:
             self._close(running)
             self._tasks.remove(running)
             self._forward_error(job, exc)
-            self._end_task(job, "failed")
+            self._end_task(job, "failed", "failed")
         else:
+            running.last_event = event
             job._emit(event)
 
-    def _end_task(self, job: Job[Any], state: str) -> None:
+    def _end_task(self, job: Job[Any], state: str, outcome: str | None = None) -> None:
         with self._cond:
             self._task_jobs.pop(job.kind, None)
             self._task_state[job.kind] = state
+        if outcome is not None:
+            self.stats.record_task(job.kind, outcome)
 
     # Shared ------------------------------------------------------------
 

@@ -87,6 +87,25 @@ class SpeculationConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    """The history drafter: proposals from suffix matches over the request's own tokens and
+    past requests' prompts and outputs (engine.history)."""
+
+    enabled: bool = _opt(True, doc="propose from history (detailed mode, adaptive K)")
+    max_tokens: int = _opt(
+        1_000_000, lo=0, hi=1_000_000_000, doc="past tokens kept (~13 MB per million); 0 = none"
+    )
+    max_proposal: int = _opt(24, lo=1, hi=64, doc="longest proposal, tokens")
+    min_match: int = _opt(2, lo=1, hi=64, doc="shortest suffix match that proposes")
+    max_match: int = _opt(32, lo=1, hi=256, doc="longest suffix match looked for")
+    min_token_prob: float = _opt(
+        0.1, lo=0.0, hi=1.0, doc="stop where cumulative confidence falls below"
+    )
+    spec_factor: float = _opt(1.0, lo=0.1, hi=16.0, doc="proposal at most this times the match")
+    persist: bool = _opt(True, doc="keep past requests in the state dir across restarts")
+
+
+@dataclass(frozen=True)
 class GenerationConfig:
     max_tokens: int = _opt(256, lo=1, hi=1_000_000, doc="default when a request sets none")
     max_tokens_cap: int = _opt(4096, lo=1, hi=1_000_000)
@@ -140,12 +159,25 @@ class ServerConfig:
     shutdown_grace_s: float = _opt(10.0, lo=0.0, hi=3600.0)
     max_message_bytes: int = _opt(4 * 1024 * 1024, lo=1024, hi=1 << 30)
     log_level: str = _opt("info", choices=("debug", "info", "warning", "error"))
+    http_address: str | None = _opt(
+        "127.0.0.1:8421", doc="host:port of the OpenAI-compatible HTTP API; null = off"
+    )
+    http_api_key_file: str | None = _opt(
+        None, doc="file holding the HTTP API key; SPECLORA_API_KEY overrides"
+    )
+    http_allowed_hosts: tuple[str, ...] = _opt((), doc="Host names allowed besides loopback")
+    http_cors_origins: tuple[str, ...] = _opt((), doc="origins allowed cross-origin; never *")
+    http_max_body_bytes: int = _opt(4 * 1024 * 1024, lo=1024, hi=1 << 30)
+    http_keepalive_s: float = _opt(
+        5.0, lo=0.05, hi=3600.0, doc="SSE keep-alive comment after this long without tokens"
+    )
 
 
 @dataclass(frozen=True)
 class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -156,6 +188,7 @@ SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {
     "models": ModelsConfig,
     "speculation": SpeculationConfig,
+    "history": HistoryConfig,
     "generation": GenerationConfig,
     "learning": LearningConfig,
     "lora": LoraConfig,
@@ -172,6 +205,13 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
         if nullable:
             return None
         raise ConfigError(f"{key}: null is not allowed")
+    if "tuple" in kind:  # a list of non-empty strings; from the environment, comma-separated
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(
+            isinstance(v, str) and v.strip() for v in items
+        ):
+            raise ConfigError(f"{key}: expected a list of non-empty strings, got {value!r}")
+        return tuple(v.strip() for v in items)
     if "bool" in kind:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -233,10 +273,18 @@ def _check_cross_field(config: Config) -> None:
     g = config.generation
     if g.max_tokens > g.max_tokens_cap:
         raise ConfigError("generation.max_tokens must be <= generation.max_tokens_cap")
-    if config.server.tcp_address is not None:
-        host, sep, port = config.server.tcp_address.rpartition(":")
+    for key in ("tcp_address", "http_address"):
+        address = getattr(config.server, key)
+        if address is None:
+            continue
+        host, sep, port = address.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ConfigError(f"server.tcp_address: {config.server.tcp_address!r} is not host:port")
+            raise ConfigError(f"server.{key}: {address!r} is not host:port")
+    if "*" in config.server.http_cors_origins:
+        raise ConfigError(
+            "server.http_cors_origins: '*' would let every web page use the daemon; "
+            "list the origins (e.g. http://localhost:3000)"
+        )
 
 
 def _env_updates(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -314,4 +362,8 @@ def load_config(
 
 
 def config_as_dict(config: Config) -> dict[str, dict[str, Any]]:
-    return dataclasses.asdict(config)
+    """Plain YAML-able values (lists, not tuples)."""
+    return dataclasses.asdict(
+        config,
+        dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items},
+    )

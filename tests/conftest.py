@@ -20,6 +20,8 @@ def isolated_home(
     for name in list(__import__("os").environ):
         if name.startswith("SPECLORA_") and name not in ("SPECLORA_HOME", "SPECLORA_BLAS_PATH"):
             monkeypatch.delenv(name, raising=False)
+    # A daemon a test starts from the environment takes a free HTTP port, never the default one.
+    monkeypatch.setenv("SPECLORA_SERVER_HTTP_ADDRESS", "127.0.0.1:0")
     return home
 
 

@@ -110,6 +110,20 @@ def test_learning_bench(report: tuple[dict[str, Any], str]) -> None:
 
 
 @pytest.mark.slow
+def test_workloads_bench(report: tuple[dict[str, Any], str]) -> None:
+    """Six workloads, six methods each, every output the target's; the history drafter had a
+    history to draft from where the workload gives it one."""
+    data = report[0]["benchmarks"]["workloads"]
+    assert set(data["workloads"]) == set("abcdef")
+    rows = data["rows"]
+    assert len(rows) == 36 and all(r["identical"] for r in rows)
+    by = {(r["workload"], r["method"]): r for r in rows}
+    assert by[("d", "ours hybrid")]["history_tokens"] > 0  # 20 earlier requests
+    assert by[("f", "ours hybrid")]["history_tokens"] == 0  # empty history
+    assert all(r["speedup"] > 0 for r in rows)
+
+
+@pytest.mark.slow
 def test_report_markdown_has_headline_and_every_table(report: tuple[dict[str, Any], str]) -> None:
     data, markdown = report
     assert data["machine"]["cores"] > 0 and data["date"]
@@ -126,11 +140,18 @@ def test_report_markdown_has_headline_and_every_table(report: tuple[dict[str, An
         "daemon RSS once idle after the clients / (weights + KV caches)",
         "learning: held-out same-domain acceptance, teacher-forced",
         "learning: unrelated-prompt acceptance, teacher-forced",
+        "workloads: T = 0 output identical to target-only",
+        "ours hybrid / prompt-lookup baseline",
     ):
         assert figure in headline, figure
     # Every T = 0 method matched the target in smoke mode, and the headline says so.
     assert "| T = 0: output identical to target-only, every prompt | 12 of 12 methods |" in headline
-    for table in ("| T | draft | method |", "| daemon, 1 client |", "| held-out acceptance,"):
+    for table in (
+        "| T | draft | method |",
+        "| daemon, 1 client |",
+        "| held-out acceptance,",
+        "| workload | method |",
+    ):
         assert table in markdown
 
 

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.daemons import local_config
+from helpers.http import one, scrape
 from speclora.client.stub import (
     GenerationSummary,
     PreconditionFailed,
@@ -22,8 +24,6 @@ from speclora.client.stub import (
 from speclora.daemon.learning import toy
 from speclora.daemon.runtime import Runtime, build_runtime
 from speclora.daemon.server import DaemonServer, create_server
-from speclora.shared.config import load_config
-from speclora.shared.paths import resolve_paths
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -40,16 +40,14 @@ def served(
     domain_target: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Runtime, DaemonServer, SpecLoRAClient]]:
     home = tmp_path_factory.mktemp("learn")
-    env = {"SPECLORA_HOME": str(home)}
-    config = load_config(
-        env=env,
-        overrides={
+    config, paths = local_config(
+        home,
+        {
             "models": {"target": str(domain_target), "draft": "self:1"},
             "learning": {"min_cases": 4, "failure_threshold": 0.9},
             "lora": {"steps": STEPS, "learning_rate": 1e-3, "batch_size": 2},
         },
     )
-    paths = resolve_paths(env)
     runtime = build_runtime(config, paths)
     server, address = create_server(config, runtime.worker, learning=runtime.learning, paths=paths)
     server.start()
@@ -58,6 +56,9 @@ def served(
     client.close()
     server.shutdown(1.0)
     runtime.close()
+
+
+RUNS = "speclora:training_runs_total"
 
 
 def _summary(events: list[object]) -> GenerationSummary:
@@ -92,8 +93,9 @@ def test_failures_are_recorded_and_counted(served: tuple) -> None:
 
 
 def test_train_streams_progress_and_swaps_the_adapter_in(served: tuple) -> None:
-    runtime, _, client = served
+    runtime, server, client = served
     _record_cases(client, 8)
+    promoted_before = one(scrape(server.http_address), RUNS, outcome="promoted")
     events = list(client.train(steps=STEPS, force_promote=True))
     kinds = [type(e) for e in events]
     assert kinds[:2] == [TrainStarted, TrainEvaluation]
@@ -108,6 +110,9 @@ def test_train_streams_progress_and_swaps_the_adapter_in(served: tuple) -> None:
     assert snap.training_state == "idle" and snap.pending_cases == 0
     summary = _summary(list(client.generate("Write about the moon.", max_tokens=8)))
     assert summary.adapter_version == result.adapter_version
+    metrics = scrape(server.http_address)  # /metrics counts the run and names the adapter
+    assert one(metrics, RUNS, outcome="promoted") == promoted_before + 1
+    assert one(metrics, "speclora:adapter_info", version=result.adapter_version) == 1
 
     # Back to the base draft and forward again, over the RPC.
     base = client.activate_adapter("none")

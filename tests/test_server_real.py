@@ -7,13 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.daemons import local_config
 from speclora.client.stub import GenerationSummary, SpecLoRAClient, TextChunk
 from speclora.daemon.runtime import build_hub
 from speclora.daemon.server import create_server
 from speclora.daemon.state import ModelHub
 from speclora.daemon.worker import Worker
-from speclora.shared.config import load_config
-from speclora.shared.paths import resolve_paths
 
 pytestmark = pytest.mark.real_model
 PROMPT = "Explain quantum computing simply."
@@ -32,10 +31,9 @@ def client(
     cache = Path(request.config.cache.mkdir("speclora-models"))
     target = models.materialize(models.resolve_model_source("embedded"), cache)
     home = tmp_path_factory.mktemp("real")
-    env = {"SPECLORA_HOME": str(home)}
-    config = load_config(env=env, overrides={"models": {"target": str(target), "draft": "self:4"}})
+    config, paths = local_config(home, {"models": {"target": str(target), "draft": "self:4"}})
     worker = Worker(build_hub(config), config).start()
-    server, address = create_server(config, worker, paths=resolve_paths(env))
+    server, address = create_server(config, worker, paths=paths)
     server.start()
     with SpecLoRAClient(address) as c:
         yield c, worker

@@ -431,6 +431,8 @@ def _tiny_environment(root: Path) -> None:
             "SPECLORA_MODELS_DRAFT": str(draft),
             "SPECLORA_LEARNING_FAILURE_THRESHOLD": "1.0",
             "SPECLORA_LEARNING_MIN_CASES": "4",
+            # A free port: 8421 may be the user's own daemon's.
+            "SPECLORA_SERVER_HTTP_ADDRESS": "127.0.0.1:0",
         }
     )
 

@@ -110,12 +110,25 @@ def measure_prices(
         verify.append(max(round(t / one, 2), verify[-1] + 0.01))
     draft_cost = 0.0
     if draft is not None:
-        from speclora.daemon.engine.draft_vocab import DraftHead, model_parts
-
-        head = DraftHead(model_parts(draft), draft_vocab)
-        (draft_one,) = _timed(draft, [1], repeats, lambda x, cache: head.logits(x, cache)[1])
-        draft_cost = round(draft_one / one, 3)
+        draft_cost = round(_draft_seconds(draft, draft_vocab, repeats) / one, 3)
     return StepPrices(verify=tuple(verify), draft=draft_cost)
+
+
+def _draft_seconds(draft: Any, draft_vocab: Any | None, repeats: int) -> float:
+    from speclora.daemon.engine.draft_vocab import DraftHead, model_parts
+
+    head = DraftHead(model_parts(draft), draft_vocab)
+    (seconds,) = _timed(draft, [1], repeats, lambda x, cache: head.logits(x, cache)[1])
+    return seconds
+
+
+def with_draft_head(
+    prices: StepPrices, target: Any, draft: Any, draft_vocab: Any | None, repeats: int = 3
+) -> StepPrices:
+    """The same verify prices with another draft head's pass (e.g. the full head beside the
+    restricted one), timed against a fresh one-token target pass."""
+    (one,) = _timed(target, [1], repeats)
+    return StepPrices(prices.verify, round(_draft_seconds(draft, draft_vocab, repeats) / one, 3))
 
 
 def measure_step_costs(

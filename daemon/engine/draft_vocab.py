@@ -13,7 +13,7 @@ Two levers on cost live here:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,3 +246,104 @@ class DraftHead:
         if extra_rows is not None:
             logits = mx.concatenate([logits, hidden @ extra_rows.T])
         return ids, logits
+
+
+@dataclass
+class _HeadEvidence:
+    """Decayed counts of the draft's tested positions while one head served."""
+
+    tested: float = 0.0
+    accepted: float = 0.0
+    outside: float = 0.0  # tested positions whose target token is outside the set
+    accepted_outside: float = 0.0
+
+    def scale(self, factor: float) -> None:
+        self.tested *= factor
+        self.accepted *= factor
+        self.outside *= factor
+        self.accepted_outside *= factor
+
+
+@dataclass
+class HeadChoice:
+    """Whether the restricted head pays for this pair, decided by measurement, not a default.
+
+    The restricted head makes a draft pass cheaper (both heads' prices are measured at load)
+    but can never propose a token outside the set. Every finished request shows how often that
+    cost something: at each position the draft was tested (an accepted proposal, or the
+    target's token where a proposal was rejected), is the target's token inside the set? A head
+    that has served recently is judged by its own acceptance; the other is estimated from the
+    same evidence: the restricted head's acceptance inside the set stands for the full head's
+    (optimistic, hence a margin), and the full head's acceptance without its accepted proposals
+    outside the set is the restricted head's. The head with more tokens per unit of cost at its
+    best K serves. The serving head's evidence decays per request, so the choice follows what
+    the daemon is used for; the other head's decays slowly, so after ~50 requests it is
+    estimated (and perhaps tried) again.
+    """
+
+    restricted_prices: Any  # costs.StepPrices with the restricted head's draft pass
+    full_prices: Any  # ... with the full head's
+    max_k: int = 8
+    decay: float = 0.9  # per request, for the head that served it
+    idle_decay: float = 0.995  # per request, for the other head
+    margin: float = 1.03  # the full head must win by this factor on an estimate
+    min_tested: float = 32.0  # tested positions before a head's own figure counts
+    use_restricted: bool = True
+    _evidence: dict[bool, _HeadEvidence] = field(
+        default_factory=lambda: {True: _HeadEvidence(), False: _HeadEvidence()}
+    )
+
+    def observe(
+        self,
+        vocab: DraftVocab,
+        restricted: bool,
+        completion: Sequence[int],
+        from_draft: Sequence[bool],
+        rejection_positions: Sequence[int],
+    ) -> None:
+        """One finished request served with the `restricted` head (or the full one)."""
+        tested = [i for i, d in enumerate(from_draft) if d]
+        tested += [i for i in rejection_positions if i < len(completion)]
+        if not tested:
+            return
+        inside = set(np.array(vocab.ids()).tolist())
+        outside = [i for i in tested if completion[i] not in inside]
+        self._evidence[restricted].scale(self.decay)
+        self._evidence[not restricted].scale(self.idle_decay)
+        e = self._evidence[restricted]
+        e.tested += len(tested)
+        e.accepted += sum(from_draft)
+        e.outside += len(outside)
+        e.accepted_outside += sum(1 for i in outside if from_draft[i])
+        self._decide()
+
+    def acceptance(self, restricted: bool) -> float | None:
+        """The head's acceptance: measured when it served enough, else estimated from the
+        other head's evidence; None with too little of either."""
+        own = self._evidence[restricted]
+        if own.tested >= self.min_tested:
+            return own.accepted / own.tested
+        other = self._evidence[not restricted]
+        if other.tested < self.min_tested:
+            return None
+        if restricted:  # what the full head accepted, less what lay outside the set
+            return (other.accepted - other.accepted_outside) / other.tested
+        inside = max(other.tested - other.outside, 1e-9)
+        return min(other.accepted / inside, 0.99)
+
+    def _decide(self) -> None:
+        from speclora.daemon.engine.adaptive import expected_tokens
+
+        a_r, a_f = self.acceptance(True), self.acceptance(False)
+        if a_r is None or a_f is None:
+            return
+
+        def best(alpha: float, prices: Any) -> float:
+            gains = [
+                expected_tokens(alpha, k) / prices.draft_step(k) for k in range(1, self.max_k + 1)
+            ]
+            return max([1.0, *gains])
+
+        g_r, g_f = best(a_r, self.restricted_prices), best(a_f, self.full_prices)
+        measured_full = self._evidence[False].tested >= self.min_tested
+        self.use_restricted = not (g_f > g_r * (1.0 if measured_full else self.margin))

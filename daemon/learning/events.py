@@ -56,6 +56,11 @@ class TrainResult:
     acceptance_after: float
     duration_s: float
 
+    @property
+    def outcome(self) -> str:
+        """How the run ended, as the worker counts task runs: the gate promoted it or not."""
+        return "promoted" if self.promoted else "rejected"
+
 
 @dataclass(frozen=True)
 class TrainTick:

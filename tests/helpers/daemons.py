@@ -70,9 +70,18 @@ class LocalDaemon:
             self.worker.stop()
 
 
+# Test daemons' HTTP APIs take a free port: the default (8421) may be a real daemon's, or another
+# test's running at the same time.
+TEST_HTTP_ADDRESS = "127.0.0.1:0"
+
+
 def local_config(home: Path, overrides: Mapping[str, Any]) -> tuple[Config, Paths]:
     env = {"SPECLORA_HOME": str(home)}
-    return load_config(env=env, overrides=dict(overrides)), resolve_paths(env)
+    overrides = {
+        **overrides,
+        "server": {"http_address": TEST_HTTP_ADDRESS, **overrides.get("server", {})},
+    }
+    return load_config(env=env, overrides=overrides), resolve_paths(env)
 
 
 def local_daemon(home: Path, overrides: Mapping[str, Any], *, learning: bool = True) -> LocalDaemon:
@@ -100,9 +109,10 @@ def daemon_env(home: Path, target: Path, draft: str = "self:2", **extra: str) ->
         SPECLORA_HOME=str(home),
         SPECLORA_MODELS_TARGET=str(target),
         SPECLORA_MODELS_DRAFT=draft,
+        SPECLORA_SERVER_HTTP_ADDRESS=TEST_HTTP_ADDRESS,
         PYTHONUNBUFFERED="1",
-        **extra,
     )
+    env.update(extra)
     if "SPECLORA_BLAS_PATH" in os.environ:
         env["SPECLORA_BLAS_PATH"] = os.environ["SPECLORA_BLAS_PATH"]
     return env

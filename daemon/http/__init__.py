@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API and Prometheus /metrics, served in the daemon process."""
