@@ -8,8 +8,11 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+from helpers.daemons import local_daemon
+from speclora.client.commands.demo import http_links
 
 
 @pytest.mark.slow
@@ -88,3 +91,19 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_http_links_come_from_the_daemon_itself(
+    tiny_paths: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The demo names the HTTP API only where a daemon answers there: never for a server that
+    is off, on a port chosen at start, or gone."""
+    d = local_daemon(tmp_path, {"models": {"target": str(tiny_paths[0])}}, learning=False)
+    try:
+        address = d.server.http_address
+        links = dict(http_links(address))
+        assert links["OpenAI API"] == f"http://{address}/v1"
+    finally:
+        d.close()
+    assert http_links(address) == []
+    assert http_links(None) == [] and http_links("127.0.0.1:0") == []

@@ -386,16 +386,27 @@ def _bar(s: Spread, scale: float, width: int = 36) -> str:
 # ---------------------------------------------------------------------- 4. where
 
 
-def web_page_url(address: str | None, timeout: float = 1.0) -> str | None:
-    """The daemon's web page, when its HTTP server is configured on a known port and answers."""
+def http_links(address: str | None, timeout: float = 1.0) -> list[tuple[str, str]]:
+    """What the daemon's HTTP server (server.http_address) serves, found by asking it: the
+    OpenAI-compatible API when /health answers, the web page when / does. Nothing is assumed
+    for a server that is off, bound to a port chosen at start (":0") or not answering."""
     if not address or address.rsplit(":", 1)[-1] in ("", "0"):
-        return None
-    url = f"http://{address}/"
+        return []
+    base = f"http://{address}"
+    if not _answers(f"{base}/health", timeout):
+        return []
+    links = [("OpenAI API", f"{base}/v1")]
+    if _answers(f"{base}/", timeout):
+        links.append(("web page", f"{base}/"))
+    return links
+
+
+def _answers(url: str, timeout: float) -> bool:
     try:
-        with urllib.request.urlopen(url + "health", timeout=timeout) as reply:
-            return url if reply.status == 200 else None
-    except OSError:
-        return None
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return reply.status == 200
+    except OSError:  # refused, timed out, or an HTTP error status
+        return False
 
 
 def _where(keep: bool, config_path: str | None) -> None:
@@ -405,9 +416,8 @@ def _where(keep: bool, config_path: str | None) -> None:
     click.echo(f"  failure cases   {paths.database}   (speclora failures list | purge)")
     click.echo(f"  daemon log      {paths.daemon_log}")
     click.echo(f"  socket          {paths.socket_path}")
-    page = web_page_url(getattr(load_config(config_path).server, "http_address", None))
-    if page:
-        click.echo(f"  web page        {page}")
+    for name, url in http_links(load_config(config_path).server.http_address):
+        click.echo(f"  {name:<15} {url}")
     click.echo(
         '\n  From the shell:   speclora daemon start; speclora generate "Explain DNS."; '
         "speclora interactive; speclora stats --watch; speclora train"
