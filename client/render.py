@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import TextIO
 
 import click
+from speclora.client.settings import ClientConfigError
 from speclora.client.stub import (
     DaemonNotRunning,
     SpecLoRAClientError,
@@ -93,6 +94,8 @@ def stats_lines(snap: StatsSnapshot, spark: bool) -> list[str]:
         f"history     {snap.history_tokens} tokens of {snap.history_documents} past requests, "
         f"{human_bytes(snap.history_bytes)}",
     ]
+    if snap.failure_store_error:
+        lines.append(f"warning     {snap.failure_store_error}")
     if spark and snap.acceptance_history:
         lines.append(f"recent      {sparkline(snap.acceptance_history)}")
     for a in snap.per_adapter:
@@ -120,8 +123,21 @@ def client_errors() -> Iterator[None]:
         sys.exit(EXIT_NOT_RUNNING)
     except SpecLoRAClientError as exc:
         raise click.ClickException(str(exc)) from None
-    except ConfigError as exc:
+    except (ConfigError, ClientConfigError) as exc:
         raise click.ClickException(f"{exc}\nFix the configuration and try again.") from None
+
+
+@contextmanager
+def daemon_side(command: str) -> Iterator[None]:
+    """Around the imports of a command that runs daemon code (serve, models, service, demo):
+    the base install is the client alone, and says what to install instead of a traceback."""
+    try:
+        yield
+    except ImportError as exc:
+        raise click.ClickException(
+            f"`speclora {command}` runs the daemon, whose dependencies this install lacks "
+            f"({exc}); install them with: pip install 'speclora[daemon]'"
+        ) from None
 
 
 def address_option(f):  # type: ignore[no-untyped-def]

@@ -8,28 +8,36 @@
             ...  # TextChunk ..., then one GenerationSummary
 
 Errors are exceptions named for what the caller can do about them (DaemonNotRunning,
-InvalidRequest, DaemonBusy, ...); gRPC status objects never leak out.
+InvalidRequest, NotFound, DaemonBusy, ...); gRPC status objects never leak out.
+
+The client reads only where the daemon is and, for TCP, its token (client/settings.py); it
+never loads the daemon's configuration, so a newer daemon's keys cannot break it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from speclora.shared.config import Config, load_config
-from speclora.shared.paths import daemon_socket_path, resolve_paths
+from grpc_status import rpc_status
+from speclora.client.settings import read_token, resolve_settings  # noqa: F401 (re-export)
 from speclora.shared.pb import speclora_pb2 as pb
 from speclora.shared.pb import speclora_pb2_grpc as pb_grpc
 
 DEFAULT_CONNECT_TIMEOUT_S = 3.0
+# Replies can be large (a page of failure cases); the daemon bounds what it accepts itself.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 TOKEN_METADATA_KEY = "authorization"
+REQUEST_ID_METADATA_KEY = "x-request-id"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecLoRA"].full_name
 
 
@@ -54,11 +62,22 @@ class DaemonNotRunning(SpecLoRAClientError):
 
 
 class InvalidRequest(SpecLoRAClientError):
-    """A request field is out of range; `field` names it."""
+    """A request field is out of range; `field` names it (from the status's BadRequest
+    details when the daemon sent them, else from the message's "field: ..." prefix)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
-        self.field = message.split(":", 1)[0] if ":" in message else ""
+        self.field = (
+            field if field is not None else (message.split(":", 1)[0] if ":" in message else "")
+        )
+
+
+class NotFound(SpecLoRAClientError):
+    """No adapter version or failure case of that name or id."""
+
+
+class DeadlineExceeded(SpecLoRAClientError):
+    """The call did not finish in time (the engine was busy)."""
 
 
 class DaemonBusy(SpecLoRAClientError):
@@ -163,6 +182,8 @@ class StatsSnapshot:
     history_tokens: int = 0
     history_documents: int = 0
     history_bytes: int = 0
+    pid: int = 0
+    failure_store_error: str = ""  # why failure_cases is 0 when the database is unreadable
 
 
 @dataclass(frozen=True)
@@ -204,7 +225,70 @@ class AdapterInfo:
     parent: str
     acceptance_before: float
     acceptance_after: float
-    status: str
+    status: str  # "promoted" | "rejected" | "corrupt" | "base"
+    reason: str = ""
+    created_at: float = 0.0
+    path: str = ""  # on the daemon's machine
+    integrity: str = ""  # get_adapter only: "ok" or what is wrong
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterList:
+    adapters: tuple[AdapterInfo, ...]  # oldest first
+    active_version: str  # "" = the base draft serves
+    adapters_dir: str  # on the daemon's machine
+
+
+@dataclass(frozen=True)
+class FailureCase:
+    """One recorded request; `to_json()` is the export format (one object per JSONL line)."""
+
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    from_draft: tuple[bool, ...]
+    rejection_positions: tuple[int, ...]
+    proposed: int
+    accepted: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    mode: str  # "detailed" | "fast" | ""
+    finish_reason: str
+    target_id: str
+    draft_id: str
+    adapter_version: str
+    request_id: str
+    created_at: float
+    id: int
+    acceptance: float
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for key in ("prompt_ids", "completion_ids", "from_draft", "rejection_positions"):
+            data[key] = list(data[key])
+        return data
+
+
+@dataclass(frozen=True)
+class FailureCaseList:
+    cases: tuple[FailureCase, ...]  # newest first
+    total: int  # stored in all
+
+
+@dataclass(frozen=True)
+class FailureStats:
+    cases: int
+    pending: int  # recorded since the last training run
+    oldest: float | None
+    newest: float | None
+    mean_acceptance: float
+    prompt_tokens: int
+    completion_tokens: int
+    per_adapter: dict[str, int]  # adapter version ("" = base draft) -> cases
+    file_bytes: int
+    database_path: str  # on the daemon's machine
 
 
 GenerateEvent = TextChunk | GenerationSummary
@@ -214,6 +298,9 @@ _D = TypeVar("_D")
 
 
 def _enum_name(value: int, enum: Any, prefix: str) -> str:
+    """MODE_FAST -> "fast"; 0 (UNSPECIFIED) -> ""; a value this client does not know -> "7"."""
+    if value == 0:
+        return ""
     try:
         return enum.Name(value).removeprefix(prefix).lower()
     except ValueError:
@@ -247,7 +334,42 @@ def _stats(s: pb.StatsSnapshot) -> StatsSnapshot:
         s,
         per_adapter=tuple(_from_pb(AdapterAcceptance, a) for a in s.per_adapter),
         default_mode=_enum_name(s.default_mode, pb.Mode, "MODE_"),
+        training_state=_enum_name(s.training_state, pb.TrainingState, "TRAINING_STATE_")
+        or s.training_state_name,
+        blas=s.blas_name or _enum_name(s.blas, pb.Blas, "BLAS_"),
     )
+
+
+def _adapter(a: pb.AdapterInfo) -> AdapterInfo:
+    try:
+        metadata = json.loads(a.metadata_json) if a.metadata_json else {}
+    except ValueError:
+        metadata = {}
+    return _from_pb(
+        AdapterInfo,
+        a,
+        status=_enum_name(a.status, pb.AdapterStatus, "ADAPTER_STATUS_") or a.status_name,
+        metadata=metadata,
+    )
+
+
+def _case(c: pb.FailureCase) -> FailureCase:
+    return _from_pb(
+        FailureCase,
+        c,
+        seed=c.seed if c.HasField("seed") else None,
+        mode=_enum_name(c.mode, pb.Mode, "MODE_"),
+        finish_reason=_enum_name(c.finish_reason, pb.FinishReason, "FINISH_REASON_"),
+    )
+
+
+def _train_event(event: pb.TrainEvent) -> TrainEvent:
+    kind = event.WhichOneof("event")
+    message = getattr(event, kind)
+    if kind == "evaluation":
+        phase = _enum_name(message.phase, pb.EvaluationPhase, "EVALUATION_PHASE_")
+        return TrainEvaluation(phase or message.phase_name, message.heldout_acceptance)
+    return _from_pb(_TRAIN_KINDS[kind], message)
 
 
 _TRAIN_KINDS = {
@@ -258,36 +380,19 @@ _TRAIN_KINDS = {
 }
 
 
-def _first(stream: Iterator[_D]) -> _D:
+def _bad_field(exc: grpc.RpcError) -> str | None:
+    """The field a google.rpc.BadRequest in the status details names, if there is one."""
     try:
-        return next(stream)
-    except StopIteration:
-        raise DaemonError("the daemon ended the stream without a reply") from None
-    finally:
-        stream.close()  # type: ignore[attr-defined]
-
-
-# ---------------------------------------------------------------------- addresses
-
-
-def default_address(config: Config) -> str:
-    """The daemon's Unix socket as the daemon computes it (config, then the state dir)."""
-    return f"unix:{daemon_socket_path(config.server.socket_path)}"
-
-
-def _normalise(address: str) -> str:
-    if address.startswith("unix:"):
-        return address
-    if address.startswith(("/", "./", "~")):
-        return f"unix:{Path(address).expanduser().absolute()}"
-    return address
-
-
-def read_token() -> str | None:
-    try:
-        return resolve_paths().token_file.read_text().strip() or None
-    except OSError:
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except (ValueError, AttributeError):
         return None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            if bad.field_violations:
+                return bad.field_violations[0].field
+    return None
 
 
 # ---------------------------------------------------------------------- the client
@@ -306,13 +411,15 @@ class SpecLoRAClient:
         max_message_bytes: int | None = None,
     ) -> None:
         """address: "unix:/path", a socket path, or "host:port" (TCP, then a token is sent:
-        `token`, else the daemon's token file). None = the configured default socket."""
-        config = load_config(config_path)
-        self.address = _normalise(address) if address else default_address(config)
-        self._tcp = not self.address.startswith("unix:")
-        token = token or (read_token() if self._tcp else None)
-        self._metadata = ((TOKEN_METADATA_KEY, f"Bearer {token}"),) if token else ()
-        limit = max_message_bytes or config.server.max_message_bytes
+        `token`, else SPECLORA_TOKEN, else the token file). None = SPECLORA_ADDRESS, else the
+        configured socket (see speclora.client.settings)."""
+        settings = resolve_settings(address, config_path=config_path, token=token)
+        self.address = settings.address
+        self._tcp = settings.tcp
+        self._metadata = (
+            ((TOKEN_METADATA_KEY, f"Bearer {settings.token}"),) if settings.token else ()
+        )
+        limit = max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES
         self._channel = grpc.insecure_channel(
             self.address,
             options=[
@@ -358,7 +465,11 @@ class SpecLoRAClient:
     def _translate(self, exc: grpc.RpcError) -> SpecLoRAClientError:
         code, details = exc.code(), exc.details() or ""  # type: ignore[attr-defined]
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidRequest(details)
+            return InvalidRequest(details, _bad_field(exc))
+        if code == grpc.StatusCode.NOT_FOUND:
+            return NotFound(details)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(details or "the call did not finish in time")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return DaemonBusy(details)
         if code == grpc.StatusCode.FAILED_PRECONDITION:
@@ -397,14 +508,18 @@ class SpecLoRAClient:
         mode: str | None = None,
         record: bool | None = None,
         use_history: bool | None = None,
+        request_id: str | None = None,
         timeout: float | None = None,
     ) -> Iterator[GenerateEvent]:
         """Stream a generation: TextChunks as they are accepted, then a GenerationSummary.
 
         messages: (role, content) pairs or {"role", "content"} dicts. Unset options take the
         daemon's configured defaults; draft_tokens None = adaptive, 0 = no speculation;
-        use_history False = the model draft alone (no proposals from past requests)."""
-        request = pb.GenerateRequest(prompt=prompt or "", raw=raw, stop=list(stop))
+        use_history False = the model draft alone (no proposals from past requests).
+        request_id: your id for the request, echoed in the summary and the daemon's log."""
+        request = pb.GenerateRequest(
+            prompt=prompt or "", raw=raw, stop=list(stop), request_id=request_id or ""
+        )
         for m in messages or ():
             role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
             request.messages.add(role=role, content=content)
@@ -441,17 +556,20 @@ class SpecLoRAClient:
         """The whole completion as one string (same options as generate)."""
         return "".join(e.text for e in self.generate(prompt, **options) if isinstance(e, TextChunk))
 
+    def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        with self._errors():
+            return getattr(self._stub, method)(request, metadata=self._metadata, timeout=timeout)
+
     def stats(self) -> StatsSnapshot:
         """One snapshot of the daemon's state."""
-        return _first(self._stats(pb.StatsRequest()))
+        return _stats(self._unary("GetStats", pb.GetStatsRequest()))
 
     def watch_stats(self, interval_s: float = 1.0) -> Iterator[StatsSnapshot]:
         """A snapshot every `interval_s` seconds until the caller stops iterating."""
-        return self._stats(pb.StatsRequest(watch=True, interval_s=interval_s))
-
-    def _stats(self, request: pb.StatsRequest) -> Iterator[StatsSnapshot]:
         with self._errors():
-            call = self._stub.Stats(request, metadata=self._metadata)
+            call = self._stub.Stats(
+                pb.StatsRequest(watch=True, interval_s=interval_s), metadata=self._metadata
+            )
         for snapshot in self._stream(call):
             yield _stats(snapshot)
 
@@ -476,17 +594,80 @@ class SpecLoRAClient:
         with self._errors():
             call = self._stub.Train(request, metadata=self._metadata)
         for event in self._stream(call):
-            kind = event.WhichOneof("event")
-            yield _from_pb(_TRAIN_KINDS[kind], getattr(event, kind))
+            yield _train_event(event)
+
+    # -- adapters -------------------------------------------------------------------------
 
     def activate_adapter(
-        self, version: str | None = None, *, rollback: bool = False
+        self,
+        version: str | None = None,
+        *,
+        force: bool = False,
+        rollback: bool = False,
+        timeout: float | None = None,
     ) -> AdapterInfo:
-        """Make `version` the active adapter ("none" = base draft), or roll back."""
-        request = pb.ActivateAdapterRequest(version=version or "", rollback=rollback)
+        """Make `version` the active adapter ("none" = base draft). A version the promotion
+        gate rejected raises PreconditionFailed unless `force`. rollback=True is
+        rollback_adapter()."""
+        if rollback:
+            return self.rollback_adapter(timeout=timeout)
+        request = pb.ActivateAdapterRequest(version=version or "", force=force)
+        return _adapter(self._unary("ActivateAdapter", request, timeout))
+
+    def rollback_adapter(self, *, timeout: float | None = None) -> AdapterInfo:
+        """Back to the adapter that was active before the current one."""
+        return _adapter(self._unary("RollbackAdapter", pb.RollbackAdapterRequest(), timeout))
+
+    def list_adapters(self) -> AdapterList:
+        reply = self._unary("ListAdapters", pb.ListAdaptersRequest())
+        return AdapterList(
+            tuple(_adapter(a) for a in reply.adapters), reply.active_version, reply.adapters_dir
+        )
+
+    def get_adapter(self, version: str | None = None) -> AdapterInfo:
+        """One version (None = the active one) with `integrity` checked; NotFound if unknown."""
+        return _adapter(self._unary("GetAdapter", pb.GetAdapterRequest(version=version or "")))
+
+    # -- failure cases --------------------------------------------------------------------
+
+    def list_failure_cases(
+        self, limit: int | None = None, *, before_id: int | None = None
+    ) -> FailureCaseList:
+        """The newest cases (default 20, at most 1000), below `before_id` when given."""
+        request = pb.ListFailureCasesRequest()
+        if limit is not None:
+            request.limit = limit
+        if before_id is not None:
+            request.before_id = before_id
+        reply = self._unary("ListFailureCases", request)
+        return FailureCaseList(tuple(_case(c) for c in reply.cases), reply.total)
+
+    def get_failure_case(self, case_id: int) -> FailureCase:
+        """One case; NotFound if there is no such id."""
+        return _case(self._unary("GetFailureCase", pb.GetFailureCaseRequest(id=case_id)))
+
+    def export_failure_cases(self) -> Iterator[FailureCase]:
+        """Every case, oldest first, streamed."""
         with self._errors():
-            call = self._stub.ActivateAdapter(request, metadata=self._metadata)
-        return _from_pb(AdapterInfo, _first(self._stream(call)))
+            call = self._stub.ExportFailureCases(
+                pb.ExportFailureCasesRequest(), metadata=self._metadata
+            )
+        for case in self._stream(call):
+            yield _case(case)
+
+    def failure_stats(self) -> FailureStats:
+        s = self._unary("GetFailureStats", pb.GetFailureStatsRequest())
+        return _from_pb(
+            FailureStats,
+            s,
+            oldest=s.oldest if s.HasField("oldest") else None,
+            newest=s.newest if s.HasField("newest") else None,
+            per_adapter={a.adapter_version: a.cases for a in s.per_adapter},
+        )
+
+    def purge_failure_cases(self) -> int:
+        """Delete every recorded case for good; returns how many were deleted."""
+        return int(self._unary("PurgeFailureCases", pb.PurgeFailureCasesRequest()).deleted)
 
     def health(self, timeout: float = 2.0) -> str:
         """ "SERVING", "NOT_SERVING", ... for the SpecLoRA service."""

@@ -18,6 +18,7 @@ class ErrorKind(enum.Enum):
     RESOURCE_EXHAUSTED = "resource_exhausted"  # the engine queue is full; retry later
     UNAVAILABLE = "unavailable"  # loading or shutting down
     UNAUTHENTICATED = "unauthenticated"  # missing or wrong credentials
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the engine did not get to a call in time
 
 
 class SpecLoRAError(Exception):
@@ -51,6 +52,12 @@ class PreconditionError(SpecLoRAError):
     """The request is fine but the daemon's state forbids it now."""
 
 
+class DeadlineError(SpecLoRAError):
+    """The engine did not get to a call within its time (the caller's deadline, or ours)."""
+
+    kind = ErrorKind.DEADLINE_EXCEEDED
+
+
 class QueueFullError(SpecLoRAError):
     """The engine queue is at its bound."""
 
@@ -75,6 +82,17 @@ class ModelError(SpecLoRAError):
 
 class AdapterError(SpecLoRAError):
     """An adapter is missing, corrupt or does not fit the draft."""
+
+
+class AdapterNotFoundError(AdapterError, NotFoundError):
+    """No adapter version of that name."""
+
+    kind = ErrorKind.NOT_FOUND
+
+
+class StoreUnavailableError(PreconditionError):
+    """The failure database cannot be opened, read or written. The message names the file and
+    what to do about it; serving goes on without it."""
 
 
 def error_kind(exc: BaseException) -> ErrorKind | None:

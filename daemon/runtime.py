@@ -16,16 +16,16 @@ from typing import Any
 
 import structlog
 from speclora.daemon.errors import SpecLoRAError
-from speclora.daemon.learning.adapters import NONE_VERSIONS, AdapterInfo, AdapterStore
+from speclora.daemon.learning.adapters import AdapterStore
 from speclora.daemon.learning.autotrain import should_auto_train
 from speclora.daemon.learning.events import TrainParams, TrainResult
+from speclora.daemon.learning.operations import Learning
 from speclora.daemon.learning.recorder import FailureRecorder
-from speclora.daemon.learning.session import run_training
 from speclora.daemon.learning.store import FailureStore
-from speclora.daemon.learning.swap import apply_adapter, load_active_adapter
+from speclora.daemon.learning.swap import load_active_adapter
 from speclora.daemon.state import ModelHub
 from speclora.daemon.stats import TRAINING_TASK
-from speclora.daemon.worker import TaskFactory, Worker
+from speclora.daemon.worker import Worker
 from speclora.shared.config import Config
 from speclora.shared.paths import Paths, ensure_private_dir
 
@@ -143,41 +143,6 @@ def build_hub(config: Config) -> ModelHub:
     return ModelHub.from_loaded(target, draft, m.draft, extras=extras, prompt_cache=prompt_cache)
 
 
-class Learning:
-    """The servicer's LearningLoop over the learning package's store, adapters and trainer."""
-
-    def __init__(self, config: Config, store: FailureStore, adapters: AdapterStore) -> None:
-        self.config = config
-        self.store = store
-        self.adapters = adapters
-
-    def training_task(self, params: TrainParams) -> TaskFactory:
-        # run_training checks its preconditions when the worker calls this, so a Train with
-        # too few cases fails at once with FAILED_PRECONDITION.
-        return lambda hub: run_training(hub, self.store, self.adapters, self.config, params)
-
-    def activate(self, hub: ModelHub, version: str | None) -> AdapterInfo | None:
-        """Swap first, then move the pointer: a refused adapter leaves both as they were."""
-        if version is None:
-            history = self.adapters.pointer()["history"]
-            if not history and not hub.adapter_version:
-                self.adapters.rollback()  # raises the store's "nothing to roll back"
-            previous = history[-1] if history else ""
-            apply_adapter(hub, self.adapters, previous or "none")
-            self.adapters.rollback()
-            version = previous
-        else:
-            apply_adapter(hub, self.adapters, version)
-            # The client checked the promotion gate (`adapters activate --force` overrides it).
-            self.adapters.activate(version, force=True)
-        if version in NONE_VERSIONS:
-            return None
-        return self.adapters.get(version, active=version)
-
-    def failure_counts(self) -> tuple[int, int]:
-        return self.store.count(), self.store.pending_count()
-
-
 class AutoTrainer:
     """Starts a training run when the daemon has been idle long enough with enough new cases
     (learning.auto_train); the run itself is an ordinary worker task."""
@@ -256,6 +221,8 @@ class Runtime:
 def build_runtime(config: Config, paths: Paths) -> Runtime:
     hub = build_hub(config)
     ensure_private_dir(paths.data_dir)
+    # A damaged database does not stop the daemon: generation serves, and every call that
+    # needs the cases says what is wrong with the file and how to fix it.
     store = FailureStore(paths.database, cap=config.learning.buffer_cap)
     adapters = AdapterStore(paths.adapters_dir)
     recorder = FailureRecorder(store, config.learning)

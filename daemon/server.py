@@ -342,14 +342,37 @@ def open_http(config: Config, paths: Paths) -> HttpServer | None:
 class HealthServicer(health.HealthServicer):
     """grpc's health service, plus ending its Watch streams at shutdown: grpc's stop would hold
     an open Watch for its whole margin and then cancel it (the client saw CANCELLED, and the
-    daemon's exit waited)."""
+    daemon's exit waited). Only grpc_health's public API is used: Watch is overridden to keep
+    our own record of each open stream's send callback."""
+
+    def __init__(self, experimental_non_blocking: bool = True) -> None:
+        super().__init__(experimental_non_blocking=experimental_non_blocking)
+        self._watches: set[Callable[[Any], None]] = set()
+        self._watches_lock = threading.Lock()
+
+    def Watch(  # noqa: N802 (grpc's method name)
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.ServicerContext,
+        send_response_callback: Callable[[Any], None] | None = None,
+    ) -> Any:
+        if send_response_callback is not None:  # grpc's non-blocking mode, which we ask for
+            with self._watches_lock:
+                self._watches.add(send_response_callback)
+            context.add_callback(lambda: self._forget(send_response_callback))
+        return super().Watch(request, context, send_response_callback)
+
+    def _forget(self, send: Callable[[Any], None]) -> None:
+        with self._watches_lock:
+            self._watches.discard(send)
 
     def close_watches(self) -> None:
         """End every open Watch cleanly; each watcher has already been sent NOT_SERVING."""
-        with self._lock:  # grpc_health's own lock and registry (no public API for this)
-            for callbacks in self._send_response_callbacks.values():
-                for send in list(callbacks):  # each removes itself when its RPC ends
-                    send(None)  # None closes the stream (grpc_health's convention)
+        with self._watches_lock:
+            watches = list(self._watches)
+            self._watches.clear()
+        for send in watches:
+            send(None)  # None ends the stream (grpc's send_response_callback convention)
 
 
 class DaemonServer:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from speclora.daemon import blas
 from speclora.daemon.engine.events import GenerationSummary, Mode
+from speclora.daemon.errors import StoreUnavailableError
 
 import speclora
 
@@ -179,6 +180,7 @@ class StatsSnapshot:
     counters: Counters = field(default_factory=Counters)  # not in the proto (yet); /metrics
     sources: SourceCounts = field(default_factory=lambda: SourceCounts())
     history: HistoryCounts = field(default_factory=lambda: HistoryCounts())
+    failure_store_error: str = ""  # why the failure counts are 0 ("" = the store is fine)
 
 
 @dataclass(frozen=True)
@@ -338,7 +340,12 @@ def daemon_snapshot(
     learning loop."""
     hub = worker.hub
     serving = worker.stats.snapshot()
-    failures, pending = failure_counts() if failure_counts else (0, 0)
+    failures, pending, store_error = 0, 0, ""
+    if failure_counts is not None:
+        try:
+            failures, pending = failure_counts()
+        except StoreUnavailableError as exc:  # still a snapshot: serving goes on
+            store_error = str(exc)
     rss, peak = memory_usage()
     return StatsSnapshot(
         target_model=hub.target_name,
@@ -369,6 +376,7 @@ def daemon_snapshot(
         counters=serving.counters,
         sources=serving.sources,
         history=history_counts(hub),
+        failure_store_error=store_error,
     )
 
 

@@ -34,12 +34,13 @@ from speclora.daemon.engine.events import (
     TextChunk,
 )
 from speclora.daemon.errors import (
+    DeadlineError,
     PreconditionError,
     QueueFullError,
     ShuttingDownError,
     SpecLoRAError,
 )
-from speclora.daemon.memory import release_free_memory
+from speclora.daemon.memory import IDLE_RELEASE_S, release_free_memory, under_memory_pressure
 from speclora.daemon.state import ModelHub
 from speclora.daemon.stats import DraftSteps, StatsTracker
 from speclora.shared.config import Config, SpeculationConfig
@@ -146,8 +147,11 @@ class Job(Generic[T]):
         try:
             item = self._results.get(timeout=timeout)
         except queue.Empty:
-            self.cancel()
-            raise TimeoutError(f"{self.kind} did not finish within {timeout} s") from None
+            self.cancel()  # a call that has not started yet never will
+            raise DeadlineError(
+                f"the engine did not get to {self.kind} within {timeout:.1f} s (it is busy); "
+                "retry later"
+            ) from None
         if isinstance(item, _Failure):
             raise item.error
         if item is _END:
@@ -272,6 +276,7 @@ class Worker:
         stats: StatsTracker | None = None,
         recorder: Any | None = None,
         generate_fn: GenerateFn | None = None,
+        idle_release_s: float = IDLE_RELEASE_S,
     ) -> None:
         self.hub = hub
         self.config = config
@@ -294,6 +299,10 @@ class Worker:
         self._active: list[_Running] = []
         self._tasks: deque[_Running] = deque()
         self.idle_since = time.monotonic()
+        # MLX's buffer cache is kept while serving (reusing buffers is what it is for; on Metal
+        # allocating them is costly) and emptied only after this long idle, or under pressure.
+        self._idle_release_s = idle_release_s
+        self._released = True  # nothing to release before the first request
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
 
     # ------------------------------------------------------------------ RPC-thread API
@@ -366,12 +375,17 @@ class Worker:
 
     def call(self, name: str, fn: Callable[[ModelHub], T], timeout: float | None = None) -> T:
         """Run `fn(hub)` in the worker between steps and return its result (or raise its error)."""
+        return self.submit_call(name, fn).result(timeout)
+
+    def submit_call(self, name: str, fn: Callable[[ModelHub], Any]) -> CallJob:
+        """Queue `fn(hub)` for the worker's next round; `job.result(timeout)` waits for it.
+        A job cancelled before the worker reaches it (client gone, deadline) never runs."""
         job = CallJob(name, fn, self._cancelled)
         with self._cond:
             self._check_accepting()
             self._controls.append(job)
             self._cond.notify_all()
-        return job.result(timeout)
+        return job
 
     def drain(self, timeout: float) -> bool:
         """Stop taking jobs, abort background tasks, and wait up to `timeout` s for the running
@@ -429,7 +443,14 @@ class Worker:
             while not (
                 self._pending or self._controls or self._active or self._tasks or self._stopping
             ):
-                self._cond.wait()
+                if self._released:
+                    self._cond.wait()
+                    continue
+                left = self.idle_since + self._idle_release_s - time.monotonic()
+                if left <= 0:
+                    self._release_memory("idle")
+                else:
+                    self._cond.wait(left)
             if self._stopping:
                 controls, pending = list(self._controls), list(self._pending)
                 self._controls.clear()
@@ -705,5 +726,12 @@ class Worker:
 
     def _went_idle(self) -> None:
         self.idle_since = time.monotonic()
-        # Return cached buffers and free heap pages after a burst: a week-long daemon stays lean.
+        self._released = False
+        if under_memory_pressure():
+            self._release_memory("memory_pressure")
+
+    def _release_memory(self, reason: str) -> None:
+        """Return MLX's cached buffers and the heap's free pages to the OS (worker thread)."""
         release_free_memory()
+        self._released = True
+        log.debug("memory_released", reason=reason)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from helpers.adapters import make_adapter
 from speclora.daemon import models
 from speclora.daemon.errors import AdapterError
-from speclora.daemon.learning import lora
 from speclora.daemon.learning.adapters import (
     CONFIG_FILE,
     PROMOTED,
@@ -26,7 +26,6 @@ from speclora.daemon.learning.swap import (
     apply_adapter,
     load_active_adapter,
     remove_adapter,
-    save_adapter,
 )
 from speclora.daemon.state import ModelHub
 
@@ -53,23 +52,6 @@ def self_hub(tiny_target_path: Path) -> ModelHub:
 @pytest.fixture
 def store(tmp_path: Path) -> AdapterStore:
     return AdapterStore(tmp_path / "adapters")
-
-
-def make_adapter(
-    store: AdapterStore, hub: ModelHub, seed: int, status: str = PROMOTED, parent: str = ""
-) -> str:
-    """A version with random, non-zero LoRA weights (and norm, for a self-draft)."""
-    model = lora.clone_tree(hub.draft)
-    config = lora.adapter_config(len(model.layers), 4, 10.0, 0.0)
-    mx.random.seed(seed)
-    lora.attach(model, config)
-    lora_w, extras = lora.split_weights(model, with_norm=hub.draft_spec.startswith("self:"))
-    updates = [(k, mx.random.normal(v.shape) * 0.05) for k, v in lora_w.items()]
-    updates += [(k, v * 1.5) for k, v in extras.items()]
-    model.load_weights(updates, strict=False)
-    meta = {"status": status, "parent": parent, "reason": "test", "draft_id": hub.draft_name}
-    info = save_adapter(store, model, config, meta, with_norm=hub.draft_spec.startswith("self:"))
-    return info.version
 
 
 def logits(model: object) -> mx.array:

@@ -290,8 +290,9 @@ def test_fast_mode_close_early(untied_loaded):  # noqa: F811
     target, _, self_draft, tokenizer = untied_loaded
     request = GenerationRequest(prompt=PROMPTS[0], max_tokens=40, draft_tokens=2, mode="fast")
     gen = generate(target, self_draft, tokenizer, request, SPEC)
-    for _ in range(5):
-        next(gen)
+    steps = 0
+    while steps < 5:  # prefill events first, then one event per token
+        steps += isinstance(next(gen), StepEvent)
     summary = gen.cancel()
     assert summary.finish_reason == "cancelled" and summary.completion_tokens == 5
 

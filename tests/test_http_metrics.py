@@ -115,7 +115,7 @@ def test_metrics_agree_with_stats_after_known_requests(
         assert one(m, "speclora:adapter_info", version="base") == 1
         model = next(iter(m["speclora:model_info"]))
         assert dict(model)["target"] == stats.target_model == "tiny-target"
-        assert dict(model)["blas"] == stats.blas
+        assert dict(model)["blas"] == stats.blas_name
         assert one(m, "speclora:resident_memory_bytes") > 0
         assert one(m, "speclora:weight_bytes") == stats.weight_bytes
         for outcome in ("promoted", "rejected", "failed", "cancelled"):

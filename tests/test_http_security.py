@@ -194,3 +194,12 @@ def test_wildcard_cors_is_a_config_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="http_cors_origins"):
         local_config(tmp_path, {"server": {"http_cors_origins": ["*"]}})
+
+
+def test_every_error_kind_has_an_http_status() -> None:
+    """A kind added for gRPC (DEADLINE_EXCEEDED came with the adapter RPCs) must not fall
+    through to a 500 over HTTP."""
+    from speclora.daemon.errors import ErrorKind
+    from speclora.daemon.http.openai import ERROR_STATUS
+
+    assert set(ERROR_STATUS) == set(ErrorKind)

@@ -1,19 +1,23 @@
-"""`speclora failures ...` and `speclora adapters ...`: files read directly, no MLX."""
+"""`speclora failures ...` and `speclora adapters ...` against a running daemon, through its RPCs.
+
+The daemon here is real (tiny models, learning loop); the test seeds its stores on the daemon's
+side, then drives the CLI as a user would.
+"""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from helpers.adapters import make_adapter
+from helpers.daemons import LocalDaemon, local_daemon
 from speclora.client.cli import main
-from speclora.daemon.learning.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
-from speclora.daemon.learning.store import FailureCase, FailureStore
-from speclora.shared.paths import resolve_paths
+from speclora.daemon.learning.adapters import REJECTED, WEIGHTS_FILE
+from speclora.daemon.learning.store import FailureCase
 
 
 def run(*args: str, input: str | None = None) -> Any:
@@ -21,38 +25,37 @@ def run(*args: str, input: str | None = None) -> Any:
 
 
 @pytest.fixture
-def cases() -> list[int]:
-    with FailureStore(resolve_paths().database) as store:
-        return store.add_many(
-            [
-                FailureCase(
-                    (1, 2, i),
-                    (3, 4, 5),
-                    rejection_positions=(1,),
-                    proposed=4,
-                    accepted=1,
-                    request_id=f"req-{i}",
-                )
-                for i in range(3)
-            ]
-        )
-
-
-def test_client_commands_do_not_import_mlx() -> None:
-    code = (
-        "import sys\n"
-        "import speclora.client.commands.failures, speclora.client.commands.adapters\n"
-        "bad = [m for m in sys.modules if m == 'mlx' or m.startswith(('mlx.', 'mlx_lm'))]\n"
-        "assert not bad, bad\n"
+def daemon(isolated_home: Path, tiny_target_path: Path) -> Iterator[LocalDaemon]:
+    """A daemon in this test's SPECLORA_HOME, so the CLI finds it on the default socket."""
+    d = local_daemon(
+        isolated_home, {"models": {"target": str(tiny_target_path), "draft": "self:2"}}
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    yield d
+    d.close()
 
 
-def test_failures_on_a_fresh_install() -> None:
+@pytest.fixture
+def cases(daemon: LocalDaemon) -> list[int]:
+    assert daemon.runtime is not None and daemon.runtime.learning is not None
+    return daemon.runtime.learning.store.add_many(
+        [
+            FailureCase(
+                (1, 2, i),
+                (3, 4, 5),
+                rejection_positions=(1,),
+                proposed=4,
+                accepted=1,
+                request_id=f"req-{i}",
+            )
+            for i in range(3)
+        ]
+    )
+
+
+def test_failures_on_a_fresh_daemon(daemon: LocalDaemon) -> None:
     result = run("failures", "list")
     assert result.exit_code == 0
-    assert "No failure cases recorded yet" in result.output
-    assert not resolve_paths().database.exists()  # listing creates nothing
+    assert "No failure cases recorded." in result.output
 
 
 def test_failures_list_show_stats(cases: list[int]) -> None:
@@ -67,91 +70,83 @@ def test_failures_list_show_stats(cases: list[int]) -> None:
     assert "req-0" in shown.output and "[3, 4, 5]" in shown.output and "0.250" in shown.output
     assert json.loads(run("failures", "show", str(cases[0]), "--json").output)["id"] == cases[0]
     missing = run("failures", "show", "999")
-    assert missing.exit_code != 0 and "no case 999" in missing.output
+    assert missing.exit_code == 1 and "no failure case 999" in missing.output
     stats = json.loads(run("failures", "stats", "--json").output)
     assert stats["cases"] == 3 and stats["pending"] == 3
+    assert stats["path"].endswith("failures.sqlite3")
 
 
-def test_failures_export_and_purge(cases: list[int], tmp_path: Path) -> None:
+def test_failures_export_and_purge(daemon: LocalDaemon, cases: list[int], tmp_path: Path) -> None:
     out = tmp_path / "cases.jsonl"
     result = run("failures", "export", "--format", "jsonl", str(out))
     assert result.exit_code == 0
-    assert [json.loads(x)["request_id"] for x in out.read_text().splitlines()] == [
-        "req-0",
-        "req-1",
-        "req-2",
-    ]
+    exported = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["request_id"] for x in exported] == ["req-0", "req-1", "req-2"]
+    # The same JSON as the store's own export format (the seed's JSONL), key for key.
+    store = daemon.runtime.learning.store  # type: ignore[union-attr]
+    assert exported == [c.to_json() for c in store.iter_all()]
+    # To stdout: the same lines (the in-process daemon logs to the same stdout; skip those).
+    stdout = [x for x in run("failures", "export", "-").output.splitlines() if x.startswith("{")]
+    assert stdout == out.read_text().splitlines()
     assert run("failures", "purge", input="n\n").exit_code != 0  # declined: nothing deleted
-    with FailureStore(resolve_paths().database) as store:
-        assert store.count() == 3
+    assert store.count() == 3
     purged = run("failures", "purge", "--yes")
     assert purged.exit_code == 0 and "Deleted 3 cases" in purged.output
-    with FailureStore(resolve_paths().database) as store:
-        assert store.count() == 0
+    assert store.count() == 0
 
 
-def _version(store: AdapterStore, status: str = "promoted") -> str:
-    def write(tmp: Path) -> None:
-        (tmp / WEIGHTS_FILE).write_bytes(b"w")
-        (tmp / CONFIG_FILE).write_text("{}")
-
-    meta = {"status": status, "reason": "r", "acceptance_before": 0.1, "acceptance_after": 0.6}
-    return store.create(write, meta).version
-
-
-def test_adapters_without_a_daemon() -> None:
-    store = AdapterStore(resolve_paths().adapters_dir)
+def test_adapters_through_the_daemon(daemon: LocalDaemon) -> None:
+    learning = daemon.runtime.learning  # type: ignore[union-attr]
     assert "No adapters yet" in run("adapters", "list").output
-    v1, v2 = _version(store), _version(store, status="rejected")
+    v1 = daemon.worker.call("make", lambda hub: make_adapter(learning.adapters, hub, 1), 30)
+    v2 = daemon.worker.call(
+        "make", lambda hub: make_adapter(learning.adapters, hub, 2, status=REJECTED), 30
+    )
     result = run("adapters", "activate", v1)
-    assert result.exit_code == 0 and "next start" in result.output
-    assert store.active_version() == v1
-    refused = run("adapters", "activate", v2)
-    assert refused.exit_code != 0 and "--force" in refused.output
+    assert result.exit_code == 0 and "swapped into the running daemon" in result.output
+    assert daemon.worker.hub.adapter_version == v1 == learning.adapters.active_version()
+    refused = run("adapters", "activate", v2)  # the daemon's gate, not the CLI's
+    assert refused.exit_code == 1 and "--force" in refused.output and "rejected" in refused.output
+    assert daemon.worker.hub.adapter_version == v1
     assert run("adapters", "activate", v2, "--force").exit_code == 0
+    assert daemon.worker.hub.adapter_version == v2
     listing = run("adapters", "list").output
     assert f"* {v2}" in listing and f"  {v1}" in listing
     shown = run("adapters", "show")
-    assert v2 in shown.output and "integrity" in shown.output
-    assert json.loads(run("adapters", "list", "--json").output)[0]["acceptance_after"] == 0.6
+    assert v2 in shown.output and "integrity          ok" in shown.output
+    assert json.loads(run("adapters", "list", "--json").output)[0]["status"] == "promoted"
     back = run("adapters", "rollback")
     assert back.exit_code == 0 and v1 in back.output
-    assert store.active_version() == v1
-    (store.path(v1) / WEIGHTS_FILE).write_bytes(b"damaged")
-    broken = run("adapters", "activate", v1)
-    assert broken.exit_code != 0 and "corrupt" in broken.output
-    assert "corrupt" in run("adapters", "show", v1).output
+    assert daemon.worker.hub.adapter_version == v1
+    unknown = run("adapters", "show", "v0099")
+    assert unknown.exit_code == 1 and "does not exist" in unknown.output
+    (learning.adapters.path(v2) / WEIGHTS_FILE).write_bytes(b"damaged")
+    broken = run("adapters", "activate", v2, "--force")
+    assert broken.exit_code == 1 and "corrupt" in broken.output
+    assert daemon.worker.hub.adapter_version == v1  # the refused swap changed nothing
+    assert "corrupt" in run("adapters", "show", v2).output
+    assert run("adapters", "activate", "none").exit_code == 0
+    assert daemon.worker.hub.adapter_version == ""
 
 
-class _FakeClient:
-    calls: list[tuple[str, bool]] = []
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["failures", "list"],
+        ["failures", "stats"],
+        ["failures", "purge", "--yes"],
+        ["adapters", "list"],
+        ["adapters", "activate", "v0001"],
+        ["adapters", "rollback"],
+    ],
+)
+def test_without_a_daemon_they_say_so_and_change_nothing(args: list[str]) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "not running" in result.output and "speclora daemon start" in result.output
 
-    def __init__(self, **_: Any) -> None:
-        pass
 
-    def __enter__(self) -> _FakeClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def activate_adapter(self, version: str, *, rollback: bool = False) -> Any:
-        self.calls.append((version, rollback))
-        return type("Info", (), {"version": "" if rollback else version})()
-
-
-def test_adapters_activate_goes_through_a_running_daemon(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import speclora.client.stub as stub
-
-    monkeypatch.setattr(stub, "SpecLoRAClient", _FakeClient)
-    store = AdapterStore(resolve_paths().adapters_dir)
-    v1 = _version(store)
-    result = run("adapters", "activate", v1)
-    assert result.exit_code == 0 and "swapped into the running daemon" in result.output
-    assert _FakeClient.calls == [(v1, False)]
-    assert store.active_version() == ""  # the daemon owns the pointer when it is running
-    store.activate(v1)
-    assert run("adapters", "rollback").exit_code == 0
-    assert _FakeClient.calls[-1] == ("", True)
+def test_help_says_how_they_behave_without_a_daemon() -> None:
+    for args in (["adapters", "list"], ["adapters", "activate"], ["failures", "export"]):
+        help_text = " ".join(run(*args, "--help").output.split())  # unwrapped
+        assert "with none running it says so and exits 2" in help_text, args

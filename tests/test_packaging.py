@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -117,3 +119,47 @@ def test_python_dash_m_runs_the_cli() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Usage:" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_base_wheel_is_a_client_without_mlx(
+    wheel: Path, tmp_path: Path, tiny_target_path: Path
+) -> None:
+    """`pip install speclora` (no extras) in a fresh venv: no MLX, and its CLI generates and
+    lists adapters against a running daemon; `serve` says which extra it needs."""
+    from helpers.daemons import local_daemon
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    installed = subprocess.run([*pip, str(wheel)], capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr
+    python = str(venv / "bin" / "python")
+    for missing in ("mlx", "mlx_lm", "structlog", "gguf"):
+        probe = subprocess.run([python, "-c", f"import {missing}"], capture_output=True)
+        assert probe.returncode != 0, f"{missing} came with the base install"
+
+    daemon = local_daemon(
+        tmp_path / "home", {"models": {"target": str(tiny_target_path), "draft": "self:2"}}
+    )
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SPECLORA_")}
+        env.update(SPECLORA_HOME=str(tmp_path / "client-home"), SPECLORA_ADDRESS=daemon.address)
+        cli = str(venv / "bin" / "speclora")
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [cli, *args], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+            )
+
+        generated = run("generate", "Hello", "--max-tokens", "5", "--json")
+        assert generated.returncode == 0, generated.stderr
+        assert json.loads(generated.stdout)["completion_tokens"] == 5
+        listed = run("adapters", "list")
+        assert listed.returncode == 0, listed.stderr
+        assert "No adapters yet" in listed.stdout
+        serve = run("serve")
+        assert serve.returncode == 1
+        assert "pip install 'speclora[daemon]'" in serve.stderr, serve.stderr
+    finally:
+        daemon.close()

@@ -36,11 +36,12 @@ from speclora.shared.pb import speclora_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
-REQUESTS = {
+METHODS = {m.name: m for m in pb.DESCRIPTOR.services_by_name["SpecLoRA"].methods}
+# Every RPC, with a request that would succeed given the token.
+REQUESTS = {name: getattr(pb, m.input_type.name)() for name, m in METHODS.items()} | {
     "Generate": pb.GenerateRequest(prompt="hi", max_tokens=2),
-    "Train": pb.TrainRequest(),
-    "Stats": pb.StatsRequest(),
     "ActivateAdapter": pb.ActivateAdapterRequest(version="none"),
+    "GetFailureCase": pb.GetFailureCaseRequest(id=1),
 }
 
 
@@ -111,7 +112,9 @@ def test_tcp_without_the_right_token_is_unauthenticated_for_every_rpc(daemon: Pr
         metadata = tuple((k, v.format(token=token, token_prefix=token[:-1])) for k, v in metadata)
         for method, request in REQUESTS.items():
             with pytest.raises(grpc.RpcError) as err:
-                list(getattr(stub, method)(request, metadata=metadata, timeout=10))
+                reply = getattr(stub, method)(request, metadata=metadata, timeout=10)
+                if METHODS[method].server_streaming:
+                    list(reply)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (label, method)
             tried += 1
         # Garbage bytes learn nothing either: authentication comes before parsing.
@@ -214,6 +217,8 @@ ALLOWED_STRINGS = {
     "speclora.v1.ChatMessage.role",
     "speclora.v1.ChatMessage.content",
     "speclora.v1.ActivateAdapterRequest.version",  # a name, checked against [A-Za-z0-9._-]
+    "speclora.v1.GetAdapterRequest.version",  # the same check
+    "speclora.v1.GenerateRequest.request_id",  # an id for logs, checked against [A-Za-z0-9._:-]
 }
 
 

@@ -29,6 +29,8 @@ Q = "Q"  # one token per character in the tiny tokenizer (raw mode adds no BOS)
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+METHODS = {m.name: m for m in pb.DESCRIPTOR.services_by_name["SpecLoRA"].methods}
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -194,7 +196,7 @@ BAD: list[Case] = [
     Case(
         "ActivateAdapter",
         pb.ActivateAdapterRequest(version="v9999"),
-        PRECONDITION,
+        NOT_FOUND,
         "v9999",
         "version that does not exist",
     ),
@@ -204,6 +206,32 @@ BAD: list[Case] = [
         PRECONDITION,
         "nothing to roll back",
         "rollback with no history",
+    ),
+    Case("RollbackAdapter", pb.RollbackAdapterRequest(), PRECONDITION, "nothing", "no history"),
+    Case("GetAdapter", pb.GetAdapterRequest(version="../v0001"), INVALID, "version", "a path"),
+    Case("GetAdapter", pb.GetAdapterRequest(version="v0042"), NOT_FOUND, "v0042", "unknown"),
+    Case("GetAdapter", pb.GetAdapterRequest(), PRECONDITION, "no adapter is active", "none"),
+    # failure cases
+    Case("GetFailureCase", pb.GetFailureCaseRequest(id=0), INVALID, "id", "id 0"),
+    Case("GetFailureCase", pb.GetFailureCaseRequest(id=-3), INVALID, "id", "negative id"),
+    Case("GetFailureCase", pb.GetFailureCaseRequest(id=424242), NOT_FOUND, "424242", "unknown"),
+    Case("ListFailureCases", pb.ListFailureCasesRequest(limit=0), INVALID, "limit", "limit 0"),
+    Case("ListFailureCases", pb.ListFailureCasesRequest(limit=1001), INVALID, "limit", "too many"),
+    Case("ListFailureCases", pb.ListFailureCasesRequest(before_id=0), INVALID, "before_id", "id 0"),
+    # the caller's request id
+    Case(
+        "Generate",
+        pb.GenerateRequest(prompt="hi", request_id="has spaces"),
+        INVALID,
+        "request_id",
+        "request id with spaces",
+    ),
+    Case(
+        "Generate",
+        pb.GenerateRequest(prompt="hi", request_id="x" * 65),
+        INVALID,
+        "request_id",
+        "request id too long",
     ),
     # bytes that are not the request message at all
     Case("Generate", b"\xff\xff\xff", INVALID, "request", "garbage bytes"),
@@ -270,7 +298,9 @@ def call(daemon: LocalDaemon, case: Case) -> tuple[grpc.StatusCode, str]:
     else:
         method = getattr(daemon.stub, case.rpc)
     try:
-        replies = list(method(case.request, timeout=60))
+        reply = method(case.request, timeout=60)
+        streaming = isinstance(case.request, bytes) or METHODS[case.rpc].server_streaming
+        replies = list(reply) if streaming else [reply]
     except grpc.RpcError as err:
         return err.code(), err.details() or ""
     assert replies, f"{case.why}: an OK stream with no reply"

@@ -29,8 +29,9 @@ DOCUMENTED = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.NOT_FOUND,
 }
-METHODS = ("Generate", "Train", "Stats", "ActivateAdapter")
+METHODS = tuple(m.name for m in pb.DESCRIPTOR.services_by_name["SpecLoRA"].methods)
 FUZZ_SETTINGS = settings(
     deadline=None,
     database=None,
@@ -140,7 +141,19 @@ REQUESTS = {
     "Train": train_requests(),
     "Stats": stats_requests(),
     "ActivateAdapter": activate_requests,
+    "GetStats": st.just(pb.GetStatsRequest()),
+    "ListAdapters": st.just(pb.ListAdaptersRequest()),
+    "GetAdapter": st.builds(pb.GetAdapterRequest, version=versions),
+    "RollbackAdapter": st.just(pb.RollbackAdapterRequest()),
+    "ListFailureCases": st.builds(
+        pb.ListFailureCasesRequest, limit=int32, before_id=st.integers(-(2**63), 2**63 - 1)
+    ),
+    "GetFailureCase": st.builds(pb.GetFailureCaseRequest, id=st.integers(-(2**63), 2**63 - 1)),
+    "ExportFailureCases": st.just(pb.ExportFailureCasesRequest()),
+    "GetFailureStats": st.just(pb.GetFailureStatsRequest()),
+    "PurgeFailureCases": st.just(pb.PurgeFailureCasesRequest()),
 }
+assert set(REQUESTS) == set(METHODS), "a new RPC needs a strategy here"
 
 
 @st.composite
@@ -200,8 +213,9 @@ class Fuzzer:
         self.bad: list[str] = []
 
     def send(self, method: str, request: object, raw: bool) -> None:
-        call = self.daemon.raw_stream(method) if raw else getattr(self.daemon.stub, method)
-        code = drive(call(request, timeout=30), endless=method == "Stats")
+        # As bytes over a streaming call, which reads a unary reply as a stream of one.
+        payload = request if raw else request.SerializeToString()  # type: ignore[attr-defined]
+        code = drive(self.daemon.raw_stream(method)(payload, timeout=30), endless=method == "Stats")
         self.codes[code.name] += 1
         if code not in DOCUMENTED:
             self.bad.append(f"{method} {'bytes' if raw else 'message'} -> {code.name}: {request!r}")

@@ -177,9 +177,13 @@ def test_stats_reports_models_counters_and_memory(daemon: LocalDaemon) -> None:
     assert len(snap.acceptance_history) >= 1
     assert 0 < snap.rss_bytes <= snap.peak_rss_bytes
     assert snap.weight_bytes > 0 and snap.uptime_s > 0
-    assert snap.blas in ("mkl", "openblas", "accelerate", "reference")
+    assert snap.blas in (pb.BLAS_MKL, pb.BLAS_OPENBLAS, pb.BLAS_ACCELERATE, pb.BLAS_REFERENCE)
+    assert snap.blas_name in ("mkl", "openblas", "accelerate", "reference")
     assert snap.version and snap.default_mode == pb.MODE_DETAILED
-    assert snap.training_state == "idle"
+    assert snap.training_state == pb.TRAINING_STATE_IDLE
+    assert snap.training_state_name == "idle"  # the deprecated string keeps its field
+    assert snap.pid == os.getpid()
+    assert daemon.stub.GetStats(pb.GetStatsRequest(), timeout=10).requests_total >= 1
 
 
 def test_stats_watch_streams_until_cancelled(daemon: LocalDaemon) -> None:
@@ -339,7 +343,7 @@ def test_bad_train_requests(daemon: LocalDaemon, fields: dict[str, object], fiel
 @pytest.mark.parametrize("version", ["", "../etc", "/abs/path", "a" * 100])
 def test_bad_adapter_versions(daemon: LocalDaemon, version: str) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        list(daemon.stub.ActivateAdapter(pb.ActivateAdapterRequest(version=version), timeout=5))
+        daemon.stub.ActivateAdapter(pb.ActivateAdapterRequest(version=version), timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("version:")
 
@@ -451,19 +455,20 @@ def test_invalid_request_error_names_field() -> None:
     assert str(InvalidRequestError("top_p", "bad")) == "top_p: bad"
 
 
-_METHODS = ("Generate", "Stats", "Train", "ActivateAdapter")
+_METHODS = tuple(m.name for m in pb.DESCRIPTOR.services_by_name["SpecLoRA"].methods)
 
 
 @pytest.mark.parametrize(
     ("method", "payload"),
     [(m, b"\xff\xff\xff") for m in _METHODS]  # garbage
     + [(m, b"\x0a\x05ab") for m in _METHODS]  # truncated
-    # Invalid UTF-8 in a string field (field 1 is a string in these two).
-    + [("Generate", b"\x0a\x02\xff\xfe"), ("ActivateAdapter", b"\x0a\x02\xff\xfe")],
+    # Invalid UTF-8 in a string field (field 1 is a string in these three).
+    + [(m, b"\x0a\x02\xff\xfe") for m in ("Generate", "ActivateAdapter", "GetAdapter")],
 )
 def test_unparsable_bytes_are_invalid_argument(
     daemon: LocalDaemon, method: str, payload: bytes
 ) -> None:
+    # A unary_stream call reads a unary reply too (one message, then the status).
     call = daemon.channel.unary_stream(f"/speclora.v1.SpecLoRA/{method}")
     with pytest.raises(grpc.RpcError) as err:
         list(call(payload, timeout=10))

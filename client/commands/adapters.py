@@ -1,8 +1,8 @@
 """`speclora adapters`: list, inspect, activate and roll back draft adapters.
 
-Reads the adapter directories directly (no MLX). Activation goes through a running daemon's
-ActivateAdapter RPC when one answers, so the new weights are swapped in at once; otherwise
-only the pointer file changes and the daemon loads that adapter at its next start.
+Every command asks the running daemon (its ListAdapters, GetAdapter, ActivateAdapter and
+RollbackAdapter RPCs), so it shows and changes what that daemon serves, local or over TCP.
+The promotion gate is the daemon's: `--force` is how the command says "use it anyway".
 """
 
 from __future__ import annotations
@@ -12,14 +12,18 @@ import time
 from typing import Any
 
 import click
-from speclora.daemon.errors import AdapterError
-from speclora.daemon.learning.adapters import NONE_VERSIONS, PROMOTED, AdapterInfo, AdapterStore
-from speclora.shared.config import ConfigError
-from speclora.shared.paths import resolve_paths
+from speclora.client.render import address_option, client_errors
+from speclora.client.stub import AdapterInfo, SpecLoRAClient
+
+NEEDS_DAEMON = (
+    "Asks the running daemon (the local one, or --address); with none running it says so and "
+    "exits 2, changing nothing."
+)
+_META_KEYS = ("train_cases", "heldout_cases", "steps", "final_loss", "draft_id", "duration_s")
 
 
-def _store() -> AdapterStore:
-    return AdapterStore(resolve_paths().adapters_dir)
+def _client(ctx: click.Context, address: str | None) -> SpecLoRAClient:
+    return SpecLoRAClient(address, config_path=(ctx.obj or {}).get("config_path"))
 
 
 def _info_json(info: AdapterInfo) -> dict[str, Any]:
@@ -32,48 +36,32 @@ def _info_json(info: AdapterInfo) -> dict[str, Any]:
         "acceptance_before": info.acceptance_before,
         "acceptance_after": info.acceptance_after,
         "created_at": info.created_at,
-        "path": str(info.path) if info.path else None,
+        "path": info.path or None,
         "metadata": info.metadata,
     }
 
 
-def _via_daemon(ctx: click.Context, version: str, rollback: bool) -> str | None:
-    """Ask a running daemon to swap; returns what it reports, or None if none is running."""
-    try:
-        from speclora.client.stub import DaemonNotRunning, SpecLoRAClient, SpecLoRAClientError
-    except ImportError:  # stub or grpc not available: pointer-only mode
-        return None
-    try:
-        with SpecLoRAClient(config_path=(ctx.obj or {}).get("config_path")) as client:
-            info = client.activate_adapter(version, rollback=rollback)
-    except DaemonNotRunning:
-        return None
-    except ConfigError as exc:
-        raise click.ClickException(f"{exc}\nFix the configuration and try again.") from None
-    except SpecLoRAClientError as exc:
-        raise click.ClickException(f"the daemon refused: {exc}") from None
-    return info.version or "none"
-
-
 @click.group("adapters")
 def adapters_group() -> None:
-    """List, inspect, activate and roll back draft adapters."""
+    """List, inspect, activate and roll back draft adapters (through the daemon)."""
 
 
-@adapters_group.command("list")
+@adapters_group.command("list", epilog=NEEDS_DAEMON)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-def list_adapters(as_json: bool) -> None:
+@address_option
+@click.pass_context
+def list_adapters(ctx: click.Context, as_json: bool, address: str | None) -> None:
     """List adapter versions (the active one is marked with *)."""
-    store = _store()
-    infos = store.list()
+    with client_errors(), _client(ctx, address) as client:
+        listing = client.list_adapters()
     if as_json:
-        click.echo(json.dumps([_info_json(i) for i in infos], indent=2))
+        click.echo(json.dumps([_info_json(i) for i in listing.adapters], indent=2))
         return
-    if not infos:
-        click.echo(f"No adapters yet ({store.root}); `speclora train` makes one.")
+    if not listing.adapters:
+        click.echo(f"No adapters yet ({listing.adapters_dir}); `speclora train` makes one.")
         return
     click.echo(f"  {'VERSION':8} {'STATUS':9} {'PARENT':7} {'BEFORE':>6} {'AFTER':>6}  CREATED")
-    for i in infos:
+    for i in listing.adapters:
         mark = "*" if i.active else " "
         created = (
             time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created_at)) if i.created_at else "-"
@@ -82,91 +70,53 @@ def list_adapters(as_json: bool) -> None:
             f"{mark} {i.version:8} {i.status:9} {i.parent or '-':7} "
             f"{i.acceptance_before:>6.3f} {i.acceptance_after:>6.3f}  {created}"
         )
-    if not store.active_version():
+    if not listing.active_version:
         click.echo("(no adapter active: the base draft serves)")
 
 
-@adapters_group.command("show")
+@adapters_group.command("show", epilog=NEEDS_DAEMON)
 @click.argument("version", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def show(version: str | None, as_json: bool) -> None:
-    """Show one version (default: the active one) with its metadata."""
-    store = _store()
-    version = version or store.active_version()
-    if not version:
-        raise click.ClickException(
-            "no adapter is active; name a version (`speclora adapters list`)"
-        )
-    try:
-        info = store.get(version)
-        store.verify(version)
-        integrity = "ok"
-    except AdapterError as exc:
-        if not (store.root / version).is_dir():
-            raise click.ClickException(str(exc)) from None
-        integrity = str(exc)
-        info = next((i for i in store.list() if i.version == version), None)
-        if info is None:
-            raise click.ClickException(str(exc)) from None
+@address_option
+@click.pass_context
+def show(ctx: click.Context, version: str | None, as_json: bool, address: str | None) -> None:
+    """Show one version (default: the active one) with its metadata and an integrity check."""
+    with client_errors(), _client(ctx, address) as client:
+        info = client.get_adapter(version)
     if as_json:
-        click.echo(json.dumps({**_info_json(info), "integrity": integrity}, indent=2))
+        click.echo(json.dumps({**_info_json(info), "integrity": info.integrity}, indent=2))
         return
     click.echo(f"{'version':18} {info.version}{' (active)' if info.active else ''}")
     click.echo(f"{'status':18} {info.status}")
     click.echo(f"{'reason':18} {info.reason or '-'}")
     click.echo(f"{'parent':18} {info.parent or 'base draft'}")
     click.echo(f"{'acceptance':18} {info.acceptance_before:.3f} -> {info.acceptance_after:.3f}")
-    for key in ("train_cases", "heldout_cases", "steps", "final_loss", "draft_id", "duration_s"):
+    for key in _META_KEYS:
         if key in info.metadata:
             click.echo(f"{key:18} {info.metadata[key]}")
-    click.echo(f"{'integrity':18} {integrity}")
+    click.echo(f"{'integrity':18} {info.integrity}")
     click.echo(f"{'path':18} {info.path}")
 
 
-@adapters_group.command("activate")
+@adapters_group.command("activate", epilog=NEEDS_DAEMON)
 @click.argument("version")
 @click.option("--force", is_flag=True, help="Activate even a version the gate rejected.")
+@address_option
 @click.pass_context
-def activate(ctx: click.Context, version: str, force: bool) -> None:
-    """Make VERSION the active adapter ("none" = the base draft)."""
-    store = _store()
-    if version not in NONE_VERSIONS:
-        try:
-            info = store.verify(version)
-        except AdapterError as exc:
-            raise click.ClickException(str(exc)) from None
-        if info.status != PROMOTED and not force:
-            raise click.ClickException(
-                f"adapter {version} was {info.status} ({info.reason}); pass --force to use it anyway"
-            )
-    swapped = _via_daemon(ctx, "none" if version in NONE_VERSIONS else version, rollback=False)
-    if swapped is not None:
-        click.echo(f"Active adapter: {swapped} (swapped into the running daemon).")
-        return
-    try:
-        store.activate(version, force=True)
-    except AdapterError as exc:
-        raise click.ClickException(str(exc)) from None
-    shown = "none" if version in NONE_VERSIONS else version
-    click.echo(f"Active adapter: {shown}. No daemon is running; it loads this at its next start.")
+def activate(ctx: click.Context, version: str, force: bool, address: str | None) -> None:
+    """Make VERSION the active adapter ("none" = the base draft), swapped in at once."""
+    with client_errors(), _client(ctx, address) as client:
+        info = client.activate_adapter(version, force=force)
+    click.echo(f"Active adapter: {info.version or 'none'} (swapped into the running daemon).")
 
 
-@adapters_group.command("rollback")
+@adapters_group.command("rollback", epilog=NEEDS_DAEMON)
+@address_option
 @click.pass_context
-def rollback(ctx: click.Context) -> None:
+def rollback(ctx: click.Context, address: str | None) -> None:
     """Go back to the adapter that was active before the current one."""
-    store = _store()
-    pointer = store.pointer()
-    if not pointer["version"] and not pointer["history"]:
-        raise click.ClickException(
-            "nothing to roll back: no adapter is active and there is no history"
-        )
-    swapped = _via_daemon(ctx, "", rollback=True)
-    if swapped is not None:
-        click.echo(f"Rolled back; active adapter: {swapped} (swapped into the running daemon).")
-        return
-    previous = store.rollback()
+    with client_errors(), _client(ctx, address) as client:
+        info = client.rollback_adapter()
     click.echo(
-        f"Rolled back; active adapter: {previous or 'none'}. No daemon is running; it loads "
-        "this at its next start."
+        f"Rolled back; active adapter: {info.version or 'none'} (swapped into the running daemon)."
     )

@@ -12,7 +12,13 @@ import time
 from pathlib import Path
 
 import click
-from speclora.client.render import EXIT_NOT_RUNNING, client_errors, human_duration
+from speclora.client.render import (
+    EXIT_NOT_RUNNING,
+    address_option,
+    client_errors,
+    daemon_side,
+    human_duration,
+)
 from speclora.client.stub import DaemonNotRunning, SpecLoRAClient, SpecLoRAClientError
 from speclora.shared.config import ConfigError, load_config, overrides_from_flags
 from speclora.shared.paths import Paths, ensure_private_dir, resolve_paths
@@ -43,10 +49,11 @@ def serve(
     log_level: str | None,
 ) -> None:
     """Run the daemon in the foreground (launchd/systemd run this)."""
-    import speclora.daemon.blas  # noqa: F401  (OpenBLAS before anything imports mlx)
-    from speclora.daemon.errors import SpecLoRAError
-    from speclora.daemon.server import serve as run_daemon
-    from speclora.shared.logging import configure_logging
+    with daemon_side("serve"):
+        import speclora.daemon.blas  # noqa: F401  (OpenBLAS before anything imports mlx)
+        from speclora.daemon.errors import SpecLoRAError
+        from speclora.daemon.server import serve as run_daemon
+        from speclora.shared.logging import configure_logging
 
     flags = {
         "models.target": target,
@@ -193,32 +200,40 @@ def stop(ctx: click.Context, timeout: float | None) -> None:
     click.echo(f"speclora daemon stopped (pid {pid})")
 
 
-@daemon_group.command()
+@daemon_group.command(
+    epilog="Asks the daemon at --address (default: the local socket) for its health and "
+    "statistics; `start` and `stop` act on this machine's daemon process only."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@address_option
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
+def status(ctx: click.Context, as_json: bool, address: str | None) -> None:
     """Say whether the daemon runs, where, and what it serves."""
     import json
 
     paths = resolve_paths()
-    pid = running_pid(paths)
     with client_errors():
-        client = SpecLoRAClient(config_path=ctx.obj.get("config_path"), connect_timeout=1.0)
-        if pid is None:
-            raise DaemonNotRunning(client.address)
+        client = SpecLoRAClient(
+            address, config_path=ctx.obj.get("config_path"), connect_timeout=1.0
+        )
+        local = client.address.startswith("unix:")
         with client:
             try:
                 health = client.health()
                 snap = client.stats()
             except DaemonNotRunning:
-                health, snap = "NOT_RESPONDING", None
-    info = {
+                if not local or not running_pid(paths):
+                    raise
+                health, snap = "NOT_RESPONDING", None  # holds the lock but does not answer
+    pid = snap.pid if snap is not None and snap.pid else running_pid(paths)
+    info: dict[str, object] = {
         "running": True,
         "pid": pid,
         "address": client.address,
         "health": health,
-        "log": str(paths.daemon_log),
     }
+    if local:
+        info["log"] = str(paths.daemon_log)
     if snap is not None:
         info.update(
             target=snap.target_model,
@@ -236,6 +251,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
                 f"  target {snap.target_model}, draft {snap.draft_model or 'none'}, adapter "
                 f"{snap.adapter_version or 'none'}, up {human_duration(snap.uptime_s)}"
             )
-        click.echo(f"  logs: {paths.daemon_log}")
+        if local:
+            click.echo(f"  logs: {paths.daemon_log}")
     if health != "SERVING":
         sys.exit(EXIT_NOT_RUNNING)

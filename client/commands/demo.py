@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
-from speclora.client.render import chunk_text, client_errors, human_bytes, is_tty
+from speclora.client.render import chunk_text, client_errors, daemon_side, human_bytes, is_tty
 from speclora.client.spread import Spread, compare, normalised
 from speclora.client.stub import (
     GenerationSummary,
@@ -430,7 +430,8 @@ def _where(keep: bool, config_path: str | None) -> None:
 
 def _tiny_environment(root: Path) -> None:
     """Point this process (and the daemon it spawns) at tiny random models in `root`."""
-    from speclora.daemon.tiny import write_tiny_pair  # lazy: imports MLX
+    with daemon_side("demo --tiny"):
+        from speclora.daemon.tiny import write_tiny_pair  # lazy: imports MLX
 
     click.echo("building tiny random models (--tiny)...")
     target, draft = write_tiny_pair(root)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from speclora.client.render import daemon_side
 
 
 class _TensorProgress:
@@ -49,8 +50,9 @@ def models_group() -> None:
 @click.argument("spec", default="embedded", required=False)
 def pull(spec: str) -> None:
     """Fetch a model (default: the embedded SmolLM2) and convert it for MLX."""
-    import speclora.daemon.blas  # noqa: F401  (before mlx, which the conversion imports)
-    from speclora.daemon import models
+    with daemon_side("models pull"):
+        import speclora.daemon.blas  # noqa: F401  (before mlx, which the conversion imports)
+        from speclora.daemon import models
 
     try:
         source = models.resolve_model_source(spec)
@@ -74,7 +76,8 @@ def pull(spec: str) -> None:
 @models_group.command("list")
 def list_models() -> None:
     """List cached models and their sizes."""
-    from speclora.daemon import models
+    with daemon_side("models list"):
+        from speclora.daemon import models
 
     entries = models.list_cached_models()
     if not entries:

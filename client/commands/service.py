@@ -7,6 +7,7 @@ import sys
 
 import click
 from speclora.client.commands.daemon import running_pid
+from speclora.client.render import daemon_side
 from speclora.shared.config import ConfigError, load_config
 from speclora.shared.paths import resolve_paths
 
@@ -19,7 +20,8 @@ _PLATFORM = click.option(
 
 
 def _manager(platform: str | None):  # type: ignore[no-untyped-def]
-    from speclora.daemon.service import manager_for
+    with daemon_side("service"):
+        from speclora.daemon.service import manager_for
 
     return manager_for(platform)
 
@@ -34,7 +36,8 @@ def service_group() -> None:
 @click.pass_context
 def install(ctx: click.Context, platform: str | None) -> None:
     """Install and start the service; it then starts at every login."""
-    from speclora.daemon.service import ServiceError, make_spec
+    with daemon_side("service install"):
+        from speclora.daemon.service import ServiceError, make_spec
 
     paths = resolve_paths()
     config_path = ctx.obj.get("config_path")
@@ -59,7 +62,8 @@ def install(ctx: click.Context, platform: str | None) -> None:
 @_PLATFORM
 def uninstall(platform: str | None) -> None:
     """Stop the service and remove it."""
-    from speclora.daemon.service import ServiceError
+    with daemon_side("service"):
+        from speclora.daemon.service import ServiceError
 
     try:
         for line in _manager(platform).uninstall():
@@ -72,7 +76,8 @@ def uninstall(platform: str | None) -> None:
 @_PLATFORM
 def status(platform: str | None) -> None:
     """Show the service manager's view of the service (exit 3 when not running)."""
-    from speclora.daemon.service import ServiceError
+    with daemon_side("service"):
+        from speclora.daemon.service import ServiceError
 
     try:
         running, text = _manager(platform).status()

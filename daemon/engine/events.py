@@ -55,6 +55,9 @@ class GenerationRequest:
     record: bool = True
     use_history: bool = True  # let the history drafter propose (adaptive K only)
     request_id: str = ""
+    # time.perf_counter() when the request arrived (the RPC's start): time to first token and
+    # total time count from here, so waiting in the queue shows. None = when the engine starts.
+    received_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@ the draft proposed it, nothing finer, and has no adaptive K (an unset K uses the
 `draft_tokens`, else `adaptive_start`). mlx-lm's acceptance rule at T > 0 is "the draft's
 sample equals the target's sample", which is lossless but accepts less than ours. It has no
 history drafter either: proposals from past requests are detailed mode's (the default).
+
+The prompt is prefilled here, `speculation.prefill_chunk` tokens per event, into caches that
+are then handed to mlx-lm with only the prompt's last token: mlx-lm would prefill the whole
+prompt inside its first step, and the worker, which interleaves requests one event at a time,
+would stall every other stream for that long.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm import stream_generate
+from mlx_lm.models.cache import make_prompt_cache
+from speclora.daemon.engine.draft_vocab import model_parts
 from speclora.daemon.engine.events import (
     EngineEvent,
     GenerationRequest,
+    PrefillProgress,
     SamplingParams,
     StepEvent,
 )
@@ -54,25 +62,40 @@ def fast_steps(
     spec: Any,
     tracker: CompletionTracker,
 ) -> Generator[EngineEvent, None, None]:
-    """One event per token mlx-lm yields; the last is the summary."""
+    """One event per prefill chunk, then one per token mlx-lm yields; the last is the summary."""
     k = fast_draft_tokens(request, spec)
     speculate = draft is not None and k > 0
-    kwargs: dict[str, Any] = {
-        "max_tokens": request.max_tokens,
-        "sampler": seeded_sampler(request.sampling),
-        "prefill_step_size": spec.prefill_chunk,
-    }
-    if speculate:
-        kwargs["num_draft_tokens"] = k
     if tracker.remaining <= 0:
         tracker.finish("length")
         tracker.end = time.perf_counter()
         yield tracker.summary()
         return
+    prompt = list(tracker.prompt_ids)
+    models = [target, draft] if speculate else [target]
+    caches = [make_prompt_cache(m) for m in models]
+    body = len(prompt) - 1  # the last prompt token goes to mlx-lm, which needs one to start
+    done = 0
+    while done < body:
+        stop = min(body, done + spec.prefill_chunk)
+        tokens = mx.array(prompt[done:stop], mx.uint32)
+        for m, cache in zip(models, caches, strict=True):
+            model_parts(m).trunk(tokens, cache)
+        mx.eval([c.state for cache in caches for c in cache])
+        done = stop
+        yield PrefillProgress(done=done, total=len(prompt))
+    kwargs: dict[str, Any] = {
+        "max_tokens": request.max_tokens,
+        "sampler": seeded_sampler(request.sampling),
+        "prefill_step_size": spec.prefill_chunk,
+        # mlx-lm splits a speculative cache list into the target's layers, then the draft's.
+        "prompt_cache": [c for cache in caches for c in cache],
+    }
+    if speculate:
+        kwargs["num_draft_tokens"] = k
     responses = stream_generate(
         target,
         tokenizer,
-        mx.array(list(tracker.prompt_ids), mx.uint32),
+        mx.array(prompt[body:], mx.uint32),
         draft_model=draft if speculate else None,
         **kwargs,
     )
@@ -99,8 +122,10 @@ def fast_steps(
             yield StepEvent(chunk=text)
             if tracker.finished:
                 break
-        if not tracker.finished:
-            tracker.finish("length")
+        if not tracker.finished:  # mlx-lm stopped first: what the tracker held back goes out too
+            final = tracker.finish("length")
+            if final is not None:
+                yield StepEvent(chunk=final)
         tracker.end = time.perf_counter()
         yield tracker.summary()
     finally:

@@ -60,7 +60,8 @@ class CompletionTracker:
         self.proposed = {"draft": 0, "history": 0}  # by source
         self.accepted = {"draft": 0, "history": 0}
         self.target_passes = 0
-        self.start = time.perf_counter()
+        # From the request's arrival when the caller knows it, so queueing counts in TTFT.
+        self.start = request.received_at if request.received_at is not None else time.perf_counter()
         self.prefill_done: float | None = None
         self.cached_prompt_tokens = 0  # prompt tokens a prompt cache spared from prefill
         self.first_token: float | None = None

@@ -37,6 +37,7 @@ ERROR_STATUS: dict[ErrorKind, tuple[int, str, str | None]] = {
     ErrorKind.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
     ErrorKind.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "queue_full"),
     ErrorKind.UNAVAILABLE: (503, "server_error", "unavailable"),
+    ErrorKind.DEADLINE_EXCEEDED: (504, "server_error", "deadline_exceeded"),
 }
 
 
@@ -140,6 +141,7 @@ def parse_request(
             draft_tokens=body.get("draft_tokens"),
             mode=body.get("mode"),
             record=body.get("record"),
+            use_history=body.get("use_history"),
         )
         tokens = prompt_tokens_within_limits(request, hub, config.generation.max_prompt_tokens)
     except InvalidRequestError as exc:
@@ -296,8 +298,14 @@ def extension(result: GenerationResult) -> dict[str, Any]:
         "proposed": s.proposed,
         "accepted": s.accepted,
         "acceptance_rate": s.acceptance_rate,
-        # Completion tokens by source. The history drafter's count goes beside this one.
+        # Proposed and accepted by source (the model draft, the history drafter), and the
+        # completion tokens each supplied.
+        "draft_proposed": s.draft_proposed,
+        "draft_accepted": s.draft_accepted,
+        "history_proposed": s.history_proposed,
+        "history_accepted": s.history_accepted,
         "from_draft": sum(s.from_draft),
+        "from_history": sum(s.from_history),
         "target_passes": s.target_passes,
         "tokens_per_step": s.tokens_per_step,
         "tokens_per_second": s.tokens_per_second,
@@ -394,8 +402,13 @@ class Answer:
         return [sse(self._chunk(self._choice({"role": "assistant", "content": ""}, None)))]
 
     def content(self, chunk: TextChunk) -> bytes:
-        """One engine chunk; the extension says which of its tokens came from the draft."""
-        tokens = {"token_ids": list(chunk.token_ids), "from_draft": list(chunk.from_draft)}
+        """One engine chunk; the extension says which of its tokens came from the draft and
+        which from history."""
+        tokens = {
+            "token_ids": list(chunk.token_ids),
+            "from_draft": list(chunk.from_draft),
+            "from_history": list(chunk.from_history),
+        }
         return sse(self._chunk(self._choice({"content": chunk.text}, None), speclora=tokens))
 
     def closing(self, result: GenerationResult) -> list[bytes]:

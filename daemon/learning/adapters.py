@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from speclora.daemon.errors import AdapterError
+from speclora.daemon.errors import AdapterError, AdapterNotFoundError
 
 log = structlog.get_logger(__name__)
 
@@ -289,10 +289,12 @@ class AdapterStore:
 
     def _dir(self, version: str) -> Path:
         if _version_number(version) is None:
-            raise AdapterError(f"{version!r} is not an adapter version (expected e.g. v0001)")
+            raise AdapterNotFoundError(
+                f"{version!r} is not an adapter version (expected e.g. v0001)"
+            )
         path = self.root / version
         if not path.is_dir():
-            raise AdapterError(f"adapter {version} does not exist in {self.root}")
+            raise AdapterNotFoundError(f"adapter {version} does not exist in {self.root}")
         return path
 
     def _read_metadata(self, version: str) -> dict[str, Any]:

@@ -30,7 +30,13 @@ from speclora.daemon.learning.events import (
     TrainTick,
 )
 from speclora.daemon.learning.store import FailureStore
-from speclora.daemon.learning.swap import BASE_NORM_KEY, apply_adapter, is_self_draft, save_adapter
+from speclora.daemon.learning.swap import (
+    BASE_NORM_KEY,
+    apply_adapter,
+    is_self_draft,
+    save_adapter,
+    swap_count,
+)
 from speclora.daemon.learning.trainer import (
     DraftTrainer,
     Example,
@@ -105,6 +111,7 @@ def _run(
     steps = params.steps or lora_cfg.steps
     lr = params.learning_rate or lora_cfg.learning_rate
     parent = hub.adapter_version
+    swaps_at_start = swap_count(hub)  # a change by hand while we train wins over our promotion
     self_draft = is_self_draft(hub)
     log.info(
         "training_started",
@@ -228,7 +235,17 @@ def _run(
         "duration_s": time.monotonic() - start,
     }
     info = save_adapter(adapters, model, adapter_config, metadata, with_norm=self_draft)
-    if promoted:
+    if promoted and swap_count(hub) != swaps_at_start:
+        # Someone activated or rolled back while this run trained: keep their choice. The
+        # version passed the gate, so `adapters activate` takes it without --force.
+        promoted = False
+        serving = hub.adapter_version or "none"
+        reason = (
+            f"{reason}; not swapped in: adapter {serving} was activated while this run trained "
+            f"(use it with `speclora adapters activate {info.version}`)"
+        )
+        log.info("training_promotion_skipped", version=info.version, serving=serving)
+    elif promoted:
         try:
             apply_adapter(hub, adapters, info.version)
             adapters.activate(info.version, force=True)

@@ -18,11 +18,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
+from speclora.daemon.errors import StoreUnavailableError
 
 log = structlog.get_logger(__name__)
 
@@ -77,8 +79,16 @@ _COLUMNS = (
 _SEQUENCE_COLUMNS = ("prompt_ids", "completion_ids", "from_draft", "rejection_positions")
 
 
-class StoreError(Exception):
-    """The failure database cannot be opened, read or written."""
+class StoreError(StoreUnavailableError):
+    """The failure database cannot be opened, read or written (FAILED_PRECONDITION over gRPC);
+    the message names the file and the fix."""
+
+
+# What to do about a damaged or unreadable database, in every message about one.
+FIX = (
+    "`speclora failures purge --yes` deletes every case and starts a new file; or stop the "
+    "daemon and move the file away"
+)
 
 
 @dataclass(frozen=True)
@@ -189,39 +199,86 @@ class FailureStore:
     """
 
     def __init__(self, path: str | Path, cap: int = 10_000, *, busy_timeout_s: float = 10.0):
+        """Opens the file now; when it cannot (damaged, unreadable) the store still exists, every
+        call raises StoreError naming the file and the fix, and the next call tries again."""
         self.path = Path(path)
         self.cap = cap
+        self._busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self.error: str = ""  # why the file cannot be used now ("" = it can)
+        with self._lock, contextlib.suppress(StoreError):
+            self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        """Open (or reopen) the database; the caller holds the lock."""
+        if self._db is not None:
+            return self._db
+        db = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # SQLite creates -wal and -shm with the database file's mode, and the WAL holds
             # the prompts too: create the file 0600 before SQLite does.
             with contextlib.suppress(OSError):
                 os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-            self._db = sqlite3.connect(
+            db = sqlite3.connect(
                 str(self.path),
-                timeout=busy_timeout_s,
+                timeout=self._busy_timeout_s,
                 check_same_thread=False,
                 isolation_level=None,  # explicit BEGIN/COMMIT below
             )
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is on disk when add() returns, even across a power cut.
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path} was written by a newer SpecLoRA (schema {version}); upgrade "
                     "speclora or move the file away"
                 )
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"cannot open failure database {self.path}: {exc}") from exc
-        for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except (sqlite3.Error, OSError, StoreError) as exc:
+            if db is not None:
+                db.close()
+            error = exc if isinstance(exc, StoreError) else self._damaged(exc)
+            self._note_error(str(error))
+            raise error from None
+        for path in self._files():
             with contextlib.suppress(OSError):
                 path.chmod(0o600)  # prompts are private (files made before the 0600 create)
+        self._db = db
+        if self.error:
+            log.info("failure_store_recovered", path=str(self.path))
+        self.error = ""
+        return db
+
+    def _damaged(self, exc: BaseException) -> StoreError:
+        return StoreError(f"the failure database {self.path} cannot be used ({exc}); {FIX}")
+
+    def _note_error(self, error: str) -> None:
+        if error != self.error:  # once per streak of the same error, not once per call
+            log.error("failure_store_unavailable", path=str(self.path), error=error)
+        self.error = error
+
+    def _files(self) -> tuple[Path, Path, Path]:
+        return self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")
+
+    @contextmanager
+    def _use(self) -> Iterator[sqlite3.Connection]:
+        """The connection under the lock; SQLite's errors become StoreError with the fix."""
+        with self._lock:
+            db = self._connect()
+            try:
+                yield db
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                    raise  # disk full: the recorder's own streak handling says so
+                error = self._damaged(exc)
+                self._note_error(str(error))
+                raise error from exc
 
     # -- writing ------------------------------------------------------------------------
 
@@ -235,42 +292,57 @@ class FailureStore:
             return []
         placeholders = ",".join("?" * (len(_COLUMNS) - 1))
         sql = f"INSERT INTO cases ({','.join(_COLUMNS[1:])}) VALUES ({placeholders})"
-        with self._lock, self._write():
-            ids = [int(self._db.execute(sql, _case_values(c)).lastrowid) for c in cases]
-            self._enforce_cap()
+        with self._use() as db, _Transaction(db):
+            ids = [int(db.execute(sql, _case_values(c)).lastrowid) for c in cases]
+            self._enforce_cap(db)
         return ids
 
-    def _enforce_cap(self) -> None:
-        count = self._db.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
+    def _enforce_cap(self, db: sqlite3.Connection) -> None:
+        count = db.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
         excess = count - self.cap
         if excess > 0:
-            self._db.execute(
+            db.execute(
                 "DELETE FROM cases WHERE id IN (SELECT id FROM cases ORDER BY id LIMIT ?)",
                 (excess,),
             )
             log.info("failure_buffer_capped", dropped=excess, cap=self.cap)
 
     def delete(self, case_id: int) -> bool:
-        with self._lock, self._write():
-            cur = self._db.execute("DELETE FROM cases WHERE id = ?", (case_id,))
+        with self._use() as db, _Transaction(db):
+            cur = db.execute("DELETE FROM cases WHERE id = ?", (case_id,))
         return cur.rowcount > 0
 
     def purge(self) -> int:
-        """Delete every case and reclaim the space so the prompts are really gone."""
-        with self._lock:
-            with self._write():
-                deleted = self._db.execute("DELETE FROM cases").rowcount
-                self._db.execute("DELETE FROM meta WHERE key = 'trained_through_id'")
-            # VACUUM rewrites the file; the checkpoint empties the WAL, which held the rows too.
-            self._db.execute("VACUUM")
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        """Delete every case and reclaim the space so the prompts are really gone.
+
+        A database that cannot be read is deleted with its -wal and -shm files and started
+        afresh: what purge promises (no case left) holds either way."""
+        try:
+            with self._use() as db:
+                with _Transaction(db):
+                    deleted = db.execute("DELETE FROM cases").rowcount
+                    db.execute("DELETE FROM meta WHERE key = 'trained_through_id'")
+                # VACUUM rewrites the file; the checkpoint empties the WAL, which held the rows.
+                db.execute("VACUUM")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except StoreError:
+            with self._lock:
+                if self._db is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.close()
+                    self._db = None
+                for path in self._files():
+                    path.unlink(missing_ok=True)
+                self._connect()  # a new, empty file (or the error that stops it)
+            log.warning("failure_store_recreated", path=str(self.path))
+            return 0
         log.info("failure_store_purged", deleted=deleted)
         return deleted
 
     def mark_trained(self, through_id: int) -> None:
         """Remember that cases up to `through_id` were seen by a training run (for `pending`)."""
-        with self._lock, self._write():
-            self._db.execute(
+        with self._use() as db, _Transaction(db):
+            db.execute(
                 "INSERT INTO meta (key, value) VALUES ('trained_through_id', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (str(int(through_id)),),
@@ -279,20 +351,27 @@ class FailureStore:
     # -- reading ------------------------------------------------------------------------
 
     def get(self, case_id: int) -> FailureCase | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._use() as db:
+            row = db.execute(
                 f"SELECT {','.join(_COLUMNS)} FROM cases WHERE id = ?", (case_id,)
             ).fetchone()
-        return _row_to_case(row) if row else None
+            return _row_to_case(row) if row else None
 
-    def list(self, limit: int | None = None, offset: int = 0) -> list[FailureCase]:
-        """Cases, newest first."""
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {','.join(_COLUMNS)} FROM cases ORDER BY id DESC LIMIT ? OFFSET ?",
-                (-1 if limit is None else limit, offset),
+    def list(
+        self, limit: int | None = None, offset: int = 0, *, before_id: int | None = None
+    ) -> list[FailureCase]:
+        """Cases, newest first (only those with an id below `before_id` when given)."""
+        with self._use() as db:
+            rows = db.execute(
+                f"SELECT {','.join(_COLUMNS)} FROM cases WHERE id < ? ORDER BY id DESC "
+                "LIMIT ? OFFSET ?",
+                (
+                    before_id if before_id is not None else 1 << 62,
+                    -1 if limit is None else limit,
+                    offset,
+                ),
             ).fetchall()
-        return [_row_to_case(r) for r in rows]
+            return [_row_to_case(r) for r in rows]
 
     def recent(self, max_cases: int | None = None) -> list[FailureCase]:
         """The newest `max_cases` cases (all when None), oldest first: training's input."""
@@ -302,61 +381,53 @@ class FailureStore:
         """Every case, oldest first, without holding them all in memory (export)."""
         last = 0
         while True:
-            with self._lock:
-                rows = self._db.execute(
+            with self._use() as db:
+                rows = db.execute(
                     f"SELECT {','.join(_COLUMNS)} FROM cases WHERE id > ? ORDER BY id LIMIT ?",
                     (last, batch),
                 ).fetchall()
-            if not rows:
+                cases = [_row_to_case(row) for row in rows]
+            if not cases:
                 return
-            for row in rows:
-                yield _row_to_case(row)
-            last = rows[-1]["id"]
+            yield from cases
+            last = cases[-1].id or 0
 
     def ids(self) -> list[int]:
-        with self._lock:
-            return [r[0] for r in self._db.execute("SELECT id FROM cases ORDER BY id")]
+        with self._use() as db:
+            return [r[0] for r in db.execute("SELECT id FROM cases ORDER BY id")]
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM cases").fetchone()[0])
+        with self._use() as db:
+            return int(db.execute("SELECT COUNT(*) FROM cases").fetchone()[0])
 
     def trained_through_id(self) -> int:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT value FROM meta WHERE key = 'trained_through_id'"
-            ).fetchone()
+        with self._use() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'trained_through_id'").fetchone()
         return int(row[0]) if row else 0
 
     def pending_count(self) -> int:
         """Cases recorded after the last training run saw the store."""
         through = self.trained_through_id()
-        with self._lock:
+        with self._use() as db:
             return int(
-                self._db.execute("SELECT COUNT(*) FROM cases WHERE id > ?", (through,)).fetchone()[
-                    0
-                ]
+                db.execute("SELECT COUNT(*) FROM cases WHERE id > ?", (through,)).fetchone()[0]
             )
 
     def stats(self) -> StoreStats:
-        with self._lock:
-            row = self._db.execute(
+        with self._use() as db:
+            row = db.execute(
                 "SELECT COUNT(*), MIN(created_at), MAX(created_at), AVG(acceptance), "
                 "COALESCE(SUM(json_array_length(prompt_ids)), 0), "
                 "COALESCE(SUM(json_array_length(completion_ids)), 0) FROM cases"
             ).fetchone()
             per_adapter = {
                 r[0]: int(r[1])
-                for r in self._db.execute(
+                for r in db.execute(
                     "SELECT adapter_version, COUNT(*) FROM cases GROUP BY adapter_version "
                     "ORDER BY adapter_version"
                 )
             }
-        size = sum(
-            p.stat().st_size
-            for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm"))
-            if p.exists()
-        )
+        size = sum(p.stat().st_size for p in self._files() if p.exists())
         return StoreStats(
             cases=int(row[0]),
             pending=self.pending_count(),
@@ -371,8 +442,8 @@ class FailureStore:
 
     def integrity_check(self) -> str:
         """SQLite's own consistency check; "ok" when the file is sound."""
-        with self._lock:
-            return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+        with self._use() as db:
+            return str(db.execute("PRAGMA integrity_check").fetchone()[0])
 
     def export_jsonl(self, path: str | Path) -> int:
         """Write every case as one JSON object per line (the seed's format); returns the count."""
@@ -388,18 +459,15 @@ class FailureStore:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     def __enter__(self) -> FailureStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- helpers ------------------------------------------------------------------------
-
-    def _write(self) -> _Transaction:
-        return _Transaction(self._db)
 
 
 class _Transaction:

@@ -22,6 +22,7 @@ from speclora.daemon.learning.adapters import (
     CONFIG_FILE,
     EXTRAS_FILE,
     NONE_VERSIONS,
+    PROMOTED,
     WEIGHTS_FILE,
     AdapterInfo,
     AdapterStore,
@@ -32,6 +33,18 @@ log = structlog.get_logger(__name__)
 
 # hub.extras key: the self-draft's own final-norm arrays before any adapter touched them.
 BASE_NORM_KEY = "learning.base_draft_norm"
+# hub.extras key: how many times the draft's adapter changed. A training run compares it at its
+# end with its start, so it never overwrites an activation or rollback made while it trained.
+SWAPS_KEY = "learning.adapter_swaps"
+
+
+def swap_count(hub: ModelHub) -> int:
+    """Adapter changes so far (apply or remove); worker thread only."""
+    return int(hub.extras.get(SWAPS_KEY, 0))
+
+
+def _count_swap(hub: ModelHub) -> None:
+    hub.extras[SWAPS_KEY] = swap_count(hub) + 1
 
 
 def is_self_draft(hub: ModelHub) -> bool:
@@ -116,6 +129,7 @@ def apply_adapter(hub: ModelHub, adapters: AdapterStore, version: str) -> Adapte
     except AdapterError as exc:  # say which adapter: the message reaches the RPC and the log
         raise AdapterError(f"adapter {version}: {exc}") from None
     lora.load(hub.draft, config, weights, extras)
+    _count_swap(hub)
     previous = hub.adapter_version
     hub.adapter_version = version
     log.info("adapter_applied", version=version, previous=previous or "none")
@@ -124,6 +138,7 @@ def apply_adapter(hub: ModelHub, adapters: AdapterStore, version: str) -> Adapte
 
 def remove_adapter(hub: ModelHub) -> None:
     """Back to the base draft: LoRA layers off, a self-draft's norm restored."""
+    _count_swap(hub)
     if hub.draft is None:
         hub.adapter_version = ""
         return
@@ -161,13 +176,19 @@ def load_active_adapter(hub: ModelHub, adapters: AdapterStore) -> str:
 
 
 def activate_version(
-    hub: ModelHub, adapters: AdapterStore, version: str = "", *, rollback: bool = False
+    hub: ModelHub,
+    adapters: AdapterStore,
+    version: str = "",
+    *,
+    rollback: bool = False,
+    force: bool = False,
 ) -> AdapterInfo | None:
-    """The ActivateAdapter RPC: swap the draft first, then move the pointer.
+    """ActivateAdapter and RollbackAdapter: swap the draft first, then move the pointer.
 
     The draft changes only when the adapter loads, and the pointer only after the draft did,
     so a refused adapter (AdapterError) changes neither. Returns None for the base draft.
-    An explicit request may activate a version the gate rejected: the CLI asks for --force.
+    The promotion gate holds here, in the daemon: a version it rejected needs `force`.
+    Rolling back returns to what was active before, whatever the gate said of it then.
     """
     if rollback:
         pointer = adapters.pointer()
@@ -177,6 +198,14 @@ def activate_version(
         apply_adapter(hub, adapters, previous)
         adapters.rollback()
         return adapters.get(previous) if previous else None
+    if version not in NONE_VERSIONS:
+        info = adapters.verify(version)
+        if info.status != PROMOTED and not force:
+            raise AdapterError(
+                f"adapter {version} was {info.status or 'not promoted'} by the promotion gate "
+                f"({info.reason}); activate it with force (`speclora adapters activate "
+                f"{version} --force`) to use it anyway"
+            )
     info = apply_adapter(hub, adapters, version)
-    adapters.activate(version, force=True)
+    adapters.activate(version, force=True)  # the gate was checked above
     return adapters.get(info.version) if info else None

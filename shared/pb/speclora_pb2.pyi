@@ -20,6 +20,35 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_STOP_STRING: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
+
+class EvaluationPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVALUATION_PHASE_UNSPECIFIED: _ClassVar[EvaluationPhase]
+    EVALUATION_PHASE_BEFORE: _ClassVar[EvaluationPhase]
+    EVALUATION_PHASE_AFTER: _ClassVar[EvaluationPhase]
+
+class TrainingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRAINING_STATE_UNSPECIFIED: _ClassVar[TrainingState]
+    TRAINING_STATE_IDLE: _ClassVar[TrainingState]
+    TRAINING_STATE_RUNNING: _ClassVar[TrainingState]
+    TRAINING_STATE_FAILED: _ClassVar[TrainingState]
+
+class Blas(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BLAS_UNSPECIFIED: _ClassVar[Blas]
+    BLAS_REFERENCE: _ClassVar[Blas]
+    BLAS_OPENBLAS: _ClassVar[Blas]
+    BLAS_MKL: _ClassVar[Blas]
+    BLAS_ACCELERATE: _ClassVar[Blas]
+
+class AdapterStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADAPTER_STATUS_UNSPECIFIED: _ClassVar[AdapterStatus]
+    ADAPTER_STATUS_PROMOTED: _ClassVar[AdapterStatus]
+    ADAPTER_STATUS_REJECTED: _ClassVar[AdapterStatus]
+    ADAPTER_STATUS_CORRUPT: _ClassVar[AdapterStatus]
+    ADAPTER_STATUS_BASE: _ClassVar[AdapterStatus]
 MODE_UNSPECIFIED: Mode
 MODE_DETAILED: Mode
 MODE_FAST: Mode
@@ -28,6 +57,23 @@ FINISH_REASON_EOS: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP_STRING: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
+EVALUATION_PHASE_UNSPECIFIED: EvaluationPhase
+EVALUATION_PHASE_BEFORE: EvaluationPhase
+EVALUATION_PHASE_AFTER: EvaluationPhase
+TRAINING_STATE_UNSPECIFIED: TrainingState
+TRAINING_STATE_IDLE: TrainingState
+TRAINING_STATE_RUNNING: TrainingState
+TRAINING_STATE_FAILED: TrainingState
+BLAS_UNSPECIFIED: Blas
+BLAS_REFERENCE: Blas
+BLAS_OPENBLAS: Blas
+BLAS_MKL: Blas
+BLAS_ACCELERATE: Blas
+ADAPTER_STATUS_UNSPECIFIED: AdapterStatus
+ADAPTER_STATUS_PROMOTED: AdapterStatus
+ADAPTER_STATUS_REJECTED: AdapterStatus
+ADAPTER_STATUS_CORRUPT: AdapterStatus
+ADAPTER_STATUS_BASE: AdapterStatus
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -38,7 +84,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "raw", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "draft_tokens", "mode", "record", "use_history")
+    __slots__ = ("prompt", "messages", "raw", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "draft_tokens", "mode", "record", "request_id", "use_history")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +97,7 @@ class GenerateRequest(_message.Message):
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USE_HISTORY_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -64,8 +111,9 @@ class GenerateRequest(_message.Message):
     draft_tokens: int
     mode: Mode
     record: bool
+    request_id: str
     use_history: bool
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., raw: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., draft_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., record: _Optional[bool] = ..., use_history: _Optional[bool] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., raw: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., draft_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., record: _Optional[bool] = ..., request_id: _Optional[str] = ..., use_history: _Optional[bool] = ...) -> None: ...
 
 class TextChunk(_message.Message):
     __slots__ = ("text", "token_ids", "from_draft", "from_history")
@@ -168,12 +216,14 @@ class TrainProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class TrainEvaluation(_message.Message):
-    __slots__ = ("phase", "heldout_acceptance")
-    PHASE_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("phase_name", "heldout_acceptance", "phase")
+    PHASE_NAME_FIELD_NUMBER: _ClassVar[int]
     HELDOUT_ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
-    phase: str
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    phase_name: str
     heldout_acceptance: float
-    def __init__(self, phase: _Optional[str] = ..., heldout_acceptance: _Optional[float] = ...) -> None: ...
+    phase: EvaluationPhase
+    def __init__(self, phase_name: _Optional[str] = ..., heldout_acceptance: _Optional[float] = ..., phase: _Optional[_Union[EvaluationPhase, str]] = ...) -> None: ...
 
 class TrainResult(_message.Message):
     __slots__ = ("adapter_version", "promoted", "reason", "acceptance_before", "acceptance_after", "duration_s")
@@ -226,7 +276,7 @@ class AdapterAcceptance(_message.Message):
     def __init__(self, adapter_version: _Optional[str] = ..., requests: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ...) -> None: ...
 
 class StatsSnapshot(_message.Message):
-    __slots__ = ("target_model", "draft_model", "adapter_version", "uptime_s", "requests_total", "requests_active", "tokens_total", "acceptance_lifetime", "acceptance_recent", "acceptance_history", "per_adapter", "tokens_per_second_recent", "failure_cases", "pending_cases", "training_state", "queue_depth", "rss_bytes", "peak_rss_bytes", "weight_bytes", "blas", "version", "default_mode", "prompt_tokens_total", "prompt_tokens_cached", "prompt_cache_bytes", "draft_proposed", "draft_accepted", "history_proposed", "history_accepted", "draft_acceptance_recent", "history_acceptance_recent", "history_tokens", "history_documents", "history_bytes")
+    __slots__ = ("target_model", "draft_model", "adapter_version", "uptime_s", "requests_total", "requests_active", "tokens_total", "acceptance_lifetime", "acceptance_recent", "acceptance_history", "per_adapter", "tokens_per_second_recent", "failure_cases", "pending_cases", "training_state_name", "queue_depth", "rss_bytes", "peak_rss_bytes", "weight_bytes", "blas_name", "version", "default_mode", "prompt_tokens_total", "prompt_tokens_cached", "prompt_cache_bytes", "training_state", "blas", "pid", "failure_store_error", "draft_proposed", "draft_accepted", "history_proposed", "history_accepted", "draft_acceptance_recent", "history_acceptance_recent", "history_tokens", "history_documents", "history_bytes")
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -241,17 +291,21 @@ class StatsSnapshot(_message.Message):
     TOKENS_PER_SECOND_RECENT_FIELD_NUMBER: _ClassVar[int]
     FAILURE_CASES_FIELD_NUMBER: _ClassVar[int]
     PENDING_CASES_FIELD_NUMBER: _ClassVar[int]
-    TRAINING_STATE_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_STATE_NAME_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
-    BLAS_FIELD_NUMBER: _ClassVar[int]
+    BLAS_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_CACHED_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_STATE_FIELD_NUMBER: _ClassVar[int]
+    BLAS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_STORE_ERROR_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PROPOSED_FIELD_NUMBER: _ClassVar[int]
     DRAFT_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     HISTORY_PROPOSED_FIELD_NUMBER: _ClassVar[int]
@@ -275,17 +329,21 @@ class StatsSnapshot(_message.Message):
     tokens_per_second_recent: float
     failure_cases: int
     pending_cases: int
-    training_state: str
+    training_state_name: str
     queue_depth: int
     rss_bytes: int
     peak_rss_bytes: int
     weight_bytes: int
-    blas: str
+    blas_name: str
     version: str
     default_mode: Mode
     prompt_tokens_total: int
     prompt_tokens_cached: int
     prompt_cache_bytes: int
+    training_state: TrainingState
+    blas: Blas
+    pid: int
+    failure_store_error: str
     draft_proposed: int
     draft_accepted: int
     history_proposed: int
@@ -295,28 +353,184 @@ class StatsSnapshot(_message.Message):
     history_tokens: int
     history_documents: int
     history_bytes: int
-    def __init__(self, target_model: _Optional[str] = ..., draft_model: _Optional[str] = ..., adapter_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., requests_total: _Optional[int] = ..., requests_active: _Optional[int] = ..., tokens_total: _Optional[int] = ..., acceptance_lifetime: _Optional[float] = ..., acceptance_recent: _Optional[float] = ..., acceptance_history: _Optional[_Iterable[float]] = ..., per_adapter: _Optional[_Iterable[_Union[AdapterAcceptance, _Mapping]]] = ..., tokens_per_second_recent: _Optional[float] = ..., failure_cases: _Optional[int] = ..., pending_cases: _Optional[int] = ..., training_state: _Optional[str] = ..., queue_depth: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., blas: _Optional[str] = ..., version: _Optional[str] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., prompt_tokens_total: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., draft_proposed: _Optional[int] = ..., draft_accepted: _Optional[int] = ..., history_proposed: _Optional[int] = ..., history_accepted: _Optional[int] = ..., draft_acceptance_recent: _Optional[float] = ..., history_acceptance_recent: _Optional[float] = ..., history_tokens: _Optional[int] = ..., history_documents: _Optional[int] = ..., history_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, target_model: _Optional[str] = ..., draft_model: _Optional[str] = ..., adapter_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., requests_total: _Optional[int] = ..., requests_active: _Optional[int] = ..., tokens_total: _Optional[int] = ..., acceptance_lifetime: _Optional[float] = ..., acceptance_recent: _Optional[float] = ..., acceptance_history: _Optional[_Iterable[float]] = ..., per_adapter: _Optional[_Iterable[_Union[AdapterAcceptance, _Mapping]]] = ..., tokens_per_second_recent: _Optional[float] = ..., failure_cases: _Optional[int] = ..., pending_cases: _Optional[int] = ..., training_state_name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., blas_name: _Optional[str] = ..., version: _Optional[str] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., prompt_tokens_total: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., training_state: _Optional[_Union[TrainingState, str]] = ..., blas: _Optional[_Union[Blas, str]] = ..., pid: _Optional[int] = ..., failure_store_error: _Optional[str] = ..., draft_proposed: _Optional[int] = ..., draft_accepted: _Optional[int] = ..., history_proposed: _Optional[int] = ..., history_accepted: _Optional[int] = ..., draft_acceptance_recent: _Optional[float] = ..., history_acceptance_recent: _Optional[float] = ..., history_tokens: _Optional[int] = ..., history_documents: _Optional[int] = ..., history_bytes: _Optional[int] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ActivateAdapterRequest(_message.Message):
-    __slots__ = ("version", "rollback")
+    __slots__ = ("version", "rollback", "force")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     version: str
     rollback: bool
-    def __init__(self, version: _Optional[str] = ..., rollback: _Optional[bool] = ...) -> None: ...
+    force: bool
+    def __init__(self, version: _Optional[str] = ..., rollback: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("version", "active", "parent", "acceptance_before", "acceptance_after", "status")
+    __slots__ = ("version", "active", "parent", "acceptance_before", "acceptance_after", "status_name", "status", "reason", "created_at", "path", "integrity", "metadata_json")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    INTEGRITY_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     version: str
     active: bool
     parent: str
     acceptance_before: float
     acceptance_after: float
-    status: str
-    def __init__(self, version: _Optional[str] = ..., active: _Optional[bool] = ..., parent: _Optional[str] = ..., acceptance_before: _Optional[float] = ..., acceptance_after: _Optional[float] = ..., status: _Optional[str] = ...) -> None: ...
+    status_name: str
+    status: AdapterStatus
+    reason: str
+    created_at: float
+    path: str
+    integrity: str
+    metadata_json: str
+    def __init__(self, version: _Optional[str] = ..., active: _Optional[bool] = ..., parent: _Optional[str] = ..., acceptance_before: _Optional[float] = ..., acceptance_after: _Optional[float] = ..., status_name: _Optional[str] = ..., status: _Optional[_Union[AdapterStatus, str]] = ..., reason: _Optional[str] = ..., created_at: _Optional[float] = ..., path: _Optional[str] = ..., integrity: _Optional[str] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+
+class ListAdaptersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdaptersResponse(_message.Message):
+    __slots__ = ("adapters", "active_version", "adapters_dir")
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_DIR_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
+    active_version: str
+    adapters_dir: str
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., active_version: _Optional[str] = ..., adapters_dir: _Optional[str] = ...) -> None: ...
+
+class GetAdapterRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class RollbackAdapterRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FailureCase(_message.Message):
+    __slots__ = ("id", "created_at", "request_id", "prompt_ids", "completion_ids", "from_draft", "rejection_positions", "proposed", "accepted", "acceptance", "temperature", "top_p", "top_k", "seed", "mode", "finish_reason", "target_id", "draft_id", "adapter_version")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_IDS_FIELD_NUMBER: _ClassVar[int]
+    FROM_DRAFT_FIELD_NUMBER: _ClassVar[int]
+    REJECTION_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    created_at: float
+    request_id: str
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    completion_ids: _containers.RepeatedScalarFieldContainer[int]
+    from_draft: _containers.RepeatedScalarFieldContainer[bool]
+    rejection_positions: _containers.RepeatedScalarFieldContainer[int]
+    proposed: int
+    accepted: int
+    acceptance: float
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    mode: Mode
+    finish_reason: FinishReason
+    target_id: str
+    draft_id: str
+    adapter_version: str
+    def __init__(self, id: _Optional[int] = ..., created_at: _Optional[float] = ..., request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., completion_ids: _Optional[_Iterable[int]] = ..., from_draft: _Optional[_Iterable[bool]] = ..., rejection_positions: _Optional[_Iterable[int]] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance: _Optional[float] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., target_id: _Optional[str] = ..., draft_id: _Optional[str] = ..., adapter_version: _Optional[str] = ...) -> None: ...
+
+class ListFailureCasesRequest(_message.Message):
+    __slots__ = ("limit", "before_id")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_ID_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    before_id: int
+    def __init__(self, limit: _Optional[int] = ..., before_id: _Optional[int] = ...) -> None: ...
+
+class ListFailureCasesResponse(_message.Message):
+    __slots__ = ("cases", "total")
+    CASES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    cases: _containers.RepeatedCompositeFieldContainer[FailureCase]
+    total: int
+    def __init__(self, cases: _Optional[_Iterable[_Union[FailureCase, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
+
+class GetFailureCaseRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class ExportFailureCasesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetFailureStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AdapterCaseCount(_message.Message):
+    __slots__ = ("adapter_version", "cases")
+    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CASES_FIELD_NUMBER: _ClassVar[int]
+    adapter_version: str
+    cases: int
+    def __init__(self, adapter_version: _Optional[str] = ..., cases: _Optional[int] = ...) -> None: ...
+
+class FailureStats(_message.Message):
+    __slots__ = ("cases", "pending", "oldest", "newest", "mean_acceptance", "prompt_tokens", "completion_tokens", "per_adapter", "file_bytes", "database_path")
+    CASES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PER_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATABASE_PATH_FIELD_NUMBER: _ClassVar[int]
+    cases: int
+    pending: int
+    oldest: float
+    newest: float
+    mean_acceptance: float
+    prompt_tokens: int
+    completion_tokens: int
+    per_adapter: _containers.RepeatedCompositeFieldContainer[AdapterCaseCount]
+    file_bytes: int
+    database_path: str
+    def __init__(self, cases: _Optional[int] = ..., pending: _Optional[int] = ..., oldest: _Optional[float] = ..., newest: _Optional[float] = ..., mean_acceptance: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., per_adapter: _Optional[_Iterable[_Union[AdapterCaseCount, _Mapping]]] = ..., file_bytes: _Optional[int] = ..., database_path: _Optional[str] = ...) -> None: ...
+
+class PurgeFailureCasesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PurgeFailureCasesResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...

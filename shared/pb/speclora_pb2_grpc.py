@@ -50,10 +50,55 @@ class SpecLoRAStub:
                 request_serializer=speclora_dot_v1_dot_speclora__pb2.StatsRequest.SerializeToString,
                 response_deserializer=speclora_dot_v1_dot_speclora__pb2.StatsSnapshot.FromString,
                 _registered_method=True)
-        self.ActivateAdapter = channel.unary_stream(
+        self.ActivateAdapter = channel.unary_unary(
                 '/speclora.v1.SpecLoRA/ActivateAdapter',
                 request_serializer=speclora_dot_v1_dot_speclora__pb2.ActivateAdapterRequest.SerializeToString,
                 response_deserializer=speclora_dot_v1_dot_speclora__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/speclora.v1.SpecLoRA/GetStats',
+                request_serializer=speclora_dot_v1_dot_speclora__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=speclora_dot_v1_dot_speclora__pb2.StatsSnapshot.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/speclora.v1.SpecLoRA/ListAdapters',
+                request_serializer=speclora_dot_v1_dot_speclora__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=speclora_dot_v1_dot_speclora__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
+        self.GetAdapter = channel.unary_unary(
+                '/speclora.v1.SpecLoRA/GetAdapter',
+                request_serializer=speclora_dot_v1_dot_speclora__pb2.GetAdapterRequest.SerializeToString,
+                response_deserializer=speclora_dot_v1_dot_speclora__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.RollbackAdapter = channel.unary_unary(
+                '/speclora.v1.SpecLoRA/RollbackAdapter',
+                request_serializer=speclora_dot_v1_dot_speclora__pb2.RollbackAdapterRequest.SerializeToString,
+                response_deserializer=speclora_dot_v1_dot_speclora__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.ListFailureCases = channel.unary_unary(
+                '/speclora.v1.SpecLoRA/ListFailureCases',
+                request_serializer=speclora_dot_v1_dot_speclora__pb2.ListFailureCasesRequest.SerializeToString,
+                response_deserializer=speclora_dot_v1_dot_speclora__pb2.ListFailureCasesResponse.FromString,
+                _registered_method=True)
+        self.GetFailureCase = channel.unary_unary(
+                '/speclora.v1.SpecLoRA/GetFailureCase',
+                request_serializer=speclora_dot_v1_dot_speclora__pb2.GetFailureCaseRequest.SerializeToString,
+                response_deserializer=speclora_dot_v1_dot_speclora__pb2.FailureCase.FromString,
+                _registered_method=True)
+        self.ExportFailureCases = channel.unary_stream(
+                '/speclora.v1.SpecLoRA/ExportFailureCases',
+                request_serializer=speclora_dot_v1_dot_speclora__pb2.ExportFailureCasesRequest.SerializeToString,
+                response_deserializer=speclora_dot_v1_dot_speclora__pb2.FailureCase.FromString,
+                _registered_method=True)
+        self.GetFailureStats = channel.unary_unary(
+                '/speclora.v1.SpecLoRA/GetFailureStats',
+                request_serializer=speclora_dot_v1_dot_speclora__pb2.GetFailureStatsRequest.SerializeToString,
+                response_deserializer=speclora_dot_v1_dot_speclora__pb2.FailureStats.FromString,
+                _registered_method=True)
+        self.PurgeFailureCases = channel.unary_unary(
+                '/speclora.v1.SpecLoRA/PurgeFailureCases',
+                request_serializer=speclora_dot_v1_dot_speclora__pb2.PurgeFailureCasesRequest.SerializeToString,
+                response_deserializer=speclora_dot_v1_dot_speclora__pb2.PurgeFailureCasesResponse.FromString,
                 _registered_method=True)
 
 
@@ -78,15 +123,84 @@ class SpecLoRAServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """/ Daemon statistics: one snapshot, or one every interval while `watch` is set.
+        """/ Watch the daemon's statistics: a snapshot every `interval_s` while `watch` is set (without
+        / it, one snapshot and the stream ends; GetStats is the unary form of that).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ActivateAdapter(self, request, context):
-        """/ Make an adapter version the active one (or roll back to the previous), swapped into the
-        / running draft between engine steps. Streams a single AdapterInfo.
+        """/ Make an adapter version the active one ("none" = the base draft), swapped into the running
+        / draft between engine steps. The promotion gate holds: a version the gate rejected needs
+        / `force`. (Was server-streaming with one message; the bytes on the wire are the same.)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """---- issue 19: RPCs for everything the CLI does (adapters, failure cases, one snapshot).
+        / One statistics snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """/ Every adapter version, oldest first, and which one is active.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAdapter(self, request, context):
+        """/ One adapter version with its metadata and an integrity check of its files. NOT_FOUND for
+        / an unknown version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackAdapter(self, request, context):
+        """/ Go back to the adapter that was active before the current one (the base draft included).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFailureCases(self, request, context):
+        """/ The newest failure cases and how many are stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFailureCase(self, request, context):
+        """/ One failure case. NOT_FOUND for an unknown id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportFailureCases(self, request, context):
+        """/ Every failure case, oldest first, one message each (so a large buffer never has to fit in
+        / one message).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFailureStats(self, request, context):
+        """/ Counts and figures of the failure buffer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeFailureCases(self, request, context):
+        """/ Delete every failure case for good (they are the user's prompts); the file is vacuumed.
+        ---- end of issue 19 RPCs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,10 +224,55 @@ def add_SpecLoRAServicer_to_server(servicer, server):
                     request_deserializer=speclora_dot_v1_dot_speclora__pb2.StatsRequest.FromString,
                     response_serializer=speclora_dot_v1_dot_speclora__pb2.StatsSnapshot.SerializeToString,
             ),
-            'ActivateAdapter': grpc.unary_stream_rpc_method_handler(
+            'ActivateAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.ActivateAdapter,
                     request_deserializer=speclora_dot_v1_dot_speclora__pb2.ActivateAdapterRequest.FromString,
                     response_serializer=speclora_dot_v1_dot_speclora__pb2.AdapterInfo.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=speclora_dot_v1_dot_speclora__pb2.GetStatsRequest.FromString,
+                    response_serializer=speclora_dot_v1_dot_speclora__pb2.StatsSnapshot.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=speclora_dot_v1_dot_speclora__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=speclora_dot_v1_dot_speclora__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'GetAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAdapter,
+                    request_deserializer=speclora_dot_v1_dot_speclora__pb2.GetAdapterRequest.FromString,
+                    response_serializer=speclora_dot_v1_dot_speclora__pb2.AdapterInfo.SerializeToString,
+            ),
+            'RollbackAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackAdapter,
+                    request_deserializer=speclora_dot_v1_dot_speclora__pb2.RollbackAdapterRequest.FromString,
+                    response_serializer=speclora_dot_v1_dot_speclora__pb2.AdapterInfo.SerializeToString,
+            ),
+            'ListFailureCases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFailureCases,
+                    request_deserializer=speclora_dot_v1_dot_speclora__pb2.ListFailureCasesRequest.FromString,
+                    response_serializer=speclora_dot_v1_dot_speclora__pb2.ListFailureCasesResponse.SerializeToString,
+            ),
+            'GetFailureCase': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFailureCase,
+                    request_deserializer=speclora_dot_v1_dot_speclora__pb2.GetFailureCaseRequest.FromString,
+                    response_serializer=speclora_dot_v1_dot_speclora__pb2.FailureCase.SerializeToString,
+            ),
+            'ExportFailureCases': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportFailureCases,
+                    request_deserializer=speclora_dot_v1_dot_speclora__pb2.ExportFailureCasesRequest.FromString,
+                    response_serializer=speclora_dot_v1_dot_speclora__pb2.FailureCase.SerializeToString,
+            ),
+            'GetFailureStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFailureStats,
+                    request_deserializer=speclora_dot_v1_dot_speclora__pb2.GetFailureStatsRequest.FromString,
+                    response_serializer=speclora_dot_v1_dot_speclora__pb2.FailureStats.SerializeToString,
+            ),
+            'PurgeFailureCases': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeFailureCases,
+                    request_deserializer=speclora_dot_v1_dot_speclora__pb2.PurgeFailureCasesRequest.FromString,
+                    response_serializer=speclora_dot_v1_dot_speclora__pb2.PurgeFailureCasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,12 +378,255 @@ class SpecLoRA:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
+        return grpc.experimental.unary_unary(
             request,
             target,
             '/speclora.v1.SpecLoRA/ActivateAdapter',
             speclora_dot_v1_dot_speclora__pb2.ActivateAdapterRequest.SerializeToString,
             speclora_dot_v1_dot_speclora__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speclora.v1.SpecLoRA/GetStats',
+            speclora_dot_v1_dot_speclora__pb2.GetStatsRequest.SerializeToString,
+            speclora_dot_v1_dot_speclora__pb2.StatsSnapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speclora.v1.SpecLoRA/ListAdapters',
+            speclora_dot_v1_dot_speclora__pb2.ListAdaptersRequest.SerializeToString,
+            speclora_dot_v1_dot_speclora__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speclora.v1.SpecLoRA/GetAdapter',
+            speclora_dot_v1_dot_speclora__pb2.GetAdapterRequest.SerializeToString,
+            speclora_dot_v1_dot_speclora__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speclora.v1.SpecLoRA/RollbackAdapter',
+            speclora_dot_v1_dot_speclora__pb2.RollbackAdapterRequest.SerializeToString,
+            speclora_dot_v1_dot_speclora__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFailureCases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speclora.v1.SpecLoRA/ListFailureCases',
+            speclora_dot_v1_dot_speclora__pb2.ListFailureCasesRequest.SerializeToString,
+            speclora_dot_v1_dot_speclora__pb2.ListFailureCasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFailureCase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speclora.v1.SpecLoRA/GetFailureCase',
+            speclora_dot_v1_dot_speclora__pb2.GetFailureCaseRequest.SerializeToString,
+            speclora_dot_v1_dot_speclora__pb2.FailureCase.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportFailureCases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/speclora.v1.SpecLoRA/ExportFailureCases',
+            speclora_dot_v1_dot_speclora__pb2.ExportFailureCasesRequest.SerializeToString,
+            speclora_dot_v1_dot_speclora__pb2.FailureCase.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFailureStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speclora.v1.SpecLoRA/GetFailureStats',
+            speclora_dot_v1_dot_speclora__pb2.GetFailureStatsRequest.SerializeToString,
+            speclora_dot_v1_dot_speclora__pb2.FailureStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeFailureCases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speclora.v1.SpecLoRA/PurgeFailureCases',
+            speclora_dot_v1_dot_speclora__pb2.PurgeFailureCasesRequest.SerializeToString,
+            speclora_dot_v1_dot_speclora__pb2.PurgeFailureCasesResponse.FromString,
             options,
             channel_credentials,
             insecure,
