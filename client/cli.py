@@ -22,6 +22,7 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("daemon", "daemon_group"),
     ("service", "service_group"),
     ("failures", "failures_group"),
+    ("history", "history_group"),
     ("adapters", "adapters_group"),
     ("models", "models_group"),
     ("demo", "demo"),

@@ -666,8 +666,19 @@ class SpecLoRAClient:
         )
 
     def purge_failure_cases(self) -> int:
-        """Delete every recorded case for good; returns how many were deleted."""
-        return int(self._unary("PurgeFailureCases", pb.PurgeFailureCasesRequest()).deleted)
+        """Delete every recorded case for good (and the history of past requests, which holds
+        the same prompts); returns how many cases were deleted."""
+        return self.purge_recorded()[0]
+
+    def purge_recorded(self) -> tuple[int, int]:
+        """Delete every failure case and the history of past requests for good; returns
+        (cases deleted, past requests deleted)."""
+        reply = self._unary("PurgeFailureCases", pb.PurgeFailureCasesRequest())
+        return int(reply.deleted), int(reply.history_deleted)
+
+    def purge_history(self) -> int:
+        """Delete the history drafter's past requests only; returns how many."""
+        return int(self._unary("PurgeHistory", pb.PurgeHistoryRequest()).deleted)
 
     def health(self, timeout: float = 2.0) -> str:
         """ "SERVING", "NOT_SERVING", ... for the SpecLoRA service."""

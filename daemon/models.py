@@ -8,6 +8,7 @@ unchanged by the engine.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import re
@@ -262,6 +263,25 @@ def parse_dtype(dtype: str) -> str:
         raise ModelError(
             f"unknown dtype {dtype!r}; expected float32, float16 or bfloat16"
         ) from None
+
+
+def model_identity(name: str, path: Path) -> str:
+    """A stable id for "the same model": its name plus a hash of its config, tokenizer and a
+    sample of every weight file (its size and 64 KiB from its middle). Cheap to compute for
+    any size of model, and two fine-tunes of one base (same config, same tokenizer, same
+    file sizes) still differ. The history drafter keys what it keeps by this."""
+    digest = hashlib.sha256(name.encode())
+    for fname in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        file = path / fname
+        if file.is_file():
+            digest.update(fname.encode() + b"\0" + file.read_bytes())
+    for file in sorted(path.glob("*.safetensors")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as weights:
+            weights.seek(size // 2)
+            digest.update(weights.read(65536))
+    return f"{name}@{digest.hexdigest()[:16]}"
 
 
 def unique_weight_bytes(*modules: nn.Module) -> int:

@@ -19,9 +19,11 @@ from speclora.daemon.errors import SpecLoRAError
 from speclora.daemon.learning.adapters import AdapterStore
 from speclora.daemon.learning.autotrain import should_auto_train
 from speclora.daemon.learning.events import TrainParams, TrainResult
+from speclora.daemon.learning.history_recorder import History
+from speclora.daemon.learning.history_store import HistoryStore
 from speclora.daemon.learning.operations import Learning
 from speclora.daemon.learning.recorder import FailureRecorder
-from speclora.daemon.learning.store import FailureStore
+from speclora.daemon.learning.store import FailureStore, StoreError
 from speclora.daemon.learning.swap import load_active_adapter
 from speclora.daemon.state import ModelHub
 from speclora.daemon.stats import TRAINING_TASK
@@ -218,6 +220,29 @@ class Runtime:
                 log.exception("close_failed", what=getattr(close, "__qualname__", repr(close)))
 
 
+def open_history(config: Config, paths: Paths, target_id: str) -> History | None:
+    """The target's history, loaded from the data dir (None when `history.enabled` is off).
+
+    A history file that cannot be opened does not stop the daemon: it runs with a history
+    in memory only, and says so."""
+    h = config.history
+    if not h.enabled:
+        return None
+    store = None
+    if h.persist:
+        try:
+            store = HistoryStore(paths.history_database, max_tokens=h.max_tokens)
+        except StoreError as exc:
+            log.error(
+                "history_store_unavailable",
+                error=str(exc),
+                hint="move the file away or `speclora history purge`; running without it",
+            )
+    history = History(h, target_id, store)
+    history.load()
+    return history
+
+
 def build_runtime(config: Config, paths: Paths) -> Runtime:
     hub = build_hub(config)
     ensure_private_dir(paths.data_dir)
@@ -226,8 +251,9 @@ def build_runtime(config: Config, paths: Paths) -> Runtime:
     store = FailureStore(paths.database, cap=config.learning.buffer_cap)
     adapters = AdapterStore(paths.adapters_dir)
     recorder = FailureRecorder(store, config.learning)
+    hub.history = open_history(config, paths, hub.target_id)
     worker = Worker(hub, config, recorder=recorder).start()
-    learning = Learning(config, store, adapters)
+    learning = Learning(config, store, adapters, hub.history)
     runtime = Runtime(worker, learning)
     if hub.draft is not None:
         version = worker.call("load_adapter", lambda h: load_active_adapter(h, adapters))
@@ -235,4 +261,8 @@ def build_runtime(config: Config, paths: Paths) -> Runtime:
     if config.learning.auto_train:
         runtime.closers.append(AutoTrainer(worker, learning).start().stop)
     runtime.closers += [recorder.close, store.close]
+    if hub.history is not None:  # commit what is queued, then close the file
+        runtime.closers.append(hub.history.close)
+        if hub.history.store is not None:
+            runtime.closers.append(hub.history.store.close)
     return runtime

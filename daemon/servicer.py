@@ -147,6 +147,8 @@ class LearningLoop(Protocol):
 
     def purge(self) -> PurgeResult: ...
 
+    def purge_history(self) -> int: ...
+
 
 # ---------------------------------------------------------------------- validation
 
@@ -708,8 +710,22 @@ class SpecLoRAServicer(pb_grpc.SpecLoRAServicer):
     ) -> pb.PurgeFailureCasesResponse:
         with self._rpc("PurgeFailureCases", context):
             result = self._require_learning().purge()
-            log.info("failure_cases_purged", cases=result.failure_cases)
-            return pb.PurgeFailureCasesResponse(deleted=result.failure_cases)
+            log.info(
+                "failure_cases_purged",
+                cases=result.failure_cases,
+                history_requests=result.history_requests,
+            )
+            return pb.PurgeFailureCasesResponse(
+                deleted=result.failure_cases, history_deleted=result.history_requests
+            )
+
+    def PurgeHistory(
+        self, request: pb.PurgeHistoryRequest, context: grpc.ServicerContext
+    ) -> pb.PurgeHistoryResponse:
+        with self._rpc("PurgeHistory", context):
+            deleted = self._require_learning().purge_history()
+            log.info("history_purged", requests=deleted)
+            return pb.PurgeHistoryResponse(deleted=deleted)
 
     def _require_learning(self) -> LearningLoop:
         if self._learning is None:

@@ -2,13 +2,16 @@
 
 Only the worker thread reads or mutates a ModelHub (MLX is not thread-safe): generations read
 `target`, `draft` and `tokenizer` and feed `prompt_cache` and `acceptance`; the learning loop
-swaps adapters into `draft` between engine steps by mutating it from inside the worker.
+swaps adapters into `draft` between engine steps by mutating it from inside the worker. The
+exception is `history`, thread-safe itself: its writer thread adds what the worker records.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from speclora.daemon.models import model_identity
 
 
 @dataclass
@@ -27,6 +30,10 @@ class ModelHub:
     # None = off) and, per adapter version, the draft's acceptance (engine.AcceptanceMemory).
     prompt_cache: Any | None = None
     acceptance: dict[str, Any] = field(default_factory=dict)
+    # The target's identity (models.model_identity) and its history of past requests
+    # (learning.history_recorder.History, None = the history drafter is off).
+    target_id: str = ""
+    history: Any | None = None
 
     @classmethod
     def from_loaded(
@@ -42,5 +49,6 @@ class ModelHub:
             draft_spec=draft_spec,
             weight_bytes=target.weight_bytes + (draft.weight_bytes if draft else 0),
             max_context=target.max_context,
+            target_id=model_identity(target.name, target.path),
             **extra,
         )

@@ -570,6 +570,7 @@ class Worker:
                 )
             except Exception:  # recording is best effort; the answer still goes out
                 log.exception("failure_record_failed", request_id=request.request_id)
+        self._record_history(request, summary)
         self.stats.record(summary, version, running.draft_steps())
         vocab = self.hub.extras.get("draft_vocab")
         if vocab is not None:  # the restricted draft head follows what the target writes
@@ -609,6 +610,23 @@ class Worker:
         )
         if not queued:
             send(False)
+
+    def _record_history(self, request: GenerationRequest, summary: GenerationSummary) -> None:
+        """Every finished request teaches the history drafter (what the target wrote and its
+        prompt), unless the client or the config said not to record; never fails the
+        request: the history queues it and commits it off this thread."""
+        history = self.hub.history
+        if (
+            history is None
+            or not (request.record and self.config.learning.record)
+            or summary.finish_reason == "cancelled"
+            or not summary.completion_token_ids
+        ):
+            return
+        try:
+            history.record(summary.prompt_token_ids, summary.completion_token_ids)
+        except Exception:
+            log.exception("history_record_failed", request_id=request.request_id)
 
     def _retire(self, running: _Running) -> None:
         self._close(running)

@@ -87,25 +87,6 @@ class SpeculationConfig:
 
 
 @dataclass(frozen=True)
-class HistoryConfig:
-    """The history drafter: proposals from suffix matches over the request's own tokens and
-    past requests' prompts and outputs (engine.history)."""
-
-    enabled: bool = _opt(True, doc="propose from history (detailed mode, adaptive K)")
-    max_tokens: int = _opt(
-        1_000_000, lo=0, hi=1_000_000_000, doc="past tokens kept (~13 MB per million); 0 = none"
-    )
-    max_proposal: int = _opt(24, lo=1, hi=64, doc="longest proposal, tokens")
-    min_match: int = _opt(2, lo=1, hi=64, doc="shortest suffix match that proposes")
-    max_match: int = _opt(32, lo=1, hi=256, doc="longest suffix match looked for")
-    min_token_prob: float = _opt(
-        0.1, lo=0.0, hi=1.0, doc="stop where cumulative confidence falls below"
-    )
-    spec_factor: float = _opt(1.0, lo=0.1, hi=16.0, doc="proposal at most this times the match")
-    persist: bool = _opt(True, doc="keep past requests in the state dir across restarts")
-
-
-@dataclass(frozen=True)
 class GenerationConfig:
     max_tokens: int = _opt(256, lo=1, hi=1_000_000, doc="default when a request sets none")
     max_tokens_cap: int = _opt(4096, lo=1, hi=1_000_000)
@@ -135,6 +116,27 @@ class LearningConfig:
     max_train_s: float = _opt(
         0.0, lo=0.0, hi=1e7, doc="whole training run within this; 0 = no limit"
     )
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    """The history drafter: proposals from suffix matches over the request's own tokens and
+    past requests' prompts and outputs (engine.history)."""
+
+    enabled: bool = _opt(True, doc="propose from the request's own tokens and past requests")
+    max_tokens: int = _opt(
+        1_000_000, lo=1_000, hi=100_000_000, doc="past requests' tokens kept per target"
+    )
+    max_proposal: int = _opt(24, lo=1, hi=256, doc="tokens one history proposal may hold")
+    min_match: int = _opt(2, lo=1, hi=64, doc="shortest suffix match that may propose")
+    max_match: int = _opt(32, lo=1, hi=64, doc="longest suffix match looked for")
+    min_token_prob: float = _opt(
+        0.1, lo=0.0, hi=1.0, doc="stop where the continuation's cumulative probability drops below"
+    )
+    spec_factor: float = _opt(
+        1.0, lo=0.1, hi=64.0, doc="a proposal holds at most spec_factor * match length tokens"
+    )
+    persist: bool = _opt(True, doc="keep it in the data dir across restarts")
 
 
 @dataclass(frozen=True)
@@ -177,9 +179,9 @@ class ServerConfig:
 class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
-    history: HistoryConfig = field(default_factory=HistoryConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
@@ -188,9 +190,9 @@ SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {
     "models": ModelsConfig,
     "speculation": SpeculationConfig,
-    "history": HistoryConfig,
     "generation": GenerationConfig,
     "learning": LearningConfig,
+    "history": HistoryConfig,
     "lora": LoraConfig,
     "server": ServerConfig,
 }
@@ -270,6 +272,9 @@ def _check_cross_field(config: Config) -> None:
         raise ConfigError("speculation.adaptive_min must be <= speculation.adaptive_max")
     if not s.adaptive_min <= s.adaptive_start <= s.adaptive_max:
         raise ConfigError("speculation.adaptive_start must lie within [adaptive_min, adaptive_max]")
+    h = config.history
+    if h.min_match > h.max_match:
+        raise ConfigError("history.min_match must be <= history.max_match")
     g = config.generation
     if g.max_tokens > g.max_tokens_cap:
         raise ConfigError("generation.max_tokens must be <= generation.max_tokens_cap")

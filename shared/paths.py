@@ -57,6 +57,11 @@ class Paths:
         return self.data_dir / "failures.sqlite3"
 
     @property
+    def history_database(self) -> Path:
+        """Past requests' token ids for the history drafter (purged with the failure cases)."""
+        return self.data_dir / "history.sqlite3"
+
+    @property
     def adapters_dir(self) -> Path:
         return self.data_dir / "adapters"
 

@@ -404,3 +404,15 @@ def test_adds_from_another_thread_while_proposing(monkeypatch) -> None:
     for _ in range(30):
         context = rng.integers(0, 20, 8).tolist()
         assert index.propose(context, 8) == reference(live, context, 8)
+
+
+def test_add_many_is_add_in_order_then_sorted() -> None:
+    rng = np.random.default_rng(4)
+    docs = [rng.integers(0, 30, rng.integers(1, 300)).tolist() for _ in range(80)]
+    one_by_one = index_of(docs, max_tokens=8_000)
+    loaded = SuffixIndex(8_000, background=False)
+    loaded.add_many([np.asarray(d, dtype="<i4") for d in docs])
+    assert (loaded.tokens, loaded.documents) == (one_by_one.tokens, one_by_one.documents)
+    for _ in range(40):
+        context = rng.integers(0, 30, 10).tolist()
+        assert loaded.propose(context, 12) == one_by_one.propose(context, 12)

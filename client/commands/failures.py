@@ -133,13 +133,18 @@ def export(ctx: click.Context, path: str, fmt: str, address: str | None) -> None
 @address_option
 @click.pass_context
 def purge(ctx: click.Context, yes: bool, address: str | None) -> None:
-    """Delete every recorded case for good (the file is vacuumed)."""
+    """Delete every recorded case and the history of past requests for good (vacuumed)."""
     with client_errors(), _client(ctx, address) as client:
         if not yes:
             n = client.failure_stats().cases
-            click.confirm(f"Delete all {n} failure cases (they contain your prompts)?", abort=True)
-        deleted = client.purge_failure_cases()
+            click.confirm(
+                f"Delete all {n} failure cases and the history of past requests (they contain "
+                "your prompts)?",
+                abort=True,
+            )
+        deleted, history = client.purge_recorded()
     click.echo(f"Deleted {deleted} case{'s' if deleted != 1 else ''}; the database is vacuumed.")
+    click.echo(f"Deleted {history} past request{'s' if history != 1 else ''} from the history.")
 
 
 @failures_group.command("stats", epilog=NEEDS_DAEMON)

@@ -539,21 +539,32 @@ class SuffixIndex:
     def add(self, tokens: Sequence[int]) -> None:
         """Add one document; the oldest documents go once the total passes `max_tokens`."""
         arr = _as_tokens(tokens, "add")
+        with self._lock:
+            self._append(arr)
+            self._maintain()
+
+    def add_many(self, documents: Sequence[Sequence[int] | np.ndarray]) -> None:
+        """Add documents in order, then sort everything at once (loading a store): cheaper
+        than one `add` each, and the first proposals do not scan a long tail."""
+        arrays = [_as_tokens(doc, "add_many") for doc in documents]
+        with self._lock:
+            for arr in arrays:
+                self._append(arr)
+            self._corpus.rebuild_all()
+
+    def _append(self, arr: np.ndarray) -> None:
         if len(arr) == 0:
             return
         if len(arr) > self.max_tokens:
             arr = arr[-self.max_tokens :]  # a document longer than the bound keeps its end
-        with self._lock:
-            corpus = self._corpus
-            start = corpus.end
-            corpus.append(np.append(arr, _SENTINEL).astype(np.int32))
-            self._docs.append((start, len(arr)))
-            self._tokens += len(arr)
-            while self._tokens > self.max_tokens:
-                _, length = self._docs.popleft()
-                self._tokens -= length
-            corpus.start = self._docs[0][0]
-            self._maintain()
+        corpus = self._corpus
+        self._docs.append((corpus.end, len(arr)))
+        corpus.append(np.append(arr, _SENTINEL).astype(np.int32))
+        self._tokens += len(arr)
+        while self._tokens > self.max_tokens:
+            _, length = self._docs.popleft()
+            self._tokens -= length
+        corpus.start = self._docs[0][0]
 
     def propose(
         self,

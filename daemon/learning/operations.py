@@ -15,6 +15,7 @@ from pathlib import Path
 from speclora.daemon.errors import AdapterError, NotFoundError, PreconditionError
 from speclora.daemon.learning.adapters import AdapterInfo, AdapterStore
 from speclora.daemon.learning.events import TrainParams
+from speclora.daemon.learning.history_recorder import History
 from speclora.daemon.learning.session import run_training
 from speclora.daemon.learning.store import FailureCase, FailureStore, StoreStats
 from speclora.daemon.learning.swap import activate_version
@@ -33,18 +34,26 @@ class CheckedAdapter:
 
 @dataclass(frozen=True)
 class PurgeResult:
-    """What a purge of the user's recorded data deleted (more stores join here as they come)."""
+    """What a purge of the user's recorded data deleted."""
 
     failure_cases: int
+    history_requests: int = 0  # past requests the history drafter kept
 
 
 class Learning:
     """The servicer's LearningLoop over the failure store, the adapter versions and the trainer."""
 
-    def __init__(self, config: Config, store: FailureStore, adapters: AdapterStore) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: FailureStore,
+        adapters: AdapterStore,
+        history: History | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.adapters = adapters
+        self.history = history
 
     # -- training ---------------------------------------------------------------------
 
@@ -119,5 +128,9 @@ class Learning:
 
     def purge(self) -> PurgeResult:
         """Delete every recorded prompt the daemon keeps, for good. The one place a purge
-        happens: another store of the user's text (the history drafter's) is purged here too."""
-        return PurgeResult(failure_cases=self.store.purge())
+        happens: the history drafter's store holds the same prompts, so it goes too."""
+        return PurgeResult(failure_cases=self.store.purge(), history_requests=self.purge_history())
+
+    def purge_history(self) -> int:
+        """The history drafter's stored past requests (every target's) and its index."""
+        return self.history.purge() if self.history is not None else 0

@@ -292,7 +292,7 @@ class FailureStore:
             return []
         placeholders = ",".join("?" * (len(_COLUMNS) - 1))
         sql = f"INSERT INTO cases ({','.join(_COLUMNS[1:])}) VALUES ({placeholders})"
-        with self._use() as db, _Transaction(db):
+        with self._use() as db, Transaction(db):
             ids = [int(db.execute(sql, _case_values(c)).lastrowid) for c in cases]
             self._enforce_cap(db)
         return ids
@@ -308,7 +308,7 @@ class FailureStore:
             log.info("failure_buffer_capped", dropped=excess, cap=self.cap)
 
     def delete(self, case_id: int) -> bool:
-        with self._use() as db, _Transaction(db):
+        with self._use() as db, Transaction(db):
             cur = db.execute("DELETE FROM cases WHERE id = ?", (case_id,))
         return cur.rowcount > 0
 
@@ -319,7 +319,7 @@ class FailureStore:
         afresh: what purge promises (no case left) holds either way."""
         try:
             with self._use() as db:
-                with _Transaction(db):
+                with Transaction(db):
                     deleted = db.execute("DELETE FROM cases").rowcount
                     db.execute("DELETE FROM meta WHERE key = 'trained_through_id'")
                 # VACUUM rewrites the file; the checkpoint empties the WAL, which held the rows.
@@ -341,7 +341,7 @@ class FailureStore:
 
     def mark_trained(self, through_id: int) -> None:
         """Remember that cases up to `through_id` were seen by a training run (for `pending`)."""
-        with self._use() as db, _Transaction(db):
+        with self._use() as db, Transaction(db):
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('trained_through_id', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -470,7 +470,7 @@ class FailureStore:
         self.close()
 
 
-class _Transaction:
+class Transaction:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (the caller holds the lock)."""
 
     def __init__(self, db: sqlite3.Connection) -> None:

@@ -530,6 +530,18 @@ class PurgeFailureCasesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PurgeFailureCasesResponse(_message.Message):
+    __slots__ = ("deleted", "history_deleted")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    history_deleted: int
+    def __init__(self, deleted: _Optional[int] = ..., history_deleted: _Optional[int] = ...) -> None: ...
+
+class PurgeHistoryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PurgeHistoryResponse(_message.Message):
     __slots__ = ("deleted",)
     DELETED_FIELD_NUMBER: _ClassVar[int]
     deleted: int

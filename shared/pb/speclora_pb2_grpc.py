@@ -100,6 +100,11 @@ class SpecLoRAStub:
                 request_serializer=speclora_dot_v1_dot_speclora__pb2.PurgeFailureCasesRequest.SerializeToString,
                 response_deserializer=speclora_dot_v1_dot_speclora__pb2.PurgeFailureCasesResponse.FromString,
                 _registered_method=True)
+        self.PurgeHistory = channel.unary_unary(
+                '/speclora.v1.SpecLoRA/PurgeHistory',
+                request_serializer=speclora_dot_v1_dot_speclora__pb2.PurgeHistoryRequest.SerializeToString,
+                response_deserializer=speclora_dot_v1_dot_speclora__pb2.PurgeHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class SpecLoRAServicer:
@@ -206,6 +211,15 @@ class SpecLoRAServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PurgeHistory(self, request, context):
+        """---- issue 16 RPCs (the history drafter).
+        / Delete the history drafter's stored past requests (every target's) and empty its index,
+        / leaving the failure cases. (PurgeFailureCases deletes both: they hold the same prompts.)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SpecLoRAServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -273,6 +287,11 @@ def add_SpecLoRAServicer_to_server(servicer, server):
                     servicer.PurgeFailureCases,
                     request_deserializer=speclora_dot_v1_dot_speclora__pb2.PurgeFailureCasesRequest.FromString,
                     response_serializer=speclora_dot_v1_dot_speclora__pb2.PurgeFailureCasesResponse.SerializeToString,
+            ),
+            'PurgeHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeHistory,
+                    request_deserializer=speclora_dot_v1_dot_speclora__pb2.PurgeHistoryRequest.FromString,
+                    response_serializer=speclora_dot_v1_dot_speclora__pb2.PurgeHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -627,6 +646,33 @@ class SpecLoRA:
             '/speclora.v1.SpecLoRA/PurgeFailureCases',
             speclora_dot_v1_dot_speclora__pb2.PurgeFailureCasesRequest.SerializeToString,
             speclora_dot_v1_dot_speclora__pb2.PurgeFailureCasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speclora.v1.SpecLoRA/PurgeHistory',
+            speclora_dot_v1_dot_speclora__pb2.PurgeHistoryRequest.SerializeToString,
+            speclora_dot_v1_dot_speclora__pb2.PurgeHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
