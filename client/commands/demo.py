@@ -414,6 +414,10 @@ def _where(keep: bool, config_path: str | None) -> None:
     _heading("4. Where things are, and what next")
     click.echo(f"  adapters        {paths.adapters_dir}")
     click.echo(f"  failure cases   {paths.database}   (speclora failures list | purge)")
+    click.echo(
+        f"  history         {paths.history_database}   (speclora history stats | purge; "
+        "failures purge deletes it too)"
+    )
     click.echo(f"  daemon log      {paths.daemon_log}")
     click.echo(f"  socket          {paths.socket_path}")
     for name, url in http_links(load_config(config_path).server.http_address):
