@@ -31,8 +31,6 @@ from speclora.daemon.worker import Worker
 from speclora.shared.config import Config
 from speclora.shared.paths import Paths, ensure_private_dir
 
-# The longest history proposal the controller is priced for (config history.max_proposal).
-MAX_HISTORY_PROPOSAL = 24
 log = structlog.get_logger(__name__)
 
 AUTO_TRAIN_CHECK_S = 5.0
@@ -115,7 +113,7 @@ def build_hub(config: Config) -> ModelHub:
         target.model,
         draft.model if draft is not None else None,
         max_k=spec.adaptive_max,
-        max_verify=max(spec.adaptive_max, MAX_HISTORY_PROPOSAL),
+        max_verify=max(spec.adaptive_max, config.history.max_proposal),
         draft_vocab=extras.get("draft_vocab"),
     )
     if "draft_vocab" in extras:

@@ -231,15 +231,26 @@ class _Running:
 
 def engine_generate(spec: SpeculationConfig) -> GenerateFn:
     """The real engine, bound to the daemon's speculation settings. It also hands the engine
-    what earlier requests left in the hub: their target caches (the prompt cache) and the
+    what earlier requests left in the hub: their target caches (the prompt cache), the
     acceptance the current adapter version showed (adaptive K starts from it, so a draft known
-    to be useless opens with a one-token probe, not a K = adaptive_start step)."""
+    to be useless opens with a one-token probe, not a K = adaptive_start step), the history of
+    past requests (the history drafter) and its calibration."""
 
     def run(
         hub: ModelHub, request: GenerationRequest, prompt_tokens: list[int] | None
     ) -> Iterator[EngineEvent]:
-        from speclora.daemon.engine import AcceptanceMemory, generate
+        from speclora.daemon.engine import (
+            AcceptanceMemory,
+            HistoryMemory,
+            build_prompt_tokens,
+            generate,
+        )
 
+        history = None
+        if hub.history is not None and request.mode == "detailed":
+            if prompt_tokens is None:
+                prompt_tokens = build_prompt_tokens(hub.tokenizer, request)
+            history = hub.history.for_request(prompt_tokens)
         vocab, prices = hub.extras.get("draft_vocab"), hub.extras.get("prices")
         choice = hub.extras.get("head_choice")
         if choice is not None and not choice.use_restricted:
@@ -258,6 +269,9 @@ def engine_generate(spec: SpeculationConfig) -> GenerateFn:
             acceptance_memory=hub.acceptance.setdefault(
                 (hub.adapter_version, head), AcceptanceMemory()
             ),
+            history=history,
+            history_memory=hub.extras.setdefault("history_memory", HistoryMemory()),
+            history_config=hub.history.config if hub.history is not None else None,
             prompt_cache=hub.prompt_cache,
             draft_tag=hub.adapter_version,
         )

@@ -222,8 +222,8 @@ def test_every_finished_request_is_recorded_and_counted_in_stats(
         assert h.flush(10)
         assert h.stats().documents == 3
         snap = d.server.servicer.snapshot()
-        assert (snap.history_documents, snap.history_tokens) == (3, h.stats().tokens)
-        assert snap.history_bytes == h.index.nbytes > 0
+        assert (snap.history.documents, snap.history.tokens) == (3, h.stats().tokens)
+        assert snap.history.bytes == h.index.nbytes > 0
         # What is stored is what the target wrote, after its prompt: the index proposes it.
         [*_, last] = h.store.records(d.worker.hub.target_id)
         continuing = h.for_request(list(last.prompt_ids) + list(last.completion_ids[:2]))
