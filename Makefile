@@ -33,8 +33,8 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not real_model and not slow"
 
-demo: setup
-	$(VENV)/bin/speclora demo
+demo: setup  # make demo KEEP=1 leaves the daemon running afterwards
+	$(VENV)/bin/speclora demo $(if $(KEEP),--keep-daemon)
 
 # PROTO_OUT: where the stubs go (proto-check generates into a temporary directory).
 PROTO_OUT ?= shared/pb
