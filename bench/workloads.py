@@ -165,7 +165,7 @@ def build_workloads(
         for t in DOMAIN_TEMPLATES
         for topic in DOMAIN_TOPICS
         if topic not in heldout_topics
-    ][:40]
+    ][:20]
     domain_heldout = [_request(DOMAIN_TEMPLATES[0].format(t), max_tokens) for t in heldout_topics]
     novel = [_request(p, max_tokens) for p in UNRELATED[:n]]
     return [

@@ -350,10 +350,10 @@ def _report(arms: dict[str, Arm]) -> None:
     _heading(
         "   Tokens/s, median (min-max) of the repeats; greedy, so every output is the target's"
     )
-    click.echo(f"  {'function':<13}{'before':>20}{'after':>20}{'target':>20}   after vs target")
+    click.echo(f"  {'function':<13}{'before':>23}{'after':>23}{'target':>23}   after vs target")
     target = arms["target"].speeds()
     for prompt, speeds in arms["after"].speeds().items():
-        cells = "".join(f"{Spread.of(arms[n].speeds()[prompt]).describe():>20}" for n in ARMS)
+        cells = "".join(f" {Spread.of(arms[n].speeds()[prompt]).describe():>23}" for n in ARMS)
         click.echo(f"  {_label(prompt):<13}{cells}   {compare(speeds, target[prompt]).describe()}")
     pooled = {name: normalised(arms[name].speeds(), target) for name in ARMS}
     click.echo("\n  All functions pooled (each run over its function's target-alone median):")
@@ -445,7 +445,7 @@ def _tiny_environment(root: Path) -> None:
             "SPECLORA_MODELS_TARGET": str(target),
             "SPECLORA_MODELS_DRAFT": str(draft),
             "SPECLORA_LEARNING_FAILURE_THRESHOLD": "1.0",
-            "SPECLORA_LEARNING_MIN_CASES": "4",
+            "SPECLORA_LEARNING_MIN_CASES": "2",  # history carries most tiny-model tokens: few draft cases
             # A free port: 8421 may be the user's own daemon's.
             "SPECLORA_SERVER_HTTP_ADDRESS": "127.0.0.1:0",
         }
