@@ -61,23 +61,42 @@ def linear_step_costs(cost_ratio: float, max_k: int = 16) -> StepCosts:
     return tuple(1.0 + k * cost_ratio for k in range(max_k + 1))
 
 
-def _timed(model: Any, widths: Sequence[int], repeats: int, fn: Any = None) -> list[float]:
-    """Best-of-`repeats` seconds for a forward over each width, after a 32-token context."""
+def _relative(
+    target: Any, widths: Sequence[int], repeats: int, draft: Any = None, fn: Any = None
+) -> list[float]:
+    """Each measured forward's time over a one-token target pass timed right beside it, the
+    median over `repeats` rounds. A ratio of neighbours, not of best times: on a machine that
+    other work shares, a burst of load hits both halves of a pair alike, and the median drops
+    the pairs it split. Widths are target passes; with `draft`/`fn`, one draft pass instead."""
+    import statistics
+
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    cache = make_prompt_cache(model)
-    mx.eval(model(mx.zeros((1, 32), mx.uint32), cache=cache))
-    best = [float("inf")] * len(widths)
+    caches = {id(target): make_prompt_cache(target)}
+    if draft is not None:
+        caches[id(draft)] = make_prompt_cache(draft)
+    for model in {id(target): target, id(draft): draft}.values():
+        if model is not None:
+            mx.eval(model(mx.zeros((1, 32), mx.uint32), cache=caches[id(model)]))
+
+    def seconds(model: Any, width: int, call: Any = None) -> float:
+        cache = caches[id(model)]
+        x = mx.zeros((width,), mx.uint32)
+        start = time.perf_counter()
+        mx.eval(call(x, cache) if call else model(x[None], cache=cache))
+        took = time.perf_counter() - start
+        for c in cache:
+            c.trim(width)
+        return took
+
+    ratios: list[list[float]] = [[] for _ in widths]
     for _ in range(repeats):
         for i, width in enumerate(widths):
-            x = mx.zeros((width,), mx.uint32)
-            start = time.perf_counter()
-            mx.eval(fn(x, cache) if fn else model(x[None], cache=cache))
-            best[i] = min(best[i], time.perf_counter() - start)
-            for c in cache:
-                c.trim(width)
-    return best
+            one = seconds(target, 1)
+            took = seconds(draft, 1, fn) if draft is not None else seconds(target, width)
+            ratios[i].append(took / one)
+    return [statistics.median(r) for r in ratios]
 
 
 def measure_prices(
@@ -91,44 +110,45 @@ def measure_prices(
 ) -> StepPrices:
     """Time target passes over 1..max(max_k, 8) + 1 tokens densely and wider ones up to
     max_verify + 1 sparsely (linearly interpolated), and one draft pass with the head
-    generation uses (`draft_vocab`), all relative to a one-token target pass."""
+    generation uses (`draft_vocab`), all relative to a one-token target pass. A pass over w
+    tokens is priced at most w passes (what w separate passes cost), whatever a noisy reading
+    says."""
     dense = max(max_k, 8) + 1
-    widths = list(range(1, dense + 1)) + [w for w in _SPARSE_WIDTHS if dense < w <= max_verify + 1]
+    widths = list(range(2, dense + 1)) + [w for w in _SPARSE_WIDTHS if dense < w <= max_verify + 1]
     if max_verify + 1 > widths[-1]:
         widths.append(max_verify + 1)
-    seconds = _timed(target, widths, repeats)
-    one = seconds[0]
-    measured = dict(zip(widths, seconds, strict=True))
+    measured = {1: 1.0, **dict(zip(widths, _relative(target, widths, repeats), strict=True))}
+    points = sorted(measured)
     verify = [1.0]
-    for width in range(2, max(widths) + 1):
+    for width in range(2, points[-1] + 1):
         if width in measured:
-            t = measured[width]
+            r = measured[width]
         else:  # between two sparse widths
-            lo = max(w for w in widths if w < width)
-            hi = min(w for w in widths if w > width)
-            t = measured[lo] + (measured[hi] - measured[lo]) * (width - lo) / (hi - lo)
-        verify.append(max(round(t / one, 2), verify[-1] + 0.01))
+            lo = max(w for w in points if w < width)
+            hi = min(w for w in points if w > width)
+            r = measured[lo] + (measured[hi] - measured[lo]) * (width - lo) / (hi - lo)
+        verify.append(round(max(min(r, float(width)), verify[-1] + 0.01), 2))
     draft_cost = 0.0
     if draft is not None:
-        draft_cost = round(_draft_seconds(draft, draft_vocab, repeats) / one, 3)
+        draft_cost = _draft_cost(target, draft, draft_vocab, repeats)
     return StepPrices(verify=tuple(verify), draft=draft_cost)
 
 
-def _draft_seconds(draft: Any, draft_vocab: Any | None, repeats: int) -> float:
+def _draft_cost(target: Any, draft: Any, draft_vocab: Any | None, repeats: int) -> float:
+    """One draft pass (with the head generation uses) in one-token target passes."""
     from speclora.daemon.engine.draft_vocab import DraftHead, model_parts
 
     head = DraftHead(model_parts(draft), draft_vocab)
-    (seconds,) = _timed(draft, [1], repeats, lambda x, cache: head.logits(x, cache)[1])
-    return seconds
+    (ratio,) = _relative(target, [1], repeats, draft, lambda x, cache: head.logits(x, cache)[1])
+    return round(ratio, 3)
 
 
 def with_draft_head(
     prices: StepPrices, target: Any, draft: Any, draft_vocab: Any | None, repeats: int = 3
 ) -> StepPrices:
     """The same verify prices with another draft head's pass (e.g. the full head beside the
-    restricted one), timed against a fresh one-token target pass."""
-    (one,) = _timed(target, [1], repeats)
-    return StepPrices(prices.verify, round(_draft_seconds(draft, draft_vocab, repeats) / one, 3))
+    restricted one)."""
+    return StepPrices(prices.verify, _draft_cost(target, draft, draft_vocab, repeats))
 
 
 def measure_step_costs(
