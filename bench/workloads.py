@@ -48,6 +48,7 @@ import speclora.daemon.blas  # noqa: F401  (OpenBLAS before mlx)
 # isort: split
 import mlx.core as mx
 from mlx_lm import stream_generate
+from speclora.daemon.blas import blas_info
 from speclora.daemon.engine import (
     AcceptanceMemory,
     ChatTurn,
@@ -437,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
                     "prices": {"verify": prices.verify, "draft": prices.draft},
                     "workloads": names,
                     "rows": rows,
+                    "blas": blas_info().name,
+                    "prompts": args.prompts,
+                    "max_tokens": args.max_tokens,
                 },
                 indent=2,
             )  # fmt: skip
