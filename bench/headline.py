@@ -254,6 +254,23 @@ def workload_rows(w: dict[str, Any]) -> Iterator[Row]:
         )
 
 
+def history_rows(h: dict[str, Any]) -> Iterator[Row]:
+    by = {r["operation"]: r for r in h["rows"]}
+    tokens = f"{h['history_tokens'] / 1e6:.2f}M"
+    for name, row in by.items():
+        if name.startswith(("propose", "extend")):
+            yield (
+                f"history drafter at {tokens} tokens: {name}, median / one-token target pass",
+                f"{100 * row['of_target_pass']:.2f}% ({row['median_ms']:.3f} ms)",
+                "< 1%",
+            )
+    yield (
+        "history drafter memory per million tokens (history.max_tokens bounds it)",
+        f"{h['bytes_per_million'] / (1 << 20):.1f} MiB",
+        "bounded",
+    )
+
+
 def headline_markdown(benchmarks: dict[str, Any]) -> str:
     rows: list[Row] = []
     for name, fn in (
@@ -261,6 +278,7 @@ def headline_markdown(benchmarks: dict[str, Any]) -> str:
         ("daemon", daemon_rows),
         ("learning", learning_rows),
         ("workloads", workload_rows),
+        ("history", history_rows),
     ):
         if name in benchmarks:
             rows += list(fn(benchmarks[name]))  # type: ignore[operator]

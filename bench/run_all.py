@@ -21,7 +21,7 @@ from headline import headline_markdown  # bench/ is on sys.path when run as a sc
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHES = ("speculative", "daemon", "learning", "workloads")
+BENCHES = ("speculative", "daemon", "learning", "workloads", "history")
 
 
 def machine_description() -> dict[str, str | int]:

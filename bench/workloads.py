@@ -25,8 +25,9 @@ The history is frozen while measuring: it holds the warm-up requests only (outpu
 measured prompts never leak into another method's run). Decode tokens/s is (tokens - 1) over
 the time from the first token to the last, so a prompt's prefill (the same for every method)
 does not dilute the ratio; end-to-end tokens/s (prefill included) is reported beside it.
-Ratios are per prompt against target-only on the same prompt, then the median and the range
-over the workload's prompts.
+Ratios are per prompt against target-only on the same prompt, in the same round; every prompt
+runs `--repeats` rounds (one run varies by ~20% on this shared machine) and its ratio is their
+median; then the median and the range over the workload's prompts.
 
     python bench/workloads.py [--json PATH] [--smoke] [--prompts N] [--max-tokens N]
 """
@@ -306,7 +307,9 @@ class Row:
         }
 
 
-def run_workload(wl: Workload, target, draft, tokenizer, spec, hcfg, prices, vocab) -> list[dict]:
+def run_workload(
+    wl: Workload, target, draft, tokenizer, spec, hcfg, prices, vocab, repeats: int = 1
+) -> list[dict]:
     index = SuffixIndex(hcfg.max_tokens, max_match=hcfg.max_match, min_match=hcfg.min_match)
     hybrid_memory, history_memory = HistoryMemory(), HistoryMemory()
     draft_memory, hybrid_draft_memory = AcceptanceMemory(), AcceptanceMemory()
@@ -347,14 +350,22 @@ def run_workload(wl: Workload, target, draft, tokenizer, spec, hcfg, prices, voc
     rows = [Row(wl.key, name) for name, _ in methods]
     for i, request in enumerate(wl.measured):
         ids = build_prompt_tokens(tokenizer, request)
-        baseline = None
-        for row, (_, fn) in zip(rows, methods, strict=True):
-            run = fn(request, ids)
-            baseline = baseline or run
-            row.runs.append(run)
-            row.ratios.append(run.decode_tps / baseline.decode_tps if baseline.decode_tps else 0.0)
-            row.e2e_ratios.append(run.e2e_tps / baseline.e2e_tps if baseline.e2e_tps else 0.0)
-            row.identical.append(run.tokens == baseline.tokens)
+        ratios: list[list[float]] = [[] for _ in rows]
+        e2e: list[list[float]] = [[] for _ in rows]
+        for _ in range(repeats):  # rounds of every method; a prompt's ratio is their median
+            baseline = None
+            for j, (row, (_, fn)) in enumerate(zip(rows, methods, strict=True)):
+                run = fn(request, ids)
+                baseline = baseline or run
+                row.runs.append(run)
+                ratios[j].append(
+                    run.decode_tps / baseline.decode_tps if baseline.decode_tps else 0.0
+                )
+                e2e[j].append(run.e2e_tps / baseline.e2e_tps if baseline.e2e_tps else 0.0)
+                row.identical.append(run.tokens == baseline.tokens)
+        for row, r, e in zip(rows, ratios, e2e, strict=True):
+            row.ratios.append(statistics.median(r))
+            row.e2e_ratios.append(statistics.median(e))
         log(f"  ({wl.key}) prompt {i + 1}/{len(wl.measured)}: " + ", ".join(
             f"{r.method.split(' (')[0]} {r.ratios[-1]:.2f}" for r in rows[1:]))  # fmt: skip
     result = [row.summary() for row in rows]
@@ -387,13 +398,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft", default="self:4")
     parser.add_argument("--prompts", type=int, default=4, help="measured prompts per workload")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="rounds of every method per prompt (median taken)"
+    )
     parser.add_argument("--only", default="abcdef", help="workload letters to run")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few tokens")
     args = parser.parse_args(argv)
     configure_logging("warning")
     if args.smoke:
-        args.prompts, args.max_tokens = 2, 8
+        args.prompts, args.max_tokens, args.repeats = 2, 8, 1
     target, draft, tokenizer, pair = load_models(args)
     spec = SpeculationConfig()
     hcfg = HistoryConfig()
@@ -425,9 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for wl in workloads:
         log(f"({wl.key}) {wl.name}: {len(wl.warmup)} warm-up, {len(wl.measured)} measured")
-        rows += run_workload(wl, target, draft, tokenizer, spec, hcfg, prices, vocab)
+        rows += run_workload(wl, target, draft, tokenizer, spec, hcfg, prices, vocab, args.repeats)
     print(
-        f"Workloads on {pair}, T = 0, {args.prompts} prompts each, max {args.max_tokens} tokens.\n"
+        f"Workloads on {pair}, T = 0, {args.prompts} prompts each, max {args.max_tokens} tokens;"
+        f" each prompt's ratio is the median of {args.repeats} rounds of every method.\n"
     )
     print(markdown(rows, names))
     if args.json:
@@ -441,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                     "blas": blas_info().name,
                     "prompts": args.prompts,
                     "max_tokens": args.max_tokens,
+                    "repeats": args.repeats,
                 },
                 indent=2,
             )  # fmt: skip

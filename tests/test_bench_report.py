@@ -124,6 +124,17 @@ def test_workloads_bench(report: tuple[dict[str, Any], str]) -> None:
 
 
 @pytest.mark.slow
+def test_history_bench(report: tuple[dict[str, Any], str]) -> None:
+    """The history drafter's cost bench filled its index to the bound and timed every call."""
+    data = report[0]["benchmarks"]["history"]
+    assert data["within_bound"] and data["history_tokens"] > 0.9 * data["bound_tokens"]
+    ops = {r["operation"]: r for r in data["rows"]}
+    assert ops["propose (history), copied span"]["calls"] > 0
+    assert all(r["median_ms"] > 0 for r in ops.values())
+    assert data["bytes_per_million"] > 0
+
+
+@pytest.mark.slow
 def test_report_markdown_has_headline_and_every_table(report: tuple[dict[str, Any], str]) -> None:
     data, markdown = report
     assert data["machine"]["cores"] > 0 and data["date"]
@@ -142,6 +153,7 @@ def test_report_markdown_has_headline_and_every_table(report: tuple[dict[str, An
         "learning: unrelated-prompt acceptance, teacher-forced",
         "workloads: T = 0 output identical to target-only",
         "ours hybrid / prompt-lookup baseline",
+        "history drafter memory per million tokens",
     ):
         assert figure in headline, figure
     # Every T = 0 method matched the target in smoke mode, and the headline says so.
