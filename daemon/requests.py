@@ -10,11 +10,12 @@ whose clients spell a field differently renames the error (`InvalidRequestError.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from speclora.daemon.engine.events import ChatTurn, GenerationRequest, SamplingParams
+from speclora.daemon.engine.events import ChatTurn, Constraint, GenerationRequest, SamplingParams
 from speclora.daemon.engine.prompt import build_prompt_tokens
 from speclora.daemon.errors import InvalidRequestError
 from speclora.daemon.state import ModelHub
@@ -94,11 +95,17 @@ def generation_request(
     mode: str | None = None,
     record: bool | None = None,
     use_history: bool | None = None,
+    json_schema: str | Mapping[str, Any] | None = None,
+    json_object: bool | None = None,
+    regex: str | None = None,
+    lark: str | None = None,
 ) -> GenerationRequest:
     """Validate every field and fill what is unset (None) from the daemon's defaults.
 
     `messages` are (role, content) pairs; roles and the prompt's presence are checked when the
-    prompt is templated (`prompt_tokens_within_limits`)."""
+    prompt is templated (`prompt_tokens_within_limits`). At most one of `json_schema` (its JSON
+    text or the parsed object), `json_object` (true: any JSON object), `regex` and `lark` (a Lark
+    grammar) constrains the output; it is compiled and checked here."""
     g, s = config.generation, config.speculation
     prompt = _text("prompt", prompt)
     for i, (role, content) in enumerate(messages):
@@ -139,10 +146,18 @@ def generation_request(
         draft_tokens = s.draft_tokens
     else:
         check_within("draft_tokens", _integer("draft_tokens", draft_tokens), _DRAFT_TOKENS)
+    constraint = _constraint(json_schema, json_object, regex, lark)
     if mode is None:
-        mode = s.mode
+        # Fast mode (mlx-lm's loop) cannot mask logits: structured output runs detailed.
+        mode = "detailed" if constraint is not None else s.mode
     elif mode not in MODES:
         raise InvalidRequestError("mode", f"{_shown(mode)} is not one of {', '.join(MODES)}")
+    elif mode == "fast" and constraint is not None:
+        raise InvalidRequestError(
+            "mode",
+            "fast mode cannot constrain the output; use detailed (or leave mode unset) "
+            "with a schema or grammar",
+        )
     record = True if record is None else _boolean("record", record)
     use_history = True if use_history is None else _boolean("use_history", use_history)
 
@@ -158,7 +173,48 @@ def generation_request(
         record=record,
         use_history=use_history,
         request_id=request_id,
+        constraint=constraint,
     )
+
+
+def _constraint(
+    json_schema: str | Mapping[str, Any] | None,
+    json_object: bool | None,
+    regex: str | None,
+    lark: str | None,
+) -> Constraint | None:
+    """The one structured-output field given, compiled; InvalidRequestError naming it."""
+    from speclora.daemon.engine.grammar import compile_constraint
+
+    if json_object is not None and not _boolean("json_object", json_object):
+        json_object = None
+    given = {
+        name: value
+        for name, value in (
+            ("json_schema", json_schema),
+            ("json_object", json_object),
+            ("regex", regex),
+            ("lark", lark),
+        )
+        if value is not None
+    }
+    if not given:
+        return None
+    if len(given) > 1:
+        raise InvalidRequestError(
+            sorted(given)[1], f"give one of {', '.join(sorted(given))}, not several"
+        )
+    ((field, value),) = given.items()
+    if field == "json_object":
+        source = ""
+    elif field == "json_schema" and isinstance(value, (Mapping, bool)):
+        source = json.dumps(value)
+    else:
+        source = _text(field, value)
+    try:
+        return compile_constraint(field, source)
+    except ValueError as exc:
+        raise InvalidRequestError(field, str(exc)) from None
 
 
 def prompt_tokens_within_limits(

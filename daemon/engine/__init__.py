@@ -21,6 +21,7 @@ from speclora.daemon.engine.costs import StepPrices, default_prices, measure_pri
 from speclora.daemon.engine.draft_vocab import DraftVocab
 from speclora.daemon.engine.events import (
     ChatTurn,
+    Constraint,
     EngineEvent,
     GenerationRequest,
     GenerationSummary,
@@ -38,6 +39,7 @@ __all__ = [
     "AcceptanceMemory",
     "AdaptiveK",
     "ChatTurn",
+    "Constraint",
     "DraftVocab",
     "EngineEvent",
     "FixedK",
@@ -121,5 +123,6 @@ def generate(
             history_config=history_config,
             prompt_cache=prompt_cache,
             draft_tag=draft_tag,
+            tokenizer=tokenizer,
         )
     return Generation(steps, tracker)

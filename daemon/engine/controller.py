@@ -22,6 +22,12 @@ luck comes back. Each request starts from what earlier ones saw (HistoryMemory),
 with the band's default so that no band is shut for good. The history step takes the prefix of
 the proposal with the best tokens per cost.
 
+The request's grammar (structured output, engine/grammar.py) is a third source: where it allows
+one token or a fixed run (a key name, a brace, a quote), it proposes that run with no draft pass,
+priced like a history proposal at its own acceptance estimate (high: the run is what the grammar
+forces, but the target may still spell it with other tokens). It also prunes history's proposal
+to its legal prefix before pricing it; the draft's proposals are masked in the engine.
+
 Decisions depend only on the request's tokens, the acceptance seen and the fixed prices, never
 on wall-clock time, so a seeded request makes the same choices every run.
 """
@@ -43,6 +49,8 @@ MATCH_BANDS = (0, 3, 5, 9)
 BAND_PRIORS = (0.3, 0.5, 0.7, 0.85)
 HISTORY_PROBE_TOKENS = 4  # a probe verifies this much of a proposal that did not pay
 MAX_PROBE_BACKOFF = 8
+GRAMMAR_PRIOR = 0.9  # a forced run's per-token acceptance before any evidence
+MAX_FORCED = 32  # the longest forced run one step proposes
 
 
 def match_band(match_len: int) -> int:
@@ -63,6 +71,14 @@ class ProposalSource(Protocol):
     ) -> Proposal | None: ...
 
     def extend(self, tokens: Sequence[int]) -> None: ...
+
+
+class GrammarSource(Protocol):
+    """The request's grammar as the controller sees it (engine.grammar.GrammarState)."""
+
+    def forced(self, limit: int) -> tuple[int, ...]: ...
+
+    def legal_prefix(self, tokens: Sequence[int]) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -145,8 +161,11 @@ class StepController:
         spec_factor: float = 1.0,
         calibration: Sequence[float | None] | None = None,
         probe_interval: int = 16,
+        grammar: GrammarSource | None = None,
     ) -> None:
         self.prices = prices
+        self.grammar = grammar
+        self.grammar_estimate = AcceptanceEstimate(prior=GRAMMAR_PRIOR, shrink=2.0)
         self.draft_policy = draft_policy
         self.history = history
         self.max_history = max_history
@@ -190,33 +209,60 @@ class StepController:
         )
         if proposal is None or not proposal.tokens:
             return PLAIN
+        tokens, confidence = tuple(proposal.tokens), tuple(proposal.confidence)
+        if self.grammar is not None:  # only what the grammar allows can be accepted
+            legal = self.grammar.legal_prefix(tokens)
+            tokens, confidence = tokens[:legal], confidence[:legal]
+            if not tokens:
+                return PLAIN
         band = match_band(proposal.match_len)
-        n, expected, _ = history_prefix(proposal.confidence, self.bands[band].value, self.prices)
+        n, expected, _ = history_prefix(confidence, self.bands[band].value, self.prices)
         probe = False
         if n == 0:
             self._unpriced += 1
             if self._unpriced < self.probe_interval * self._backoff:
                 return PLAIN
-            n, probe = min(HISTORY_PROBE_TOKENS, len(proposal.tokens)), True
+            n, probe = min(HISTORY_PROBE_TOKENS, len(tokens)), True
         return StepPlan(
             "history",
             n,
-            tokens=tuple(proposal.tokens[:n]),
-            confidence=tuple(proposal.confidence[:n]),
+            tokens=tokens[:n],
+            confidence=confidence[:n],
             expected=expected,
             band=band,
             probe=probe,
         )
 
+    def _grammar_plan(self, budget: int) -> StepPlan:
+        if self.grammar is None or budget <= 0:
+            return PLAIN
+        tokens = self.grammar.forced(min(MAX_FORCED, budget))
+        if not tokens:
+            return PLAIN
+        a = min(A_MAX, self.grammar_estimate.value)
+        n, expected, _ = history_prefix((1.0,) * len(tokens), a, self.prices)
+        if n == 0:
+            return PLAIN
+        return StepPlan("grammar", n, tokens=tokens[:n], confidence=(1.0,) * n, expected=expected)
+
     def _gain(self, plan: StepPlan) -> float:
         if plan.source == "draft":
             return plan.expected / self.prices.draft_step(plan.k)
-        if plan.source == "history":
+        if plan.source in ("history", "grammar"):
             return plan.expected / self.prices.verify_cost(plan.k)
         return 1.0
 
     def plan(self, budget: int) -> StepPlan:
         """The step to take; `budget` = proposals the request can still use (tokens left - 1)."""
+        grammar = self._grammar_plan(budget)
+        if grammar.k:
+            # A forced run is the cheapest proposal there is; it wins unless a source prices
+            # higher (a long history match can continue past it).
+            others = [p for p in (self._history_plan(budget),) if p.k]
+            best = max(others, key=self._gain, default=None)
+            if best is not None and self._gain(best) > self._gain(grammar):
+                return best
+            return grammar
         draft = self._draft_plan(budget)
         history = self._history_plan(budget)
         if history.k and self._gain(history) > max(self._gain(draft), 1.0):
@@ -229,6 +275,11 @@ class StepController:
         if self.draft_policy is not None:
             # A history step did not test the draft: for adaptive K it is an idle step.
             self.draft_policy.update(plan.k if plan.source == "draft" else 0, accepted)
+        if plan.source == "grammar":
+            self.grammar_estimate.decay()
+            self.grammar_estimate.observe(accepted, accepted + (1 if accepted < plan.k else 0))
+        else:
+            self.grammar_estimate.fade()
         for band, estimate in enumerate(self.bands):
             if plan.source != "history" or band != plan.band:
                 estimate.fade()
@@ -256,6 +307,7 @@ def make_controller(
     draft_alpha: float | None,
     history_calibration: Sequence[float | None] | None,
     history_config: object | None = None,
+    grammar: GrammarSource | None = None,
 ) -> FixedPlans | StepController:
     """Fixed K when the request (or config) sets one, else the adaptive controller."""
     from speclora.daemon.engine.adaptive import make_policy
@@ -280,5 +332,6 @@ def make_controller(
         history=history,
         calibration=history_calibration,
         probe_interval=spec.probe_interval,  # type: ignore[attr-defined]
+        grammar=grammar,
         **options,
     )

@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Mode = Literal["detailed", "fast"]
-FinishReason = Literal["eos", "length", "stop_string", "cancelled"]
+# grammar_incomplete: max_tokens ran out (or no token could continue) before the output
+# completed the request's grammar, so the text does not match it.
+FinishReason = Literal["eos", "length", "stop_string", "cancelled", "grammar_incomplete"]
 # Who proposed the tokens of a step: the model draft, the history drafter (suffix matches over
-# the request's own tokens and past requests' outputs), or nobody (a plain target pass).
-Source = Literal["draft", "history", "target"]
+# the request's own tokens and past requests' outputs), the request's grammar (the tokens it
+# forces), or nobody (a plain target pass).
+Source = Literal["draft", "history", "grammar", "target"]
+ConstraintKind = Literal["json_schema", "json_object", "regex", "lark"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,15 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """Structured output: what the completion must match (engine/grammar.py compiles it)."""
+
+    kind: ConstraintKind
+    source: str  # the schema's JSON text, the regex or the Lark grammar ("" for json_object)
+    grammar: str  # llguidance's grammar, compiled from source and validated
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """A validated request. Either `prompt` or `messages` is set (checked by the servicer)."""
 
@@ -55,6 +68,7 @@ class GenerationRequest:
     record: bool = True
     use_history: bool = True  # let the history drafter propose (adaptive K only)
     request_id: str = ""
+    constraint: Constraint | None = None  # structured output (detailed mode)
     # time.perf_counter() when the request arrived (the RPC's start): time to first token and
     # total time count from here, so waiting in the queue shows. None = when the engine starts.
     received_at: float | None = None
@@ -68,6 +82,7 @@ class TextChunk:
     token_ids: tuple[int, ...]
     from_draft: tuple[bool, ...]  # per token: a model-draft proposal the target accepted
     from_history: tuple[bool, ...] = ()  # per token: a history proposal the target accepted
+    from_grammar: tuple[bool, ...] = ()  # per token: a grammar-forced proposal the target took
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,9 @@ class GenerationSummary:
     draft_accepted: int = 0
     history_proposed: int = 0
     history_accepted: int = 0
+    grammar_proposed: int = 0  # the tokens a request's grammar forced, proposed with no draft
+    grammar_accepted: int = 0
+    from_grammar: tuple[bool, ...] = ()  # per completion token: an accepted grammar proposal
 
     @property
     def acceptance_rate(self) -> float:

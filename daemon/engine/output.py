@@ -51,14 +51,15 @@ class CompletionTracker:
         self.ids: list[int] = []
         self.from_draft: list[bool] = []
         self.from_history: list[bool] = []
+        self.from_grammar: list[bool] = []
         self.rejection_positions: list[int] = []
         self.finish_reason: FinishReason | None = None
         self._text_sent = ""  # only its last _max_stop chars matter, for stop matching
         self._pending_text = ""
         self._pending_from = 0  # index into ids of the first token not yet in a chunk
         # Counters and clocks.
-        self.proposed = {"draft": 0, "history": 0}  # by source
-        self.accepted = {"draft": 0, "history": 0}
+        self.proposed = {"draft": 0, "history": 0, "grammar": 0}  # by source
+        self.accepted = {"draft": 0, "history": 0, "grammar": 0}
         self.target_passes = 0
         # From the request's arrival when the caller knows it, so queueing counts in TTFT.
         self.start = request.received_at if request.received_at is not None else time.perf_counter()
@@ -109,6 +110,7 @@ class CompletionTracker:
             self.ids.append(int(token))
             self.from_draft.append(proposed and source == "draft")
             self.from_history.append(proposed and source == "history")
+            self.from_grammar.append(proposed and source == "grammar")
             if token in self.eos_ids:
                 self.finish_reason = "eos"
                 break
@@ -149,6 +151,7 @@ class CompletionTracker:
             token_ids=tuple(self.ids[start:]),
             from_draft=tuple(self.from_draft[start:]),
             from_history=tuple(self.from_history[start:]),
+            from_grammar=tuple(self.from_grammar[start:]),
         )
 
     def summary(self) -> GenerationSummary:
@@ -168,6 +171,9 @@ class CompletionTracker:
             draft_accepted=self.accepted["draft"],
             history_proposed=self.proposed["history"],
             history_accepted=self.accepted["history"],
+            grammar_proposed=self.proposed["grammar"],
+            grammar_accepted=self.accepted["grammar"],
+            from_grammar=tuple(self.from_grammar),
             target_passes=self.target_passes,
             time_to_first_token_s=ttft,
             tokens_per_second=n / decode_time if decode_time > 0 and n else 0.0,

@@ -14,16 +14,28 @@ after plain steps while adaptive K sat at 0. After verification both caches are 
 to the accepted prefix. An unadapted self-draft has no cache of its own: its layers are the
 target's first layers, so it runs on theirs (fed seq[-1], its k proposal positions trimmed
 before the verify pass writes them again).
+
+Structured output (a request with a `constraint`, engine/grammar.py). Every target row that
+decides a token is masked with the grammar's state at its position, before temperature, top-k
+and top-p, so the output is exactly the constrained target's, greedy or sampled; the draft's
+rows are masked the same way (through its restricted head's ids), so its proposals are legal,
+and it stops proposing where its head has no legal token or after an end token. History's and
+the grammar's own proposals (the run it forces) are verified as point masses. The matcher runs
+ahead over a step's proposals for their masks, comes back, and consumes what was emitted. Plain
+steps are not pipelined then (the next row's mask needs this step's token), and where the
+grammar is complete and allows only the end token, that token is emitted without a pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 import structlog
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from speclora.daemon.engine.adaptive import AcceptanceMemory
@@ -45,6 +57,7 @@ from speclora.daemon.engine.events import (
     StepEvent,
     StepTrace,
 )
+from speclora.daemon.engine.grammar import GrammarState
 from speclora.daemon.engine.output import CompletionTracker
 from speclora.daemon.engine.prompt_cache import PromptCache, Reused
 from speclora.daemon.engine.sampling import (
@@ -65,6 +78,8 @@ class _Proposal:
     tokens: mx.array  # (K,) the draft's proposals
     draft_probs: mx.array  # (K,) q(x_i) (untempered softmax at T = 0)
     q: mx.array | None  # (K, V) the distributions they were drawn from (T > 0 only)
+    fed: int = -1  # proposals the draft ran on (K - 1 unless it stopped early; -1 = K - 1)
+    masks: np.ndarray | None = None  # (K + 1, V) the grammar's mask at each verified row
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,22 @@ class _StepResult:
     emitted: list[int]  # accepted proposals + the correction or bonus token
     target_probs: list[float]
     draft_probs: list[float]
+
+
+def _masked(logits: mx.array, allowed: np.ndarray | mx.array) -> mx.array:
+    """Logits with the tokens a grammar forbids at -inf (rows and mask of the same width)."""
+    mask = allowed if isinstance(allowed, mx.array) else mx.array(allowed)
+    return mx.where(mask, logits, mx.array(float("-inf"), logits.dtype))
+
+
+def _head_mask(allowed: mx.array, ids: mx.array | None, width: int) -> mx.array:
+    """A full-vocabulary mask seen through a draft head: its ids, or its own width."""
+    if ids is not None:
+        return allowed[ids]
+    vocab = allowed.shape[0]
+    if width <= vocab:
+        return allowed[:width]
+    return mx.concatenate([allowed, mx.zeros((width - vocab,), mx.bool_)])
 
 
 def _to_vocab(row: mx.array, ids: mx.array | None, vocab: int) -> mx.array:
@@ -99,6 +130,7 @@ class _Decoder:
         reused: Reused | None = None,
         draft_key: Any = None,
     ):
+        self.grammar: GrammarState | None = None  # set by detailed_steps for structured output
         self.target = target
         self.target_parts = model_parts(target)
         self.params = params
@@ -183,6 +215,8 @@ class _Decoder:
 
     def _plain_pass(self, token: mx.array) -> tuple[mx.array, mx.array]:
         logits = self.target(token.reshape(1, 1), cache=self.target_cache)[0, -1]
+        if self.grammar is not None:
+            logits = _masked(logits, self.grammar.allowed())
         return logits, sample(logits, self.params, self._next_key())
 
     def plain_step(self, pipeline_next: bool) -> int:
@@ -192,7 +226,7 @@ class _Decoder:
             (_, token), self.lookahead = self.lookahead, None
         else:
             _, token = self._plain_pass(mx.array([self.seq[-1]], mx.uint32))
-        if pipeline_next:
+        if pipeline_next and self.grammar is None:
             self.lookahead = self._plain_pass(token)
             mx.async_eval(self.lookahead[1])
         value = int(token.item())
@@ -219,9 +253,20 @@ class _Decoder:
         else:
             feed = mx.array(self.seq[self.draft_len :], mx.uint32)
             self.draft_len = len(self.seq)
-        tokens, probs, rows = [], [], []
+        grammar = self.grammar
+        tokens, probs, rows, masks = [], [], [], []
+        runs, fed = 0, k - 1
         for i in range(k):
             ids, logits = self.head.logits(feed, self.draft_cache)
+            runs += 1
+            if grammar is not None:
+                allowed = mx.array(grammar.allowed())
+                legal = _head_mask(allowed, ids, logits.shape[-1])
+                if not mx.any(legal).item():  # no legal token in the draft's head
+                    fed = i
+                    break
+                masks.append(grammar.allowed())
+                logits = _masked(logits, legal)
             if greedy:
                 choice = mx.argmax(logits, axis=-1)
                 q_row = mx.softmax(logits.astype(mx.float32), axis=-1)
@@ -237,16 +282,29 @@ class _Decoder:
                 assert self.vocab is not None
                 rows.append(_to_vocab(q_row, ids, self.vocab))
             mx.async_eval(token)
+            if grammar is not None:
+                value = int(token.item())
+                grammar.push(value)
+                if value == grammar.eos:  # nothing follows an end token
+                    fed = i
+                    break
             if i < k - 1:
                 feed = token.reshape(1)
         if self.shares_cache:
             # The verify pass writes these positions of the shared layers again, its own way
             # (all k, or all but seq[-1] when a queued pass already verifies its position).
-            trim_prompt_cache(self.draft_cache, k - 1 if queued else k)
+            trim_prompt_cache(self.draft_cache, runs - 1 if queued else runs)
+        if grammar is not None:
+            masks.append(grammar.allowed())
+            grammar.pop(len(tokens))
+        if not tokens:
+            return _Proposal(mx.zeros((0,), mx.uint32), mx.zeros((0,)), None, fed=0)
         return _Proposal(
             tokens=mx.stack(tokens),
             draft_probs=mx.stack(probs),
             q=mx.stack(rows) if rows else None,
+            fed=fed if grammar is not None else k - 1,
+            masks=np.stack(masks) if grammar is not None else None,
         )
 
     def _verify_logits(self, proposals: mx.array) -> mx.array:
@@ -260,12 +318,19 @@ class _Decoder:
         return self.target(verify_in[None], cache=self.target_cache)[0]
 
     def _verify(
-        self, proposals: mx.array, confidence: mx.array, q: mx.array | None, point_mass: bool
+        self,
+        proposals: mx.array,
+        confidence: mx.array,
+        q: mx.array | None,
+        point_mass: bool,
+        masks: np.ndarray | None = None,
     ) -> tuple[list[int], int, list[int], Any]:
         """Verify k proposals; the target cache keeps seq through the accepted ones. Returns
-        (proposed, accepted, emitted, verdict)."""
+        (proposed, accepted, emitted, verdict). `masks`: the grammar's mask of each row."""
         k = proposals.shape[0]
         logits = self._verify_logits(proposals)
+        if masks is not None:
+            logits = _masked(logits, masks)
         if self.params.greedy:
             verdict = greedy_verdict(logits, proposals, confidence)
         else:
@@ -284,30 +349,45 @@ class _Decoder:
         return proposed, n, emitted, verdict
 
     def speculative_step(self, k: int) -> _StepResult:
-        """Draft k, verify k + 1 in one target pass, rewind both caches to the accepted prefix."""
+        """Draft k, verify k + 1 in one target pass, rewind both caches to the accepted prefix.
+        Under a grammar the draft may propose fewer (none: the step is a plain one)."""
         if self.vocab is None:
             self.vocab = self._vocab_width()
         proposal = self._propose(k)
+        k = proposal.tokens.shape[0]
+        if k == 0:
+            token = self.plain_step(pipeline_next=False)
+            return _StepResult(
+                proposed=[], accepted=0, emitted=[token], target_probs=[], draft_probs=[]
+            )
         proposed, n, emitted, verdict = self._verify(
-            proposal.tokens, proposal.draft_probs, proposal.q, point_mass=False
+            proposal.tokens,
+            proposal.draft_probs,
+            proposal.q,
+            point_mass=False,
+            masks=proposal.masks,
         )
         if self.own_draft_cache:  # (a shared draft cache was trimmed with the target's)
-            # Draft cache: ran on seq and proposals 1..k-1; keep through the n accepted.
-            if n < k:
-                trim_prompt_cache(self.draft_cache, k - 1 - n)
-                self.draft_len = len(self.seq) + n
-            else:
-                self.draft_len = len(self.seq) + k - 1
+            # Draft cache: ran on seq and proposals 1..fed (fed = k - 1 unless it stopped
+            # early); keep through the n accepted.
+            fed = proposal.fed
+            keep = min(n, fed)
+            if keep < fed:
+                trim_prompt_cache(self.draft_cache, fed - keep)
+            self.draft_len = len(self.seq) + keep
         return self._advance(proposed, n, emitted, verdict)
 
     def history_step(self, tokens: Sequence[int], confidence: Sequence[float]) -> _StepResult:
-        """Verify a history proposal (no draft pass). A draft with a cache of its own falls
-        behind and catches up when it next proposes."""
+        """Verify a deterministic proposal (history's, or the run a grammar forces: no draft
+        pass). A draft with a cache of its own falls behind and catches up when it next
+        proposes."""
+        masks = self.grammar.masks(tokens) if self.grammar is not None else None
         proposed, n, emitted, verdict = self._verify(
             mx.array(list(tokens), mx.uint32),
             mx.array(list(confidence), mx.float32),
             None,
             point_mass=True,
+            masks=masks,
         )
         return self._advance(proposed, n, emitted, verdict, confidence=list(confidence))
 
@@ -370,13 +450,15 @@ def detailed_steps(
     history_config: Any | None = None,
     prompt_cache: PromptCache | None = None,
     draft_tag: str = "",
+    tokenizer: Any = None,
 ) -> Generator[EngineEvent, None, None]:
     """The detailed-mode event generator (see module docstring). `tracker` is filled in as it
     goes, so a caller can summarise a cancelled generation. With `prompt_cache`, the prompt's
     longest stored prefix is not prefilled again, and the caches are stored at the end; a
     draft cache is reused only under the same `draft_tag` (the adapter version: a swap changes
     the draft's weights in place). `history` proposes continuations when K is adaptive (the
-    controller, controller.py, picks the source per step); a fixed K uses the draft alone."""
+    controller, controller.py, picks the source per step); a fixed K uses the draft alone. A
+    request's `constraint` needs `tokenizer` (the grammar's matcher works on its tokens)."""
     # The request's K, else the configured default; None means adaptive.
     draft_tokens = request.draft_tokens if request.draft_tokens is not None else spec.draft_tokens
     if request.sampling.seed is not None and not request.sampling.greedy:
@@ -384,17 +466,6 @@ def detailed_steps(
         memory = history_memory = None
     use_draft = draft is not None and draft_tokens != 0
     history = history if draft_tokens is None and request.use_history else None
-    controller = make_controller(
-        draft_tokens,
-        spec,
-        prices or default_prices(),
-        has_draft=use_draft,
-        history=history,
-        draft_alpha=memory.alpha if memory is not None else None,
-        history_calibration=history_memory.calibration() if history_memory is not None else None,
-        history_config=history_config,
-    )
-    speculate = use_draft or history is not None
     prompt = list(tracker.prompt_ids)
     # The prompt's last token goes in with the first step, so the caches take the rest.
     body = len(prompt) - 1
@@ -405,6 +476,28 @@ def detailed_steps(
     decoder = _Decoder(
         target, draft, request.sampling, prompt, draft_vocab, reused, draft_key=draft_key
     )
+    grammar = None
+    if request.constraint is not None:
+        decoder.vocab = decoder._vocab_width()
+        try:
+            grammar = GrammarState(request.constraint, tokenizer, decoder.vocab)
+        except BaseException:
+            decoder.release()
+            raise
+        decoder.grammar = grammar
+    controller = make_controller(
+        draft_tokens,
+        spec,
+        prices or default_prices(),
+        has_draft=use_draft,
+        history=history,
+        draft_alpha=memory.alpha if memory is not None else None,
+        history_calibration=history_memory.calibration() if history_memory is not None else None,
+        history_config=history_config,
+        grammar=grammar,
+    )
+    # The grammar's forced runs are proposals too, under an adaptive controller.
+    speculate = use_draft or history is not None or (grammar is not None and draft_tokens is None)
     clean = True  # False once an error may have left the caches half-updated
     try:
         while decoder.prefilled(body) < body:
@@ -418,16 +511,31 @@ def detailed_steps(
         plan: StepPlan = controller.plan(tracker.remaining - 1) if speculate else PLAIN
         while not tracker.finished:
             before = len(tracker.ids)
+            if grammar is not None and grammar.dead():  # no token can continue
+                yield StepEvent(chunk=tracker.finish("grammar_incomplete"))
+                break
+            if grammar is not None and grammar.only() == grammar.eos:
+                # The grammar is complete and allows only the end token: the constrained
+                # target's choice is certain, so it needs no pass.
+                eos = (grammar.eos,)
+                tracker.count_step("grammar", 1, 1)
+                text = tracker.add(eos, 1, "grammar")
+                yield StepEvent(
+                    chunk=text, trace=StepTrace(1, eos, (1.0,), (1.0,), 1, eos, None, "grammar")
+                )
+                continue
             if plan.k <= 0:
                 # Queue the next pass now: whatever the next step is, it uses it.
                 token = decoder.plain_step(pipeline_next=tracker.remaining > 1)
                 emitted, accepted = [token], 0
                 trace = StepTrace(0, (), (), (), 0, (token,), None, source="target")
             else:
-                if plan.source == "history":
+                if plan.source in ("history", "grammar"):
                     step = decoder.history_step(plan.tokens, plan.confidence)
                 else:
                     step = decoder.speculative_step(plan.k)
+                    if len(step.proposed) < plan.k:  # a grammar stopped the draft early
+                        plan = dataclasses.replace(plan, k=len(step.proposed))
                 emitted, accepted = step.emitted, step.accepted
                 trace = StepTrace(
                     k=plan.k,
@@ -437,7 +545,7 @@ def detailed_steps(
                     accepted=accepted,
                     emitted=tuple(emitted),
                     first_rejection=accepted if accepted < plan.k else None,
-                    source=plan.source,
+                    source=plan.source if plan.k else "target",
                 )
             controller.update(plan, accepted)
             if history is not None:
@@ -445,6 +553,8 @@ def detailed_steps(
             tracker.count_step(plan.source, plan.k, accepted)
             tracker.target_passes += 1
             text = tracker.add(emitted, accepted, plan.source)
+            if grammar is not None:
+                grammar.advance(tracker.ids[before:])
             rejected = trace.first_rejection is not None and before + accepted < len(tracker.ids)
             if rejected and plan.source == "draft":  # what the LoRA loop learns from
                 tracker.rejection_positions.append(before + accepted)
@@ -452,6 +562,8 @@ def detailed_steps(
                 plan = controller.plan(tracker.remaining - 1) if speculate else PLAIN
             yield StepEvent(chunk=text, trace=trace)
         decoder.drop_lookahead()
+        if grammar is not None and tracker.finish_reason == "length" and not grammar.accepting():
+            tracker.finish_reason = "grammar_incomplete"
         tracker.end = time.perf_counter()
         if memory is not None and tracker.proposed["draft"]:
             memory.record(tracker.accepted["draft"], len(tracker.rejection_positions))
