@@ -109,6 +109,7 @@ class TextChunk:
     token_ids: tuple[int, ...]
     from_draft: tuple[bool, ...]  # per token: proposed by the model draft, accepted
     from_history: tuple[bool, ...] = ()  # per token: proposed by the history drafter, accepted
+    from_grammar: tuple[bool, ...] = ()  # per token: forced by the request's grammar, accepted
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class GenerationSummary:
     acceptance_rate: float
     tokens_per_second: float
     time_to_first_token_s: float
-    finish_reason: str  # "eos" | "length" | "stop_string" | "cancelled"
+    finish_reason: str  # "eos" | "length" | "stop_string" | "cancelled" | "grammar_incomplete"
     adapter_version: str
     failure_recorded: bool
     target_passes: int
@@ -134,6 +135,8 @@ class GenerationSummary:
     draft_accepted: int = 0
     history_proposed: int = 0
     history_accepted: int = 0
+    grammar_proposed: int = 0  # tokens the request's grammar forced (no draft pass)
+    grammar_accepted: int = 0
 
 
 @dataclass(frozen=True)
@@ -509,6 +512,10 @@ class SpecLoRAClient:
         record: bool | None = None,
         use_history: bool | None = None,
         request_id: str | None = None,
+        json_schema: str | dict[str, Any] | None = None,
+        json_object: bool = False,
+        regex: str | None = None,
+        lark: str | None = None,
         timeout: float | None = None,
     ) -> Iterator[GenerateEvent]:
         """Stream a generation: TextChunks as they are accepted, then a GenerationSummary.
@@ -516,7 +523,9 @@ class SpecLoRAClient:
         messages: (role, content) pairs or {"role", "content"} dicts. Unset options take the
         daemon's configured defaults; draft_tokens None = adaptive, 0 = no speculation;
         use_history False = the model draft alone (no proposals from past requests).
-        request_id: your id for the request, echoed in the summary and the daemon's log."""
+        request_id: your id for the request, echoed in the summary and the daemon's log.
+        Structured output (at most one): json_schema (a dict or its JSON text), json_object
+        (any JSON object), regex, lark (a Lark grammar); detailed mode."""
         request = pb.GenerateRequest(
             prompt=prompt or "", raw=raw, stop=list(stop), request_id=request_id or ""
         )
@@ -536,6 +545,14 @@ class SpecLoRAClient:
         for name, value in optional.items():
             if value is not None:
                 setattr(request, name, value)
+        if isinstance(json_schema, dict):
+            json_schema = json.dumps(json_schema)
+        structured = {"json_schema": json_schema, "regex": regex, "lark": lark}
+        for name, value in structured.items():
+            if value is not None:
+                setattr(request, name, value)
+        if json_object:
+            request.json_object = True
         if mode is not None:
             try:
                 request.mode = pb.Mode.Value(f"MODE_{mode.upper()}")
@@ -547,7 +564,11 @@ class SpecLoRAClient:
             if event.HasField("chunk"):
                 c = event.chunk
                 yield TextChunk(
-                    c.text, tuple(c.token_ids), tuple(c.from_draft), tuple(c.from_history)
+                    c.text,
+                    tuple(c.token_ids),
+                    tuple(c.from_draft),
+                    tuple(c.from_history),
+                    tuple(c.from_grammar),
                 )
             else:
                 yield _summary(event.summary)

@@ -80,6 +80,7 @@ _FINISH_TO_PB = {
     "length": pb.FINISH_REASON_LENGTH,
     "stop_string": pb.FINISH_REASON_STOP_STRING,
     "cancelled": pb.FINISH_REASON_CANCELLED,
+    "grammar_incomplete": pb.FINISH_REASON_GRAMMAR_INCOMPLETE,
 }
 _TRAINING_STATE_TO_PB = {
     "idle": pb.TRAINING_STATE_IDLE,
@@ -179,7 +180,14 @@ def generation_request_from_pb(
         mode=_MODE_FROM_PB.get(msg.mode),
         record=optional("record"),
         use_history=optional("use_history"),
+        **_structured_output(msg),
     )
+
+
+def _structured_output(msg: pb.GenerateRequest) -> dict[str, Any]:
+    """The oneof's field, as generation_request takes it (it validates and compiles)."""
+    which = msg.WhichOneof("structured_output")
+    return {which: getattr(msg, which)} if which else {}
 
 
 def train_params_from_pb(msg: pb.TrainRequest) -> TrainParams:
@@ -266,6 +274,7 @@ def chunk_to_pb(chunk: TextChunk) -> pb.GenerateEvent:
             token_ids=list(chunk.token_ids),
             from_draft=list(chunk.from_draft),
             from_history=list(chunk.from_history),
+            from_grammar=list(chunk.from_grammar),
         )
     )
 
@@ -294,6 +303,8 @@ def result_to_pb(result: GenerationResult) -> pb.GenerateEvent:
             draft_accepted=s.draft_accepted,
             history_proposed=s.history_proposed,
             history_accepted=s.history_accepted,
+            grammar_proposed=s.grammar_proposed,
+            grammar_accepted=s.grammar_accepted,
         )
     )
 

@@ -75,7 +75,8 @@ class _Histogram:
         return HistogramSnapshot(self.bounds, tuple(self.counts), self.sum)
 
 
-SOURCES = ("draft", "history")  # who proposes: the model draft, the history drafter
+# Who proposes: the model draft, the history drafter, a request's grammar (its forced runs).
+SOURCES = ("draft", "history", "grammar")
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,7 @@ class StatsTracker:
             for source, proposed, accepted in (
                 ("draft", summary.draft_proposed, summary.draft_accepted),
                 ("history", summary.history_proposed, summary.history_accepted),
+                ("grammar", summary.grammar_proposed, summary.grammar_accepted),
             ):
                 self._by_source[source][0] += proposed
                 self._by_source[source][1] += accepted

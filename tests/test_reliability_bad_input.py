@@ -129,6 +129,14 @@ BAD: list[Case] = [
     gen("stop string one past 256 chars", "stop[0]", stop=["x" * 257]),
     gen("stop string huge", "stop[0]", stop=["y" * 20_000]),
     gen("17 stop strings", "stop", stop=[f"s{i}" for i in range(17)]),
+    # structured output (issue 22): checked and compiled before anything is queued
+    gen("json_schema not JSON", "json_schema", json_schema="{nope"),
+    gen("json_schema of an unknown type", "json_schema", json_schema='{"type": "bogus"}'),
+    gen("json_schema an array", "json_schema", json_schema="[1]"),
+    gen("regex unbalanced", "regex", regex="a(b"),
+    gen("regex empty", "regex", regex=""),
+    gen("lark rule undefined", "lark", lark="start: nothing"),
+    gen("json_object in fast mode", "mode", json_object=True, mode=pb.MODE_FAST),
     # the whole message past server.max_message_bytes: grpc's own limit, before any handler
     gen("request past max_message_bytes", "larger than max", EXHAUSTED, prompt="z" * MAX_MESSAGE),
     # Train

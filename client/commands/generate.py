@@ -14,9 +14,11 @@ def summary_line(s: GenerationSummary) -> str:
     sources = (
         f" = draft {s.draft_accepted}/{s.draft_proposed} + history "
         f"{s.history_accepted}/{s.history_proposed}"
-        if s.history_proposed
+        if s.history_proposed or s.grammar_proposed
         else ""
     )
+    if s.grammar_proposed:
+        sources += f" + grammar {s.grammar_accepted}/{s.grammar_proposed}"
     return (
         f"[{s.completion_tokens} tokens, {s.tokens_per_second:.1f} tok/s, acceptance "
         f"{s.acceptance_rate:.2f} ({s.accepted}/{s.proposed}{sources}), "
@@ -42,6 +44,14 @@ def summary_line(s: GenerationSummary) -> str:
 )
 @click.option("--no-history", is_flag=True, help="No proposals from the history drafter.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
+@click.option(
+    "--json-schema",
+    metavar="SCHEMA",
+    help="Output JSON valid under this JSON schema (its text, or a file holding it).",
+)
+@click.option("--json-object", is_flag=True, help="Output a JSON object (any).")
+@click.option("--regex", help="Output text matching this regular expression.")
+@click.option("--lark", metavar="GRAMMAR", help="Output text matching this Lark grammar (or file).")
 @address_option
 @click.pass_context
 def generate(
@@ -59,6 +69,10 @@ def generate(
     no_record: bool,
     no_history: bool,
     as_json: bool,
+    json_schema: str | None,
+    json_object: bool,
+    regex: str | None,
+    lark: str | None,
     address: str | None,
 ) -> None:
     """Generate text for PROMPT (or stdin), streamed as it is accepted."""
@@ -83,6 +97,10 @@ def generate(
             mode=mode,
             record=False if no_record else None,
             use_history=False if no_history else None,
+            json_schema=_text_or_file(json_schema),
+            json_object=json_object,
+            regex=regex,
+            lark=_text_or_file(lark),
         )
         try:
             for event in stream:
@@ -107,12 +125,28 @@ def generate(
         )
 
 
+def _text_or_file(value: str | None) -> str | None:
+    """A schema or grammar given inline, or the path of a file holding it."""
+    if value is None:
+        return None
+    from pathlib import Path
+
+    path = Path(value)
+    try:
+        if len(value) < 4096 and path.is_file():
+            return path.read_text()
+    except OSError:
+        pass
+    return value
+
+
 def _result(chunks: list[TextChunk], s: GenerationSummary | None) -> dict[str, object]:
     result: dict[str, object] = {
         "text": "".join(c.text for c in chunks),
         "token_ids": [t for c in chunks for t in c.token_ids],
         "from_draft": [d for c in chunks for d in c.from_draft],
         "from_history": [h for c in chunks for h in c.from_history],
+        "from_grammar": [g for c in chunks for g in c.from_grammar],
     }
     if s is not None:
         result.update(
@@ -127,6 +161,8 @@ def _result(chunks: list[TextChunk], s: GenerationSummary | None) -> dict[str, o
             draft_accepted=s.draft_accepted,
             history_proposed=s.history_proposed,
             history_accepted=s.history_accepted,
+            grammar_proposed=s.grammar_proposed,
+            grammar_accepted=s.grammar_accepted,
             tokens_per_second=s.tokens_per_second,
             time_to_first_token_s=s.time_to_first_token_s,
             tokens_per_step=s.tokens_per_step,

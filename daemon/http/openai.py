@@ -27,7 +27,13 @@ Kind = Literal["chat", "completion"]
 MODEL_ALIAS = "speclora"  # always names the served model, whatever it is
 # OpenAI's "developer" role is its newer name for "system".
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_FINISH = {"eos": "stop", "stop_string": "stop", "length": "length", "cancelled": "length"}
+_FINISH = {
+    "eos": "stop",
+    "stop_string": "stop",
+    "length": "length",
+    "cancelled": "length",
+    "grammar_incomplete": "length",  # cut short before the schema was complete
+}
 
 # One table from the domain's error kinds to (HTTP status, OpenAI error type, code).
 ERROR_STATUS: dict[ErrorKind, tuple[int, str, str | None]] = {
@@ -122,6 +128,9 @@ def parse_request(
     elif stop is not None and not isinstance(stop, list):
         raise InvalidRequestError("stop", f"must be a string or a list of strings, got {stop!r}")
 
+    structured = _response_format(body.get("response_format"))
+    names["json_schema"] = "response_format.json_schema.schema"
+    names["json_object"] = "response_format"
     if kind == "chat":
         names["prompt"] = "messages"  # the templated prompt is made of them
         text: dict[str, Any] = {"messages": _messages(body)}
@@ -142,6 +151,7 @@ def parse_request(
             mode=body.get("mode"),
             record=body.get("record"),
             use_history=body.get("use_history"),
+            **structured,
         )
         tokens = prompt_tokens_within_limits(request, hub, config.generation.max_prompt_tokens)
     except InvalidRequestError as exc:
@@ -149,6 +159,40 @@ def parse_request(
             raise exc.renamed(names[exc.field]) from None
         raise
     return ApiRequest(kind, request, tokens, aliases[0], stream, bool(include_usage))
+
+
+def _response_format(value: Any) -> dict[str, Any]:
+    """OpenAI's response_format as generation_request's structured-output fields: "text",
+    "json_object" (llama.cpp's form with a "schema" is a JSON schema) or "json_schema"."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError("response_format", f"must be an object, got {_json_type(value)}")
+    kind = value.get("type")
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        schema = value.get("schema")
+        return {"json_schema": schema} if schema is not None else {"json_object": True}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, Mapping):
+            raise InvalidRequestError(
+                "response_format.json_schema", f"must be an object, got {_json_type(spec)}"
+            )
+        schema = spec.get("schema")
+        if schema is None:  # OpenAI's schema is optional: then any JSON object
+            return {"json_object": True}
+        if not isinstance(schema, (Mapping, bool)):
+            raise InvalidRequestError(
+                "response_format.json_schema.schema",
+                f"must be a JSON schema object, got {_json_type(schema)}",
+            )
+        return {"json_schema": schema}
+    raise InvalidRequestError(
+        "response_format.type",
+        f"{kind!r} is not one of 'text', 'json_object', 'json_schema'",
+    )
 
 
 class _Fields:
@@ -189,11 +233,6 @@ def _refuse_unsupported(kind: Kind, fields: _Fields) -> None:
         raise InvalidRequestError(name, "tool calling is not supported by this server")
     if body.get("tool_choice") not in (None, "none", "auto"):
         raise InvalidRequestError("tool_choice", "tool calling is not supported by this server")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise InvalidRequestError(
-            "response_format", 'structured output is not supported yet; only {"type": "text"}'
-        )
     if body.get("logprobs") or body.get("top_logprobs"):
         name = "logprobs" if body.get("logprobs") else "top_logprobs"
         raise InvalidRequestError(name, "log probabilities are not supported by this server")
@@ -304,8 +343,11 @@ def extension(result: GenerationResult) -> dict[str, Any]:
         "draft_accepted": s.draft_accepted,
         "history_proposed": s.history_proposed,
         "history_accepted": s.history_accepted,
+        "grammar_proposed": s.grammar_proposed,  # forced by response_format, no draft pass
+        "grammar_accepted": s.grammar_accepted,
         "from_draft": sum(s.from_draft),
         "from_history": sum(s.from_history),
+        "from_grammar": sum(s.from_grammar),
         "target_passes": s.target_passes,
         "tokens_per_step": s.tokens_per_step,
         "tokens_per_second": s.tokens_per_second,

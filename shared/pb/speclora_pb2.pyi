@@ -20,6 +20,7 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_STOP_STRING: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
+    FINISH_REASON_GRAMMAR_INCOMPLETE: _ClassVar[FinishReason]
 
 class EvaluationPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,6 +58,7 @@ FINISH_REASON_EOS: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP_STRING: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
+FINISH_REASON_GRAMMAR_INCOMPLETE: FinishReason
 EVALUATION_PHASE_UNSPECIFIED: EvaluationPhase
 EVALUATION_PHASE_BEFORE: EvaluationPhase
 EVALUATION_PHASE_AFTER: EvaluationPhase
@@ -84,7 +86,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "raw", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "draft_tokens", "mode", "record", "request_id", "use_history")
+    __slots__ = ("prompt", "messages", "raw", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "draft_tokens", "mode", "record", "request_id", "use_history", "json_schema", "json_object", "regex", "lark")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +101,10 @@ class GenerateRequest(_message.Message):
     RECORD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USE_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    JSON_OBJECT_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    LARK_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     raw: bool
@@ -113,22 +119,28 @@ class GenerateRequest(_message.Message):
     record: bool
     request_id: str
     use_history: bool
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., raw: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., draft_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., record: _Optional[bool] = ..., request_id: _Optional[str] = ..., use_history: _Optional[bool] = ...) -> None: ...
+    json_schema: str
+    json_object: bool
+    regex: str
+    lark: str
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., raw: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., draft_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., record: _Optional[bool] = ..., request_id: _Optional[str] = ..., use_history: _Optional[bool] = ..., json_schema: _Optional[str] = ..., json_object: _Optional[bool] = ..., regex: _Optional[str] = ..., lark: _Optional[str] = ...) -> None: ...
 
 class TextChunk(_message.Message):
-    __slots__ = ("text", "token_ids", "from_draft", "from_history")
+    __slots__ = ("text", "token_ids", "from_draft", "from_history", "from_grammar")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FROM_DRAFT_FIELD_NUMBER: _ClassVar[int]
     FROM_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    FROM_GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     from_draft: _containers.RepeatedScalarFieldContainer[bool]
     from_history: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., from_draft: _Optional[_Iterable[bool]] = ..., from_history: _Optional[_Iterable[bool]] = ...) -> None: ...
+    from_grammar: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., from_draft: _Optional[_Iterable[bool]] = ..., from_history: _Optional[_Iterable[bool]] = ..., from_grammar: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class GenerationSummary(_message.Message):
-    __slots__ = ("request_id", "prompt_tokens", "completion_tokens", "proposed", "accepted", "acceptance_rate", "tokens_per_second", "time_to_first_token_s", "finish_reason", "adapter_version", "failure_recorded", "target_passes", "tokens_per_step", "mode", "total_time_s", "cached_prompt_tokens", "draft_proposed", "draft_accepted", "history_proposed", "history_accepted")
+    __slots__ = ("request_id", "prompt_tokens", "completion_tokens", "proposed", "accepted", "acceptance_rate", "tokens_per_second", "time_to_first_token_s", "finish_reason", "adapter_version", "failure_recorded", "target_passes", "tokens_per_step", "mode", "total_time_s", "cached_prompt_tokens", "draft_proposed", "draft_accepted", "history_proposed", "history_accepted", "grammar_proposed", "grammar_accepted")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +161,8 @@ class GenerationSummary(_message.Message):
     DRAFT_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     HISTORY_PROPOSED_FIELD_NUMBER: _ClassVar[int]
     HISTORY_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_tokens: int
     completion_tokens: int
@@ -169,7 +183,9 @@ class GenerationSummary(_message.Message):
     draft_accepted: int
     history_proposed: int
     history_accepted: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., adapter_version: _Optional[str] = ..., failure_recorded: _Optional[bool] = ..., target_passes: _Optional[int] = ..., tokens_per_step: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ..., total_time_s: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ..., draft_proposed: _Optional[int] = ..., draft_accepted: _Optional[int] = ..., history_proposed: _Optional[int] = ..., history_accepted: _Optional[int] = ...) -> None: ...
+    grammar_proposed: int
+    grammar_accepted: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., adapter_version: _Optional[str] = ..., failure_recorded: _Optional[bool] = ..., target_passes: _Optional[int] = ..., tokens_per_step: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ..., total_time_s: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ..., draft_proposed: _Optional[int] = ..., draft_accepted: _Optional[int] = ..., history_proposed: _Optional[int] = ..., history_accepted: _Optional[int] = ..., grammar_proposed: _Optional[int] = ..., grammar_accepted: _Optional[int] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("chunk", "summary")
