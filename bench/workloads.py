@@ -12,6 +12,11 @@ stdlib's `pydoc_data.topics`):
   (e) same domain         the learning bench's held-out prompts; its training prompts' requests
                           are in the history
   (f) novel               unrelated prompts, empty history
+  (g) extraction          a passage to a fixed JSON schema (structured output; opt-in:
+                          `--only g`): outputs parsed and validated against the schema, speed
+                          against unconstrained target-only, the grammar's forced tokens and
+                          history's counted apart; T = 0 identity is against constrained
+                          target-only (our engine, draft_tokens 0, the same schema)
 
 Methods, round-robin per prompt (each prompt runs every method before the next prompt, so the
 machine's drift hits all alike): target-only (mlx-lm), mlx-lm speculative (K = 4), a
@@ -35,6 +40,7 @@ median; then the median and the range over the workload's prompts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -61,6 +67,7 @@ from speclora.daemon.engine import (
     generate,
     measure_prices,
 )
+from speclora.daemon.engine.grammar import compile_constraint
 from speclora.daemon.engine.history import RequestHistory, SuffixIndex
 from speclora.shared.config import HistoryConfig, SpeculationConfig
 from speclora.shared.logging import configure_logging
@@ -106,6 +113,47 @@ def _passages(n: int) -> list[tuple[str, str]]:
 
 def _request(prompt: str, max_tokens: int) -> GenerationRequest:
     return GenerationRequest(prompt=prompt, max_tokens=max_tokens)
+
+
+def extraction_schema(smoke: bool = False) -> dict[str, Any]:
+    """Workload (g)'s schema. Its strings are bounded so a document always fits max_tokens (the
+    smoke run's tiny models write about a token per character, so smaller bounds there)."""
+    short, long, items = (8, 16, 2) if smoke else (40, 160, 4)
+    return {
+        "type": "object",
+        "properties": {
+            "topic": {"type": "string", "maxLength": short},
+            "summary": {"type": "string", "maxLength": long},
+            "keywords": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": short},
+                "maxItems": items,
+            },
+            "has_code_example": {"type": "boolean"},
+            "level": {"enum": ["beginner", "intermediate", "advanced"]},
+        },
+        "required": ["topic", "summary", "keywords", "has_code_example", "level"],
+        "additionalProperties": False,
+    }
+
+
+def extraction_workload(n: int, smoke: bool) -> Workload:
+    """(g): two earlier extractions in the history, then n measured, each over its own passage."""
+    schema = extraction_schema(smoke)
+    constraint = compile_constraint("json_schema", json.dumps(schema))
+    ask = (
+        "Extract from this passage of the Python reference a JSON object with its topic, a "
+        "one-sentence summary, a few keywords, whether it shows a code example, and the "
+        "reader's level.\n\n"
+    )
+    passages = _passages(n + 2)[-(n + 2) :]
+    requests = [
+        GenerationRequest(
+            prompt=ask + text, max_tokens=120 if smoke else 256, constraint=constraint
+        )
+        for _, text in passages
+    ]
+    return Workload("g", "extraction to a JSON schema", requests[:2], requests[2:])
 
 
 def build_workloads(
@@ -227,6 +275,8 @@ class Run:
     passes: int = 0
     draft: tuple[int, int] = (0, 0)  # (proposed, accepted)
     history: tuple[int, int] = (0, 0)
+    grammar: tuple[int, int] = (0, 0)  # the grammar's forced runs (structured output)
+    valid: bool | None = None  # structured output: parses and validates against its schema
 
     @property
     def decode_tps(self) -> float:
@@ -272,7 +322,22 @@ def ours_run(target, draft, tokenizer, request, ids, spec, **kw) -> Run:
         s.target_passes,
         (s.draft_proposed, s.draft_accepted),
         (s.history_proposed, s.history_accepted),
+        (s.grammar_proposed, s.grammar_accepted),
+        _valid(tokenizer, request, s.completion_token_ids),
     )
+
+
+def _valid(tokenizer, request: GenerationRequest, tokens: Sequence[int]) -> bool | None:
+    if request.constraint is None or request.constraint.kind != "json_schema":
+        return None
+    import jsonschema
+
+    text = tokenizer.decode([t for t in tokens if t not in tokenizer.eos_token_ids])
+    try:
+        jsonschema.validate(json.loads(text), json.loads(request.constraint.source))
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
 
 
 @dataclass
@@ -289,6 +354,15 @@ class Row:
         passes = sum(r.passes for r in self.runs)
         dp, da = (sum(r.draft[i] for r in self.runs) for i in (0, 1))
         hp, ha = (sum(r.history[i] for r in self.runs) for i in (0, 1))
+        gp, ga = (sum(r.grammar[i] for r in self.runs) for i in (0, 1))
+        checked = [r.valid for r in self.runs if r.valid is not None]
+        extra = {}
+        if self.workload == "g":  # structured output: forced tokens apart from history's
+            extra = {
+                "grammar_acceptance": ga / gp if gp else None,
+                "grammar_share": ga / tokens if tokens else 0.0,
+                "valid": sum(checked) / len(checked) if checked else None,
+            }
         return {
             "workload": self.workload,
             "method": self.method,
@@ -304,6 +378,7 @@ class Row:
             "history_share": ha / tokens if tokens else 0.0,
             "identical": all(self.identical),
             "prompts": len(self.runs),
+            **extra,
         }
 
 
@@ -347,6 +422,16 @@ def run_workload(
             draft, r, ids, history=history_of(ids), acceptance_memory=hybrid_draft_memory,
             history_memory=hybrid_memory)),
     ]  # fmt: skip
+    reference = 0  # the run every output must equal (T = 0)
+    if wl.key == "g":  # speed against unconstrained target-only, identity against constrained
+        reference = 1
+        methods = [
+            methods[0],
+            ("ours constrained target-only", lambda r, ids: ours(
+                None, dataclasses.replace(r, draft_tokens=0), ids)),
+            ("ours grammar-only (forced tokens)", lambda r, ids: ours(None, r, ids)),
+            ("ours hybrid + grammar", methods[-1][1]),
+        ]  # fmt: skip
     rows = [Row(wl.key, name) for name, _ in methods]
     for i, request in enumerate(wl.measured):
         ids = build_prompt_tokens(tokenizer, request)
@@ -354,15 +439,18 @@ def run_workload(
         e2e: list[list[float]] = [[] for _ in rows]
         for _ in range(repeats):  # rounds of every method; a prompt's ratio is their median
             baseline = None
+            runs: list[Run] = []
             for j, (row, (_, fn)) in enumerate(zip(rows, methods, strict=True)):
                 run = fn(request, ids)
                 baseline = baseline or run
+                runs.append(run)
                 row.runs.append(run)
                 ratios[j].append(
                     run.decode_tps / baseline.decode_tps if baseline.decode_tps else 0.0
                 )
                 e2e[j].append(run.e2e_tps / baseline.e2e_tps if baseline.e2e_tps else 0.0)
-                row.identical.append(run.tokens == baseline.tokens)
+            for j, (row, run) in enumerate(zip(rows, runs, strict=True)):
+                row.identical.append(j < reference or run.tokens == runs[reference].tokens)
         for row, r, e in zip(rows, ratios, e2e, strict=True):
             row.ratios.append(statistics.median(r))
             row.e2e_ratios.append(statistics.median(e))
@@ -392,6 +480,25 @@ def markdown(rows: list[dict], names: dict[str, str]) -> str:
     return "\n".join(out)
 
 
+def extraction_markdown(rows: list[dict]) -> str:
+    """(g)'s own table: validity, and the forced tokens' share apart from history's."""
+    out = [
+        "| method | decode tok/s | speedup vs unconstrained target-only | tokens/pass "
+        "| grammar share | history share | draft acc. | valid | T = 0 identical |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in rows:
+        out.append(
+            f"| {r['method']} | {r['decode_tps']:.1f} | {r['speedup']:.2f}x "
+            f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {fmt(r['tokens_per_pass'])} | "
+            f"{r['grammar_share']:.2f} | {r['history_share']:.2f} | "
+            f"{fmt(r['draft_acceptance'])} | {fmt(r['valid'])} | "
+            f"{'yes' if r['identical'] else 'NO'} |"
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="embedded")
@@ -401,7 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=2, help="rounds of every method per prompt (median taken)"
     )
-    parser.add_argument("--only", default="abcdef", help="workload letters to run")
+    parser.add_argument(
+        "--only", default="abcdef", help="workload letters to run (g, extraction: opt-in)"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few tokens")
     args = parser.parse_args(argv)
@@ -435,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         for w in build_workloads(args.prompts, args.max_tokens, chat_reply, args.only)
         if w.key in args.only
     ]
+    if "g" in args.only:
+        workloads.append(extraction_workload(args.prompts, args.smoke))
     names = {w.key: w.name for w in workloads}
     rows: list[dict] = []
     for wl in workloads:
@@ -444,7 +555,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Workloads on {pair}, T = 0, {args.prompts} prompts each, max {args.max_tokens} tokens;"
         f" each prompt's ratio is the median of {args.repeats} rounds of every method.\n"
     )
-    print(markdown(rows, names))
+    print(markdown([r for r in rows if r["workload"] != "g"], names))
+    extraction = [r for r in rows if r["workload"] == "g"]
+    if extraction:
+        print(f"\n(g) {names['g']}:\n")
+        print(extraction_markdown(extraction))
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -461,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                 indent=2,
             )  # fmt: skip
         )
-    return 0 if all(r["identical"] for r in rows) else 1
+    valid = all(r.get("valid") in (None, 1.0) for r in rows)
+    return 0 if all(r["identical"] for r in rows) and valid else 1
 
 
 if __name__ == "__main__":
