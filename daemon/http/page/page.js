@@ -142,6 +142,8 @@ async function send(text) {
         token_texts: true,
         max_tokens: Number($("max-tokens").value) || 128,
         temperature: Number($("temperature").value) || 0,
+        draft_tokens: $("draft-tokens").value === "" ? null : Number($("draft-tokens").value),
+        use_history: $("use-history").checked,
       }),
       signal: controller.signal,
     });
@@ -227,7 +229,9 @@ function drawChart(svg, h, value, top, opts) {
     svg.append(mark);
     if (opts.labels) {
       const label = (run.adapter_version || "run " + run.seq) + " " + outcomeMark(outcome);
-      svg.append(el("svg:text", { class: "train-label", x: xx + 3, y: 12 }, label));
+      const right = xx > w - 110;  // near the right edge: the label goes left of the mark
+      svg.append(el("svg:text", { class: "train-label", x: right ? xx - 3 : xx + 3, y: 12,
+        "text-anchor": right ? "end" : "start" }, label));
     }
   }
   for (const series of opts.lines || []) {
