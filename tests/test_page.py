@@ -239,7 +239,7 @@ def test_chat_learning_and_training_in_a_browser(
     # One more turn after the run, so the chart shows both sides of it; then the screenshot.
     _chat(browser, "And what is a lake?", draft="")
     wait_until(
-        lambda: _count(browser, "#chart-acceptance circle.point") >= 2 + len(CASE_PROMPTS),
+        lambda: _count(browser, "#chart-speed circle.point") >= 2 + len(CASE_PROMPTS),
         timeout=15,
         what="the later requests' points",
     )

@@ -184,7 +184,10 @@ class HttpApi:
         raw = request.query_params.get("since", "0")
         if not raw.isdigit() or len(raw) > 18:
             raise InvalidRequestError("since", f"must be a whole number >= 0, got {raw[:40]!r}")
-        body = dashboard.timeline_json(worker.stats.timeline, int(raw))
+        # Up to server.timeline_requests points to encode: off the event loop, so streams
+        # being served meanwhile do not stall.
+        timeline, since = worker.stats.timeline, int(raw)
+        body = await anyio.to_thread.run_sync(lambda: dashboard.timeline_json(timeline, since))
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     @endpoint("metrics")
