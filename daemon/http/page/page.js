@@ -190,9 +190,11 @@ function setBusy(busy) {
 
 // ------------------------------------------------------------------ learning
 
+// One colour per adapter version, the base draft's first (made once per redraw).
+let colours = new Map();
+
 function adapterColour(version) {
-  const versions = [...new Set(["", ...state.points.map((p) => p.adapter_version)])].sort();
-  return ADAPTER_COLOURS[versions.indexOf(version) % ADAPTER_COLOURS.length];
+  return colours.get(version) || ADAPTER_COLOURS[0];
 }
 
 function clear(svg) {
@@ -220,7 +222,9 @@ function drawChart(svg, h, value, top, opts) {
     svg.append(el("svg:text", { class: "axis", x: pad, y: h - 2 }, "request " + state.points[0].seq));
     svg.append(el("svg:text", { class: "axis", x: w - 70, y: h - 2 }, "request " + state.lastSeq));
   }
+  const first = state.points.length ? state.points[0].seq : 1;
   for (const run of state.runs) {  // a training run sits between the requests around it
+    if (run.requests_before + 1 < first) continue;  // before the oldest point kept
     const xx = x(run.requests_before + 0.5);
     const outcome = run.outcome;
     const mark = el("svg:line", { class: "train-mark " + outcome, x1: xx, x2: xx, y1: 4, y2: bottom,
@@ -358,7 +362,14 @@ function drawTables() {
   });
 }
 
+let drawn = "";  // what the learning panel shows now: redraw only when it changed
+
 function drawLearning() {
+  const shown = JSON.stringify([state.lastSeq, state.points.length, state.runs]);
+  if (shown === drawn) return;
+  drawn = shown;
+  const versions = [...new Set(["", ...state.points.map((p) => p.adapter_version)])].sort();
+  colours = new Map(versions.map((v, i) => [v, ADAPTER_COLOURS[i % ADAPTER_COLOURS.length]]));
   const spoke = (p) => p.proposed > 0;
   drawChart($("chart-acceptance"), 170, (p) => p.acceptance, 1, {
     label: (v) => (100 * v).toFixed(0) + "%",
