@@ -242,3 +242,18 @@ def test_with_a_key_the_page_loads_and_its_data_needs_the_key(keyed: LocalDaemon
         request(address, "POST", "/", b"{}", headers={"Content-Type": "application/json"}).status
         == 401
     )
+
+
+def test_token_texts_add_up_to_the_chunk_text_whatever_the_decoder_does() -> None:
+    from speclora.daemon.engine.events import TextChunk
+    from speclora.daemon.http.openai import token_texts
+
+    def decode(ids: list[int]) -> str:  # byte-level BPE: token 3 holds half of "é"
+        raw = {1: b"Hel", 2: b"lo", 3: b"\xc3", 4: b"\xa9 w\xc3\xb6rld"}
+        return b"".join(raw[i] for i in ids).decode(errors="replace")
+
+    chunk = TextChunk("Helloé wörld", (1, 2, 3, 4), (False, True, True, False))
+    assert token_texts(chunk, decode) == ["Hel", "lo", "", "é wörld"]
+    # Text held back from an earlier step (not in this chunk's tokens) goes to the last token.
+    held = TextChunk("xHello", (1, 2), (False, False))
+    assert "".join(token_texts(held, decode)) == "xHello"
