@@ -5,7 +5,7 @@ is marked, and the page asks nothing of any server but the daemon.
 
 `make setup` installs chromium and chromium-driver with apt where apt exists; elsewhere this is
 skipped. The screenshot is kept in build/test-artefacts/page.png; with
-SPECLORA_UPDATE_SCREENSHOT=1 it also replaces docs/page.png (the README's)."""
+UPDATE_SCREENSHOT=1 it also replaces docs/page.png (the README's)."""
 
 from __future__ import annotations
 
@@ -247,7 +247,7 @@ def test_chat_learning_and_training_in_a_browser(
     time.sleep(0.5)
     ARTEFACT.parent.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTEFACT))
-    if os.environ.get("SPECLORA_UPDATE_SCREENSHOT") == "1":
+    if os.environ.get("UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(ARTEFACT, REPO / "docs" / "page.png")
     print(f"screenshot: {ARTEFACT}", file=sys.stderr)
 
