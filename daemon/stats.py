@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from speclora.daemon import blas
 from speclora.daemon.engine.events import GenerationSummary, Mode
 from speclora.daemon.errors import StoreUnavailableError
+from speclora.daemon.timeline import Timeline
 
 import speclora
 
@@ -203,8 +204,10 @@ def _rate(accepted: int, proposed: int) -> float:
 class StatsTracker:
     """Thread-safe counters fed by the worker thread, read by RPC threads."""
 
-    def __init__(self, window: int = 64) -> None:
+    def __init__(self, window: int = 64, timeline_requests: int = 5000) -> None:
         self._lock = threading.Lock()
+        # Every request and training run, bounded, for the page's chart (GET /api/timeline).
+        self.timeline = Timeline(timeline_requests)
         self._started = time.monotonic()
         self._requests = 0
         self._cancelled = 0
@@ -272,6 +275,7 @@ class StatsTracker:
                 old.proposed + summary.draft_proposed,
                 old.accepted + summary.draft_accepted,
             )
+        self.timeline.add_request(summary, adapter_version)
 
     def record_cancelled(self, tokens: int) -> None:
         with self._lock:
@@ -283,6 +287,14 @@ class StatsTracker:
         """A background task (training) ended: 'promoted', 'rejected', 'failed', 'cancelled'..."""
         with self._lock:
             self._tasks[(name, outcome)] += 1
+        if name == TRAINING_TASK:
+            self.timeline.training_ended(outcome)
+
+    def record_task_event(self, name: str, event: object) -> None:
+        """An event of a running background task (a training run's progress, evaluations and
+        result), for the timeline."""
+        if name == TRAINING_TASK:
+            self.timeline.training_event(event)
 
     def snapshot(self) -> ServingStats:
         with self._lock:

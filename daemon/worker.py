@@ -294,7 +294,7 @@ class Worker:
     ) -> None:
         self.hub = hub
         self.config = config
-        self.stats = stats or StatsTracker()
+        self.stats = stats or StatsTracker(timeline_requests=config.server.timeline_requests)
         # learning.FailureRecorder or None: .offer(..., on_stored=callback) -> bool (queued)
         self.recorder = recorder
         self._generate = generate_fn or engine_generate(config.speculation)
@@ -688,6 +688,7 @@ class Worker:
             self._end_task(job, "failed", "failed")
         else:
             running.last_event = event
+            self.stats.record_task_event(job.kind, event)
             job._emit(event)
 
     def _end_task(self, job: Job[Any], state: str, outcome: str | None = None) -> None:

@@ -173,6 +173,12 @@ class ServerConfig:
     http_keepalive_s: float = _opt(
         5.0, lo=0.05, hi=3600.0, doc="SSE keep-alive comment after this long without tokens"
     )
+    timeline_requests: int = _opt(
+        5000,
+        lo=1,
+        hi=10_000_000,
+        doc="finished requests GET /api/timeline keeps (the page's chart)",
+    )
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,7 @@ def test_http_links_come_from_the_daemon_itself(
         address = d.server.http_address
         links = dict(http_links(address))
         assert links["OpenAI API"] == f"http://{address}/v1"
+        assert links["web page"] == f"http://{address}/"  # what `make demo` prints
     finally:
         d.close()
     assert http_links(address) == []

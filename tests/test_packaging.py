@@ -59,6 +59,8 @@ def test_wheel_contains_every_module_and_marker(wheel: Path) -> None:
     for typed in ("speclora/py.typed", "speclora/daemon/py.typed", "speclora/client/py.typed"):
         assert typed in names
     assert not any(n.startswith("daemon/") for n in names), "bare top-level daemon package"
+    for page in ("index.html", "page.js", "page.css"):  # GET / serves them from the package
+        assert f"speclora/daemon/http/page/{page}" in names
 
 
 @pytest.mark.slow

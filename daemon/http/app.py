@@ -31,7 +31,7 @@ import anyio
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 from speclora.daemon.errors import InvalidRequestError, ShuttingDownError, UnauthenticatedError
-from speclora.daemon.http import openai
+from speclora.daemon.http import dashboard, openai
 from speclora.daemon.http.metrics import render_metrics
 from speclora.daemon.stats import StatsSnapshot
 from speclora.daemon.worker import JOB_END, GenerateJob, GenerationResult, Worker
@@ -50,6 +50,9 @@ log = structlog.get_logger(__name__)
 State = Literal["loading", "serving", "stopping"]
 _LOOPBACK_NAMES = ("localhost", "localhost.")
 _OPEN_PATHS = ("/health",)  # no key needed: supervisors and load balancers probe it
+# The web page's static files need no key either (they hold no data; what the page shows comes
+# from /api/*, which does): the page asks for the key when the API answers 401.
+_PAGE_PATHS = ("/", *(f"/page/{name}" for name in dashboard.ASSETS))
 # Bodies up to this size are validated and tokenized on the event loop (well under a ms);
 # larger ones in a thread, so that a long prompt never stalls other streams.
 _INLINE_BODY_BYTES = 16 * 1024
@@ -98,6 +101,10 @@ class HttpApi:
         self._keepalive_s = s.http_keepalive_s
         self._max_body = s.http_max_body_bytes
         routes = [
+            Route("/", self.page, methods=["GET"]),
+            Route("/page/{name}", self.page_asset, methods=["GET"]),
+            Route("/api/stats", self.api_stats, methods=["GET"]),
+            Route("/api/timeline", self.api_timeline, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
@@ -143,6 +150,45 @@ class HttpApi:
         if self.state == "serving":
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": self.state}, status_code=503)
+
+    async def page(self, request: Request) -> Response:
+        """The web page (served while loading too: it says so, from /api/stats's 503)."""
+        return self._asset("index.html")
+
+    async def page_asset(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in dashboard.ASSETS or name == "index.html":
+            raise HTTPException(404, "no such file")
+        return self._asset(name)
+
+    def _asset(self, name: str) -> Response:
+        return Response(
+            dashboard.asset(name),
+            media_type=dashboard.ASSETS[name],
+            headers=dashboard.PAGE_HEADERS,
+        )
+
+    @endpoint("api_stats")
+    async def api_stats(self, request: Request, request_id: str) -> Response:
+        """The Stats RPC's snapshot as JSON, plus `daemon` (device, auto-train state)."""
+        worker, snapshot = self._require_serving()
+        snap = await anyio.to_thread.run_sync(snapshot)
+        body = dashboard.stats_json(snap)
+        body["daemon"] = dashboard.extras_json(self.config, snap, worker.idle_seconds)
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    @endpoint("api_timeline")
+    async def api_timeline(self, request: Request, request_id: str) -> Response:
+        """Per-request points (after `since`) and training runs, for the learning chart."""
+        worker = self._require_serving()[0]
+        raw = request.query_params.get("since", "0")
+        if not raw.isdigit() or len(raw) > 18:
+            raise InvalidRequestError("since", f"must be a whole number >= 0, got {raw[:40]!r}")
+        # Up to server.timeline_requests points to encode: off the event loop, so streams
+        # being served meanwhile do not stall.
+        timeline, since = worker.stats.timeline, int(raw)
+        body = await anyio.to_thread.run_sync(lambda: dashboard.timeline_json(timeline, since))
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     @endpoint("metrics")
     async def metrics(self, request: Request, request_id: str) -> Response:
@@ -195,7 +241,8 @@ class HttpApi:
             stream=api.stream,
             queue_depth=worker.queue_depth,
         )
-        answer = openai.Answer(api)
+        tokenizer = getattr(worker.hub, "tokenizer", None)
+        answer = openai.Answer(api, decode=getattr(tokenizer, "decode", None))
         events = JobEvents(job)
         if api.stream:
             return SSEResponse(
@@ -447,7 +494,10 @@ class Guard:
                 )
         if scope["method"] == "OPTIONS":  # a CORS preflight: CORSMiddleware answers it
             return None
-        if self.key is not None and scope["path"] not in _OPEN_PATHS:
+        open_path = scope["path"] in _OPEN_PATHS or (
+            scope["method"] == "GET" and scope["path"] in _PAGE_PATHS
+        )
+        if self.key is not None and not open_path:
             given = headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from speclora.daemon.engine.events import GenerationRequest, GenerationSummary, TextChunk
+from speclora.daemon.engine.events import (
+    GenerationRequest,
+    GenerationSummary,
+    Source,
+    TextChunk,
+)
 from speclora.daemon.errors import ErrorKind, InvalidRequestError, NotFoundError, error_kind
 from speclora.daemon.requests import generation_request, prompt_tokens_within_limits
 from speclora.daemon.state import ModelHub
@@ -87,6 +92,7 @@ class ApiRequest:
     model: str  # the id answered with
     stream: bool
     include_usage: bool
+    token_texts: bool = False  # extension: each chunk's text split per token
 
 
 def model_aliases(hub: ModelHub, config: Config) -> tuple[str, ...]:
@@ -117,6 +123,7 @@ def parse_request(
     include_usage = options.get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):
         raise InvalidRequestError("stream_options.include_usage", "must be true or false")
+    token_texts = bool(fields.get("token_texts", bool))
 
     names: dict[str, str] = {}  # domain field -> the name this client used
     max_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else ""
@@ -158,7 +165,7 @@ def parse_request(
         if exc.field in names:
             raise exc.renamed(names[exc.field]) from None
         raise
-    return ApiRequest(kind, request, tokens, aliases[0], stream, bool(include_usage))
+    return ApiRequest(kind, request, tokens, aliases[0], stream, bool(include_usage), token_texts)
 
 
 def _response_format(value: Any) -> dict[str, Any]:
@@ -389,8 +396,16 @@ def finish_reason(summary: GenerationSummary) -> str:
 class Answer:
     """Builds the response objects of one request, streamed or whole, as OpenAI shapes them."""
 
-    def __init__(self, api: ApiRequest, created: int | None = None) -> None:
+    def __init__(
+        self,
+        api: ApiRequest,
+        created: int | None = None,
+        decode: Callable[[list[int]], str] | None = None,
+    ) -> None:
+        """`decode` (the tokenizer's) splits each chunk's text per token when the request asked
+        for `token_texts`."""
         self.api = api
+        self._decode = decode if api.token_texts else None
         prefix = "chatcmpl" if api.kind == "chat" else "cmpl"
         self.id = f"{prefix}-{api.generation.request_id}"
         self.created = int(time.time()) if created is None else created
@@ -445,12 +460,15 @@ class Answer:
 
     def content(self, chunk: TextChunk) -> bytes:
         """One engine chunk; the extension says which of its tokens came from the draft and
-        which from history."""
+        which from history, and each token's text and source (what the web page colours)."""
         tokens = {
             "token_ids": list(chunk.token_ids),
             "from_draft": list(chunk.from_draft),
             "from_history": list(chunk.from_history),
+            "token_sources": token_sources(chunk),
         }
+        if self._decode is not None:
+            tokens["token_texts"] = token_texts(chunk, self._decode)
         return sse(self._chunk(self._choice({"content": chunk.text}, None), speclora=tokens))
 
     def closing(self, result: GenerationResult) -> list[bytes]:
@@ -464,6 +482,37 @@ class Answer:
         if self.api.include_usage:
             out.append(sse({**self._chunk(None), "usage": usage(s)}))
         return [*out, DONE]
+
+
+def token_sources(chunk: TextChunk) -> list[Source]:
+    """Per token of a chunk, who proposed it: "draft" (the model draft), "history" (the history
+    drafter), or "target" (the target's own token: the one each pass adds, or a plain pass)."""
+    n = len(chunk.token_ids)
+    draft = chunk.from_draft or (False,) * n
+    history = chunk.from_history or (False,) * n
+    return [
+        "draft" if d else "history" if h else "target" for d, h in zip(draft, history, strict=False)
+    ]
+
+
+def token_texts(chunk: TextChunk, decode: Callable[[list[int]], str]) -> list[str]:
+    """The chunk's text split into one piece per token; the pieces add up to exactly the text.
+
+    Each boundary is where the decoded prefix of the chunk's tokens stops agreeing with the
+    text, so a character split across tokens goes whole to the token that completes it, and
+    text the engine held back from an earlier step goes to the tokens it came from."""
+    text, ids = chunk.text, list(chunk.token_ids)
+    bounds, at = [], 0
+    for i in range(1, len(ids)):
+        prefix = decode(ids[:i])
+        n = 0
+        limit = min(len(prefix), len(text))
+        while n < limit and prefix[n] == text[n]:
+            n += 1
+        at = max(at, n)
+        bounds.append(at)
+    edges = [0, *bounds, len(text)]
+    return [text[a:b] for a, b in zip(edges, edges[1:], strict=False)]
 
 
 def sse(obj: Mapping[str, Any]) -> bytes:
