@@ -39,6 +39,9 @@ class TrainProgress:
     total_steps: int
     loss: float  # weighted KL(target || draft) of this step's batch
     tokens_per_second: float
+    # The starting draft's loss on the same batch: a batch's loss above it means training made
+    # the draft worse there (the divergence stop compares the two, learning/stability.py).
+    base_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class TrainTick:
-    """Internal slice boundary (not sent to clients): `phase` is "teacher" or "evaluate"."""
+    """Internal slice boundary (not sent to clients): `phase` is "teacher", "evaluate" or
+    "checkpoint" (scoring the training cases)."""
 
     phase: str
     done: int

@@ -1,0 +1,45 @@
+"""Failure cases on the toy domain (speclora.daemon.learning.toy), as the engine records them."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from speclora.daemon.learning import toy
+from speclora.daemon.learning.store import FailureCase, FailureStore
+from speclora.daemon.state import ModelHub
+
+
+def greedy(model: object, ids: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    seq = list(ids)
+    for _ in range(n):
+        token = int(mx.argmax(model(mx.array([seq]))[0, -1]).item())  # type: ignore[operator]
+        out.append(token)
+        seq.append(token)
+    return out
+
+
+def domain_cases(hub: ModelHub, n: int, seed: int = 0, tokens: int = 24) -> list[FailureCase]:
+    """Cases at T = 0: the target's output on domain prompts, and where the draft was wrong."""
+    cases = []
+    for prompt in toy.domain_prompts(n, seed):
+        ids = hub.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
+        completion = greedy(hub.target, ids, tokens)
+        guesses = mx.argmax(hub.draft(mx.array([ids + completion]))[0], axis=-1).tolist()
+        rejected = tuple(j for j, tok in enumerate(completion) if guesses[len(ids) - 1 + j] != tok)
+        cases.append(
+            FailureCase(
+                tuple(ids),
+                tuple(completion),
+                rejection_positions=rejected,
+                proposed=len(completion),
+                accepted=len(completion) - len(rejected),
+            )
+        )
+    return cases
+
+
+def record_domain_cases(hub: ModelHub, store: FailureStore, n: int, seed: int = 0) -> None:
+    for case in domain_cases(hub, n, seed):
+        store.add(case)
