@@ -135,7 +135,8 @@ def test_a_rate_far_too_large_stops_and_keeps_the_starting_draft(
     before, after, progress, result, meta = train_on(hub, tmp_path, config)
     assert meta["learning_rate_source"] == "config"
     assert meta["stopped"] and "above the starting draft" in meta["stopped"]
-    assert len(progress) == warmup_of(STEPS) + 1  # the first step after warm-up stops it
+    # Three steps in a row above the start after warm-up stop it (one may overshoot).
+    assert len(progress) == warmup_of(STEPS) + 3
     assert meta["best_step"] == 0 and "kept the weights of step 0" in result.reason
     for side in before:
         assert after[side] == pytest.approx(before[side], abs=1e-6), (side, before, after)
@@ -154,9 +155,12 @@ def test_guard_and_checkpoints() -> None:
     guard = LossGuard({1: (0.5, 1.0, 1, 1), 2: (1.5, 1.0, 0, 1)}, warmup=2)
     assert guard.base_loss([1, 2]) == pytest.approx(1.0)
     assert not guard.diverged(1, 5.0, 1.0)  # warm-up may overshoot
-    assert not guard.diverged(3, 1.05, 1.0)
-    assert guard.diverged(4, 1.2, 1.0) and "above the starting draft" in guard.reason
-    assert guard.diverged(5, float("nan"), 1.0) and "not finite" in guard.reason
+    assert not guard.diverged(3, 1.05, 1.0)  # within the tolerance
+    assert not guard.diverged(4, 1.2, 1.0)  # one step above may recover
+    assert not guard.diverged(5, 0.5, 1.0)
+    assert not guard.diverged(6, 1.2, 1.0) and not guard.diverged(7, 1.3, 1.0)
+    assert guard.diverged(8, 1.2, 1.0) and "above the starting draft" in guard.reason
+    assert guard.diverged(9, float("nan"), 1.0) and "not finite" in guard.reason
 
     marks = Checkpoints(0, Score(0.8, 0.1), {"w": 0})  # type: ignore[dict-item]
     assert not marks.offer(10, Score(0.7, 0.01), {"w": 1})  # type: ignore[dict-item]
