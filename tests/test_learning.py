@@ -177,6 +177,7 @@ def test_auto_train_rule() -> None:
     on = LearningConfig(auto_train=True, auto_train_idle_s=60, auto_train_min_new_cases=10)
     ready = dict(idle_s=61.0, pending_cases=10, total_cases=50, training=False)
     assert should_auto_train(on, **ready)
+    assert LearningConfig().auto_train  # on by default
     assert not should_auto_train(LearningConfig(auto_train=False), **ready)
     assert not should_auto_train(on, **{**ready, "idle_s": 5.0})
     assert not should_auto_train(on, **{**ready, "pending_cases": 9})

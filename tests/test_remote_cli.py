@@ -84,7 +84,7 @@ OVERRIDES = {
     # step prices each daemon measured on its own at start.
     "speculation": {"draft_tokens": 2},
     "history": {"enabled": False},
-    "learning": {"min_cases": 4, "failure_threshold": 0.99},
+    "learning": {"min_cases": 4, "failure_threshold": 0.99, "auto_train": False},
     "lora": {"batch_size": 2, "rank": 4},
 }
 

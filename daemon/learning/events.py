@@ -23,6 +23,7 @@ class TrainParams:
     # Ablations: 1.0 is plain uniform KL; shuffled teachers train a deliberately worse draft.
     rejected_weight: float | None = None
     shuffle_teacher: bool = False
+    trigger: str = "manual"  # "auto": the daemon started the run by itself (learning.auto_train)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class TrainResult:
     acceptance_before: float
     acceptance_after: float
     duration_s: float
+    trigger: str = "manual"  # "auto" | "manual", from TrainParams
 
     @property
     def outcome(self) -> str:

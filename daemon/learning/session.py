@@ -122,6 +122,7 @@ def _run(
     self_draft = is_self_draft(hub)
     log.info(
         "training_started",
+        trigger=params.trigger,
         train_cases=len(train),
         heldout_cases=len(heldout),
         steps=steps,
@@ -301,6 +302,7 @@ def _run(
         "draft_id": hub.draft_name,
         "draft_spec": hub.draft_spec,
         "duration_s": time.monotonic() - start,
+        "trigger": params.trigger,
     }
     info = save_adapter(adapters, model, adapter_config, metadata, with_norm=self_draft)
     if promoted and swap_count(hub) != swaps_at_start:
@@ -326,6 +328,7 @@ def _run(
     duration = time.monotonic() - start
     log.info(
         "training_finished",
+        trigger=params.trigger,
         version=info.version,
         promoted=promoted,
         before=round(before, 4),
@@ -333,7 +336,7 @@ def _run(
         steps=done,
         duration_s=round(duration, 1),
     )
-    yield TrainResult(info.version, promoted, reason, before, after, duration)
+    yield TrainResult(info.version, promoted, reason, before, after, duration, params.trigger)
 
 
 def training_vocabulary(
