@@ -332,11 +332,15 @@ class StatsTracker:
                     trigger=last_event.trigger,
                 )
 
-    def task_started(self, name: str, trigger: str = "") -> None:
-        """A background task began: its slice clock starts again; auto runs are counted."""
+    def task_started(self, name: str) -> None:
+        """A background task is starting: the longest slice of its run starts again at 0."""
         with self._lock:
             self._slice_max[name] = 0.0
-            if trigger == "auto":
+
+    def record_auto_start(self, name: str) -> None:
+        """The daemon started a training run by itself (and the run accepted its cases)."""
+        if name == TRAINING_TASK:
+            with self._lock:
                 self._auto_runs += 1
 
     def record_slice(self, name: str, seconds: float) -> None:

@@ -663,14 +663,19 @@ class Worker:
         if job.cancelled:
             self._end_task(job, "idle")
             return
+        self.stats.task_started(job.kind)
+        began = time.perf_counter()  # the factory (a run's checks, reading its cases) is a slice
         try:
             events = job.factory(self.hub)
         except Exception as exc:
             self._forward_error(job, exc)
             self._end_task(job, "failed")
             return
+        finally:
+            self.stats.record_slice(job.kind, time.perf_counter() - began)
         self._tasks.append(_Running(job, events))
-        self.stats.task_started(job.kind, job.trigger)
+        if job.trigger == "auto":
+            self.stats.record_auto_start(job.kind)
 
     def _step_task(self, running: _Running) -> None:
         job = running.job
