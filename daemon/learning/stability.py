@@ -7,7 +7,8 @@ rate, and its held-out acceptance fell 0.725 -> 0.200. Three guards, each cheap:
 
 - **a learning rate chosen from where the draft starts** (`auto_learning_rate`): the draft's
   teacher-forced acceptance on its own training cases at step 0, measured with the target's
-  cached choices (one draft pass, no target pass). Near zero: 3e-4 (what the embedded self-draft
+  cached choices (one draft pass, no target pass). It is greedy agreement (the T = 0 rule)
+  whatever a case's temperature: a proxy for sampled cases, exact for greedy ones. Near zero: 3e-4 (what the embedded self-draft
   trains well at); high: 1e-5 (mlx-lm's LoRA default), log-linear in between. `lora.learning_rate`
   set to a number overrides it.
 - **a stop on a diverging loss** (`LossGuard`): every batch's loss is compared with the step-0
