@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers.toycases import domain_cases
+from helpers.toycases import cases_from, domain_completions
 from speclora.daemon import models
 from speclora.daemon.learning import toy
 from speclora.daemon.learning.adapters import AdapterStore
@@ -52,6 +52,14 @@ def distilled_path(domain_target_path: Path, tmp_path_factory: pytest.TempPathFa
     )
 
 
+@pytest.fixture(scope="module")
+def completions(domain_target_path: Path) -> dict[str, list]:
+    """The target's greedy outputs, once: 40 prompts to record, 24 unseen ones (other seed)."""
+    target = models.load_model(str(domain_target_path))
+    hub = ModelHub.from_loaded(target, None)
+    return {"recorded": domain_completions(hub, 40), "unseen": domain_completions(hub, 24, 99)}
+
+
 def good_hub(kind: str, target_path: Path, distilled: Path) -> ModelHub:
     target = models.load_model(str(target_path))
     if kind == "target":  # the target as its own (separate) draft
@@ -66,20 +74,20 @@ def acceptance(hub: ModelHub, cases: list[FailureCase]) -> float:
 
 
 def train_on(
-    hub: ModelHub, tmp_path: Path, config: Config
+    hub: ModelHub, tmp_path: Path, config: Config, completions: dict[str, list]
 ) -> tuple[dict[str, float], dict[str, float], list[TrainProgress], TrainResult, dict]:
     """Record 40 domain cases, train with `config` (the adapter forced in, so it is the trained
     weights that are measured), and measure before and after on the training split, the gate's
     held-out split and 24 prompts of the domain the run never saw."""
     store = FailureStore(tmp_path / "f.sqlite3")
     adapters = AdapterStore(tmp_path / "adapters")
-    cases = domain_cases(hub, 40)
+    cases = cases_from(hub, completions["recorded"])
     for case in cases:
         store.add(case)
     sides = {
         "train": [c for c in cases if not is_heldout(prompt_key(c.prompt_ids), HELDOUT)],
         "heldout": [c for c in cases if is_heldout(prompt_key(c.prompt_ids), HELDOUT)],
-        "unseen": domain_cases(hub, 24, seed=99),
+        "unseen": cases_from(hub, completions["unseen"]),
     }
     assert sides["train"] and sides["heldout"]
     before = {name: acceptance(hub, side) for name, side in sides.items()}
@@ -96,11 +104,15 @@ def train_on(
 
 @pytest.mark.parametrize("kind", ["target", "self:3", "distilled"])
 def test_defaults_never_make_a_good_draft_worse(
-    kind: str, domain_target_path: Path, distilled_path: Path, tmp_path: Path
+    kind: str,
+    domain_target_path: Path,
+    distilled_path: Path,
+    completions: dict[str, list],
+    tmp_path: Path,
 ) -> None:
     hub = good_hub(kind, domain_target_path, distilled_path)
     config = Config(lora=LoraConfig(steps=STEPS))  # the daemon's defaults but the step count
-    before, after, progress, result, meta = train_on(hub, tmp_path, config)
+    before, after, progress, result, meta = train_on(hub, tmp_path, config, completions)
 
     assert before["train"] >= 0.9, before  # these drafts start good
     if kind == "target":
@@ -126,13 +138,17 @@ def test_defaults_never_make_a_good_draft_worse(
 
 @pytest.mark.parametrize("kind", ["self:3", "distilled"])
 def test_a_rate_far_too_large_stops_and_keeps_the_starting_draft(
-    kind: str, domain_target_path: Path, distilled_path: Path, tmp_path: Path
+    kind: str,
+    domain_target_path: Path,
+    distilled_path: Path,
+    completions: dict[str, list],
+    tmp_path: Path,
 ) -> None:
     """lr 1e-2 throws a good draft's loss from ~0.01 to several nats within a few steps: the
     run stops after warm-up and ends with the weights it started from."""
     hub = good_hub(kind, domain_target_path, distilled_path)
     config = Config(lora=LoraConfig(steps=STEPS, learning_rate=1e-2))
-    before, after, progress, result, meta = train_on(hub, tmp_path, config)
+    before, after, progress, result, meta = train_on(hub, tmp_path, config, completions)
     assert meta["learning_rate_source"] == "config"
     assert meta["stopped"] and "above the starting draft" in meta["stopped"]
     # Three steps in a row above the start after warm-up stop it (one may overshoot).

@@ -18,14 +18,23 @@ def greedy(model: object, ids: list[int], n: int) -> list[int]:
     return out
 
 
-def domain_cases(hub: ModelHub, n: int, seed: int = 0, tokens: int = 24) -> list[FailureCase]:
-    """Cases at T = 0: the target's output on domain prompts, and where the draft was wrong."""
-    cases = []
+def domain_completions(
+    hub: ModelHub, n: int, seed: int = 0, tokens: int = 24
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, the target's greedy completion) for n domain prompts."""
+    out = []
     for prompt in toy.domain_prompts(n, seed):
         ids = hub.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True
         )
-        completion = greedy(hub.target, ids, tokens)
+        out.append((list(ids), greedy(hub.target, ids, tokens)))
+    return out
+
+
+def cases_from(hub: ModelHub, completions: list[tuple[list[int], list[int]]]) -> list[FailureCase]:
+    """Cases at T = 0 as the engine records them: where the hub's draft was wrong."""
+    cases = []
+    for ids, completion in completions:
         guesses = mx.argmax(hub.draft(mx.array([ids + completion]))[0], axis=-1).tolist()
         rejected = tuple(j for j, tok in enumerate(completion) if guesses[len(ids) - 1 + j] != tok)
         cases.append(
@@ -38,6 +47,11 @@ def domain_cases(hub: ModelHub, n: int, seed: int = 0, tokens: int = 24) -> list
             )
         )
     return cases
+
+
+def domain_cases(hub: ModelHub, n: int, seed: int = 0, tokens: int = 24) -> list[FailureCase]:
+    """Cases at T = 0: the target's output on domain prompts, and where the draft was wrong."""
+    return cases_from(hub, domain_completions(hub, n, seed, tokens))
 
 
 def record_domain_cases(hub: ModelHub, store: FailureStore, n: int, seed: int = 0) -> None:
