@@ -46,7 +46,12 @@ from speclora.daemon.learning.recorder import FailureRecorder
 from speclora.daemon.learning.session import run_training
 from speclora.daemon.learning.store import FailureCase, FailureStore
 from speclora.daemon.learning.swap import apply_adapter, remove_adapter
-from speclora.daemon.learning.trainer import measure_acceptance
+from speclora.daemon.learning.trainer import (
+    is_heldout,
+    measure_acceptance,
+    prompt_key,
+    warmup_steps,
+)
 from speclora.daemon.memory import limit_buffer_cache
 from speclora.daemon.state import ModelHub
 from speclora.daemon.tiny import TinyModelSpec, write_tiny_model
@@ -92,6 +97,8 @@ UNRELATED = (
 class Pair:
     hub: ModelHub
     description: str
+    target: Any = None  # the target's models.LoadedModel (a good self-draft is cut from it)
+    target_path: Path | None = None  # --smoke: the toy target's directory
 
 
 def log(message: str) -> None:
@@ -105,6 +112,7 @@ def load_pair(args: argparse.Namespace, workdir: Path) -> Pair:
         # random draft starts near 0, like SmolLM2's untrained self-draft.
         path = toy.write_domain_target(workdir / "toy-target")
         target = models.load_model(str(path))
+        args.toy_target = path
         spec = str(write_tiny_model(workdir / "toy-draft", TinyModelSpec(num_layers=2, seed=1000)))
         draft = models.load_model(spec)
     else:
@@ -112,7 +120,86 @@ def load_pair(args: argparse.Namespace, workdir: Path) -> Pair:
         spec = args.draft
     assert draft is not None
     hub = ModelHub.from_loaded(target, draft, spec)
-    return Pair(hub, f"{target.name} ({target.num_layers} layers) + {draft.name}")
+    return Pair(
+        hub,
+        f"{target.name} ({target.num_layers} layers) + {draft.name}",
+        target,
+        getattr(args, "toy_target", None),
+    )
+
+
+def good_draft_session(
+    args: argparse.Namespace,
+    pair: Pair,
+    store: FailureStore,
+    workdir: Path,
+    heldout_cases: list[FailureCase],
+    unrelated_cases: list[FailureCase],
+) -> dict[str, Any]:
+    """Train a draft that is already good on the same recorded cases with the daemon's defaults
+    (the learning rate chosen from its start, the divergence stop, the best checkpoint) and
+    measure it before and after: training must not make it worse anywhere (issue 20)."""
+    if args.smoke:  # a separate two-layer draft distilled to agree with the toy target
+        assert pair.target_path is not None
+        spec = str(toy.write_distilled_draft(workdir / "toy-distilled", pair.target_path))
+        draft = models.load_model(spec)
+    elif (n := models.parse_self_draft(args.good_draft)) is not None:
+        spec, draft = args.good_draft, models.make_self_draft(pair.target, n)
+    else:
+        spec, draft = args.good_draft, models.load_model(args.good_draft)
+    hub = ModelHub.from_loaded(pair.target, draft, spec)
+    cases = store.recent(None)
+    split = LearningConfig().heldout_fraction
+    sides = {
+        "training cases": [c for c in cases if not is_heldout(prompt_key(c.prompt_ids), split)],
+        "recorded held-out split": [
+            c for c in cases if is_heldout(prompt_key(c.prompt_ids), split)
+        ],
+        "held-out prompts": heldout_cases,
+        "unrelated prompts": unrelated_cases,
+    }
+
+    def measure() -> dict[str, float]:
+        return {k: measure_acceptance(hub.target, hub.draft, v) for k, v in sides.items() if v}
+
+    before = measure()
+    config = Config(
+        learning=LearningConfig(min_cases=4, max_train_s=args.good_budget),
+        lora=LoraConfig(steps=args.good_steps),
+    )
+    adapters = AdapterStore(workdir / "good-adapters")
+    progress: list[TrainProgress] = []
+    result: TrainResult | None = None
+    began = time.perf_counter()
+    for event in run_training(hub, store, adapters, config, TrainParams(force_promote=True)):
+        if isinstance(event, TrainProgress):
+            progress.append(event)
+        elif isinstance(event, TrainResult):
+            result = event
+    seconds = time.perf_counter() - began
+    assert result is not None
+    after = measure()
+    meta = adapters.verify(result.adapter_version).metadata
+    warmup = warmup_steps(args.good_steps)
+    late = progress[warmup:]
+    return {
+        "draft": spec,
+        "before": before,
+        "after": after,
+        "never_worse": all(after[k] >= before[k] - 1e-9 for k in before),
+        "seconds": seconds,
+        "steps": len(progress),
+        "learning_rate": meta["learning_rate"],
+        "learning_rate_source": meta["learning_rate_source"],
+        "best_step": meta["best_step"],
+        "stopped": meta["stopped"],
+        "loss_first": progress[0].loss if progress else None,
+        "loss_after_warmup": late[0].loss if late else None,
+        "loss_last": progress[-1].loss if progress else None,
+        "steps_above_start": sum(
+            1 for p in late if p.base_loss is not None and p.loss > p.base_loss
+        ),
+    }
 
 
 def prompt_sets(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
@@ -238,6 +325,15 @@ def main() -> int:
     parser.add_argument("--time-budget", type=float, default=300.0, help="training seconds")
     parser.add_argument("--rejected-weight", type=float, default=None)
     parser.add_argument(
+        "--good-draft",
+        default=None,
+        help="also train a draft that is already good (e.g. self:24 of the 30-layer embedded "
+        "target) on the same cases with the daemon's defaults, and report whether training made "
+        "it worse anywhere; --smoke always does, with a tiny draft distilled from the toy target",
+    )
+    parser.add_argument("--good-steps", type=int, default=60, help="its optimizer steps")
+    parser.add_argument("--good-budget", type=float, default=180.0, help="its training seconds")
+    parser.add_argument(
         "--draft-vocab",
         type=int,
         default=4096,
@@ -338,6 +434,10 @@ def main() -> int:
         tf_unrelated_after = teacher_forced(unrelated_cases)
         remove_adapter(hub)  # sanity: the base draft measures as before
         tf_check = measure_acceptance(hub.target, hub.draft, heldout_cases, ids=served)
+        good = None
+        if args.smoke or args.good_draft:
+            log(f"[+] a good draft ({args.good_draft or 'distilled toy draft'}) on the same cases")
+            good = good_draft_session(args, pair, store, workdir, heldout_cases, unrelated_cases)
         apply_adapter(hub, adapters, result.adapter_version)
         identical = all(
             a.completion_token_ids == b.completion_token_ids
@@ -420,6 +520,7 @@ def main() -> int:
             "teacher_forced_full_head_before": tf_unrelated_before["full_head"],
             "teacher_forced_full_head_after": tf_unrelated_after["full_head"],
         },
+        "good_draft": good,
         "wall_seconds": time.perf_counter() - started,
         "blas": speclora.daemon.blas.blas_info().name,
     }
@@ -445,6 +546,16 @@ def main() -> int:
             (f"speedup vs target only (adaptive, {v['size']}-token draft head)", v["speedup_before"], v["speedup_after"]),
         ]  # fmt: skip
 
+    if good is not None:
+        rows += [
+            (
+                f"good draft {Path(good['draft']).name}: teacher-forced, {side}",
+                b,
+                good["after"][side],
+            )
+            for side, b in good["before"].items()
+        ]
+
     def cell(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
@@ -459,6 +570,15 @@ def main() -> int:
         f"{'promoted' if gate_promoted else 'not promoted'}. T = 0 output identical to target: "
         f"{identical}. Wall {report['wall_seconds']:.0f}s."
     )
+    if good is not None:
+        print(
+            f"Good draft {good['draft']}: {good['steps']} steps in {good['seconds']:.0f}s at "
+            f"lr {good['learning_rate']:.2e} ({good['learning_rate_source']}); loss "
+            f"{good['loss_first']:.4f} -> {good['loss_after_warmup']:.4f} after warm-up -> "
+            f"{good['loss_last']:.4f}, {good['steps_above_start']} steps above the starting "
+            f"draft's; kept step {good['best_step']}; stopped: {good['stopped'] or 'no'}; never "
+            f"worse: {good['never_worse']}."
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

@@ -6,6 +6,7 @@ Colours and redraws only on a terminal; piped output stays plain text (or JSON w
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TextIO
@@ -106,11 +107,48 @@ def stats_lines(snap: StatsSnapshot, spark: bool) -> list[str]:
     lines += [
         f"learning    {snap.failure_cases} failure cases, {snap.pending_cases} new   "
         f"training {snap.training_state}",
+        f"auto-train  {auto_train_text(snap)}",
+    ]
+    if snap.last_training is not None:
+        lines.append(f"  last run  {last_training_text(snap)}")
+    lines += [
         f"memory      rss {human_bytes(snap.rss_bytes)}   peak {human_bytes(snap.peak_rss_bytes)}"
         f"   weights {human_bytes(snap.weight_bytes)}   prompt cache "
         f"{human_bytes(snap.prompt_cache_bytes)}",
     ]
     return lines
+
+
+def auto_train_text(snap: StatsSnapshot) -> str:
+    """What the learner running by itself is doing, in words."""
+    state = snap.auto_train_state
+    if not snap.auto_train:
+        return "off (learning.auto_train)"
+    need = snap.auto_train_min_new_cases
+    idle = human_duration(snap.auto_train_idle_s)
+    words = {
+        "waiting_for_cases": f"on, waiting for new failure cases ({snap.pending_cases}/{need})",
+        "waiting_for_idle": f"on, {snap.pending_cases} new cases; trains after {idle} idle "
+        f"(idle {human_duration(snap.idle_s)})",
+        "due": "on, starting a run",
+        "running": "on, a training run is going",
+        "no_draft": "on, but there is no draft model to train",
+        "store_unavailable": "on, but the failure database cannot be read",
+    }
+    text = words.get(state, f"on ({state or 'unknown'})")
+    return f"{text}   {snap.auto_train_runs} runs by itself since start"
+
+
+def last_training_text(snap: StatsSnapshot) -> str:
+    last = snap.last_training
+    assert last is not None
+    when = time.strftime("%H:%M:%S", time.localtime(last.finished_at)) if last.finished_at else "-"
+    verdict = "promoted" if last.promoted else "not promoted"
+    return (
+        f"{last.adapter_version} {verdict} ({last.trigger or 'manual'}, {when}, "
+        f"{human_duration(last.duration_s)})   held-out {last.acceptance_before:.3f} -> "
+        f"{last.acceptance_after:.3f}   longest slice {snap.training_slice_max_s * 1000:.0f} ms"
+    )
 
 
 @contextmanager

@@ -187,6 +187,30 @@ class StatsSnapshot:
     history_bytes: int = 0
     pid: int = 0
     failure_store_error: str = ""  # why failure_cases is 0 when the database is unreadable
+    # The learner running by itself (learning.auto_train): the rule, what it waits for now
+    # ("off", "waiting_for_cases", "waiting_for_idle", "due", "running", ...), runs since start.
+    auto_train: bool = False
+    auto_train_state: str = ""
+    auto_train_idle_s: float = 0.0
+    auto_train_min_new_cases: int = 0
+    auto_train_runs: int = 0
+    last_training: LastTraining | None = None  # None until a run has finished since start
+    training_slice_max_s: float = 0.0  # longest slice of the running or last training run
+    idle_s: float = 0.0  # how long the daemon has had nothing to do
+
+
+@dataclass(frozen=True)
+class LastTraining:
+    """How the daemon's last training run since it started ended."""
+
+    adapter_version: str
+    promoted: bool
+    reason: str
+    acceptance_before: float
+    acceptance_after: float
+    duration_s: float
+    finished_at: float  # Unix time
+    trigger: str  # "auto" | "manual"
 
 
 @dataclass(frozen=True)
@@ -203,6 +227,7 @@ class TrainProgress:
     total_steps: int
     loss: float
     tokens_per_second: float
+    base_loss: float | None = None  # the starting draft's loss on the same batch
 
 
 @dataclass(frozen=True)
@@ -219,6 +244,7 @@ class TrainResult:
     acceptance_before: float
     acceptance_after: float
     duration_s: float
+    trigger: str = ""  # "auto" | "manual" ("" from a daemon that does not say)
 
 
 @dataclass(frozen=True)
@@ -340,6 +366,9 @@ def _stats(s: pb.StatsSnapshot) -> StatsSnapshot:
         training_state=_enum_name(s.training_state, pb.TrainingState, "TRAINING_STATE_")
         or s.training_state_name,
         blas=s.blas_name or _enum_name(s.blas, pb.Blas, "BLAS_"),
+        last_training=_from_pb(LastTraining, s.last_training)
+        if s.HasField("last_training")
+        else None,
     )
 
 
@@ -372,6 +401,9 @@ def _train_event(event: pb.TrainEvent) -> TrainEvent:
     if kind == "evaluation":
         phase = _enum_name(message.phase, pb.EvaluationPhase, "EVALUATION_PHASE_")
         return TrainEvaluation(phase or message.phase_name, message.heldout_acceptance)
+    if kind == "progress":
+        base = message.base_loss if message.HasField("base_loss") else None
+        return _from_pb(TrainProgress, message, base_loss=base)
     return _from_pb(_TRAIN_KINDS[kind], message)
 
 

@@ -147,12 +147,17 @@ class AutoTrainer:
     """Starts a training run when the daemon has been idle long enough with enough new cases
     (learning.auto_train); the run itself is an ordinary worker task."""
 
-    def __init__(self, worker: Worker, learning: Learning, check_s: float = AUTO_TRAIN_CHECK_S):
+    def __init__(self, worker: Worker, learning: Learning, check_s: float | None = None):
         self._worker = worker
         self._learning = learning
-        self._check_s = check_s
+        # Often enough that a run starts within a few percent of the idle time it waits for.
+        idle = learning.config.learning.auto_train_idle_s
+        self._check_s = check_s or min(AUTO_TRAIN_CHECK_S, max(0.2, idle / 10))
         self._stop = threading.Event()
         self._job: Any = None
+        # Pending cases when a run was last refused (too few usable cases to split, ...):
+        # the same cases are not retried, and logged, every few seconds.
+        self._refused_at: int | None = None
         self._thread = threading.Thread(target=self._run, name="auto-train", daemon=True)
 
     def start(self) -> AutoTrainer:
@@ -167,6 +172,8 @@ class AutoTrainer:
 
     def _due(self) -> bool:
         store = self._learning.store
+        if self._refused_at is not None and store.pending_count() == self._refused_at:
+            return False
         return should_auto_train(
             self._learning.config.learning,
             idle_s=self._worker.idle_seconds,
@@ -181,9 +188,17 @@ class AutoTrainer:
             try:
                 if not self._due():
                     continue
-                log.info("auto_train_starting")
+                store = self._learning.store
+                log.info(
+                    "auto_train_starting",
+                    idle_s=round(self._worker.idle_seconds, 1),
+                    pending_cases=store.pending_count(),
+                    cases=store.count(),
+                )
                 self._job = self._worker.submit_task(
-                    TRAINING_TASK, self._learning.training_task(TrainParams())
+                    TRAINING_TASK,
+                    self._learning.training_task(TrainParams(trigger="auto")),
+                    trigger="auto",
                 )
                 for event in self._job:
                     if isinstance(event, TrainResult):
@@ -191,10 +206,17 @@ class AutoTrainer:
                             "auto_train_finished",
                             version=event.adapter_version,
                             promoted=event.promoted,
+                            before=round(event.acceptance_before, 4),
+                            after=round(event.acceptance_after, 4),
+                            duration_s=round(event.duration_s, 1),
                             reason=event.reason,
                         )
             except SpecLoRAError as exc:  # busy, shutting down, too few cases: try later
                 log.info("auto_train_skipped", reason=str(exc))
+                try:
+                    self._refused_at = self._learning.store.pending_count()
+                except Exception:
+                    self._refused_at = None
             except Exception:
                 log.exception("auto_train_failed")
             finally:

@@ -51,7 +51,7 @@ from speclora.daemon.requests import (
     prompt_tokens_within_limits,
 )
 from speclora.daemon.state import ModelHub
-from speclora.daemon.stats import TRAINING_TASK, StatsSnapshot, daemon_snapshot
+from speclora.daemon.stats import TRAINING_TASK, LastTraining, StatsSnapshot, daemon_snapshot
 from speclora.daemon.worker import GenerationResult, TaskFactory, Worker
 from speclora.shared.config import Config
 from speclora.shared.pb import speclora_pb2 as pb
@@ -321,7 +321,8 @@ def train_event_to_pb(event: object) -> pb.TrainEvent | None:
         )
     for kind, field, message in _TRAIN_EVENTS:
         if isinstance(event, kind):
-            return pb.TrainEvent(**{field: message(**dataclasses.asdict(event))})
+            values = {k: v for k, v in dataclasses.asdict(event).items() if v is not None}
+            return pb.TrainEvent(**{field: message(**values)})
     return None
 
 
@@ -441,6 +442,29 @@ def snapshot_to_pb(snap: StatsSnapshot) -> pb.StatsSnapshot:
         history_bytes=snap.history.bytes,
         pid=os.getpid(),
         failure_store_error=snap.failure_store_error,
+        auto_train=snap.auto_train.enabled,
+        auto_train_state=snap.auto_train.state,
+        auto_train_idle_s=snap.auto_train.idle_s,
+        auto_train_min_new_cases=snap.auto_train.min_new_cases,
+        auto_train_runs=snap.auto_train.runs,
+        last_training=_last_training_to_pb(snap.last_training),
+        training_slice_max_s=snap.training_slice_max_s,
+        idle_s=snap.idle_s,
+    )
+
+
+def _last_training_to_pb(last: LastTraining | None) -> pb.LastTraining | None:
+    if last is None:
+        return None
+    return pb.LastTraining(
+        adapter_version=last.adapter_version,
+        promoted=last.promoted,
+        reason=last.reason,
+        acceptance_before=last.acceptance_before,
+        acceptance_after=last.acceptance_after,
+        duration_s=last.duration_s,
+        finished_at=last.finished_at,
+        trigger=last.trigger,
     )
 
 

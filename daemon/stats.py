@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from speclora.daemon import blas
 from speclora.daemon.engine.events import GenerationSummary, Mode
 from speclora.daemon.errors import StoreUnavailableError
+from speclora.daemon.learning.events import TrainResult
 from speclora.daemon.timeline import Timeline
 
 import speclora
@@ -108,6 +109,7 @@ class Counters:
         default_factory=lambda: _Histogram(LATENCY_BUCKETS).snapshot()
     )
     task_runs: tuple[tuple[str, str, int], ...] = ()  # (task, outcome, runs)
+    auto_train_runs: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ class ServingStats:
     tokens_per_second_recent: float
     counters: Counters = field(default_factory=Counters)
     sources: SourceCounts = field(default_factory=lambda: SourceCounts())
+    last_training: LastTraining | None = None
+    training_slice_max_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,33 @@ class HistoryCounts:
     tokens: int = 0
     documents: int = 0
     bytes: int = 0
+
+
+@dataclass(frozen=True)
+class LastTraining:
+    """How the last training run since start ended (a TrainResult, stamped when it ended)."""
+
+    adapter_version: str
+    promoted: bool
+    reason: str
+    acceptance_before: float
+    acceptance_after: float
+    duration_s: float
+    finished_at: float  # Unix time
+    trigger: str  # "auto" | "manual"
+
+
+@dataclass(frozen=True)
+class AutoTrain:
+    """Whether and why the daemon is about to train by itself (learning.auto_train)."""
+
+    enabled: bool = False
+    state: str = (
+        "off"  # off|no_draft|store_unavailable|waiting_for_cases|waiting_for_idle|due|running
+    )
+    idle_s: float = 0.0  # the configured idle time it needs
+    min_new_cases: int = 0
+    runs: int = 0  # runs it started since the daemon started
 
 
 @dataclass(frozen=True)
@@ -183,6 +214,10 @@ class StatsSnapshot:
     sources: SourceCounts = field(default_factory=lambda: SourceCounts())
     history: HistoryCounts = field(default_factory=lambda: HistoryCounts())
     failure_store_error: str = ""  # why the failure counts are 0 ("" = the store is fine)
+    auto_train: AutoTrain = field(default_factory=AutoTrain)
+    last_training: LastTraining | None = None
+    training_slice_max_s: float = 0.0  # longest slice of the running or last training run
+    idle_s: float = 0.0  # how long the worker has had nothing to do
 
 
 @dataclass(frozen=True)
@@ -225,6 +260,9 @@ class StatsTracker:
         self._ttft = _Histogram(TTFT_BUCKETS)
         self._duration = _Histogram(LATENCY_BUCKETS)
         self._tasks: Counter[tuple[str, str]] = Counter()
+        self._slice_max: dict[str, float] = {}  # per task: longest slice of its current run
+        self._last_training: LastTraining | None = None
+        self._auto_runs = 0
 
     def record(
         self, summary: GenerationSummary, adapter_version: str, steps: DraftSteps = DraftSteps()
@@ -283,10 +321,22 @@ class StatsTracker:
             self._finish["cancelled"] += 1
             self._tokens += tokens
 
-    def record_task(self, name: str, outcome: str) -> None:
-        """A background task (training) ended: 'promoted', 'rejected', 'failed', 'cancelled'..."""
+    def record_task(self, name: str, outcome: str, last_event: object = None) -> None:
+        """A background task (training) ended: 'promoted', 'rejected', 'failed', 'cancelled'...
+        A training run's last event, its TrainResult, becomes Stats' `last_training`."""
         with self._lock:
             self._tasks[(name, outcome)] += 1
+            if name == TRAINING_TASK and isinstance(last_event, TrainResult):
+                self._last_training = LastTraining(
+                    adapter_version=last_event.adapter_version,
+                    promoted=last_event.promoted,
+                    reason=last_event.reason,
+                    acceptance_before=last_event.acceptance_before,
+                    acceptance_after=last_event.acceptance_after,
+                    duration_s=last_event.duration_s,
+                    finished_at=time.time(),
+                    trigger=last_event.trigger,
+                )
         if name == TRAINING_TASK:
             self.timeline.training_ended(outcome)
 
@@ -295,6 +345,22 @@ class StatsTracker:
         result), for the timeline."""
         if name == TRAINING_TASK:
             self.timeline.training_event(event)
+
+    def task_started(self, name: str) -> None:
+        """A background task is starting: the longest slice of its run starts again at 0."""
+        with self._lock:
+            self._slice_max[name] = 0.0
+
+    def record_auto_start(self, name: str) -> None:
+        """The daemon started a training run by itself (and the run accepted its cases)."""
+        if name == TRAINING_TASK:
+            with self._lock:
+                self._auto_runs += 1
+
+    def record_slice(self, name: str, seconds: float) -> None:
+        """One slice (one `next()`) of a background task took `seconds`."""
+        with self._lock:
+            self._slice_max[name] = max(self._slice_max.get(name, 0.0), seconds)
 
     def snapshot(self) -> ServingStats:
         with self._lock:
@@ -326,7 +392,10 @@ class StatsTracker:
                     time_to_first_token=self._ttft.snapshot(),
                     request_duration=self._duration.snapshot(),
                     task_runs=tuple((t, o, n) for (t, o), n in sorted(self._tasks.items())),
+                    auto_train_runs=self._auto_runs,
                 ),
+                last_training=self._last_training,
+                training_slice_max_s=self._slice_max.get(TRAINING_TASK, 0.0),
                 sources=SourceCounts(
                     draft_proposed=self._by_source["draft"][0],
                     draft_accepted=self._by_source["draft"][1],
@@ -361,6 +430,8 @@ def daemon_snapshot(
         except StoreUnavailableError as exc:  # still a snapshot: serving goes on
             store_error = str(exc)
     rss, peak = memory_usage()
+    training_state = worker.task_state(TRAINING_TASK)
+    idle = worker.idle_seconds
     return StatsSnapshot(
         target_model=hub.target_name,
         draft_model=hub.draft_name,
@@ -378,7 +449,7 @@ def daemon_snapshot(
         tokens_per_second_recent=serving.tokens_per_second_recent,
         failure_cases=failures,
         pending_cases=pending,
-        training_state=worker.task_state(TRAINING_TASK),
+        training_state=training_state,
         queue_depth=worker.queue_depth,
         rss_bytes=rss,
         peak_rss_bytes=peak,
@@ -391,7 +462,51 @@ def daemon_snapshot(
         sources=serving.sources,
         history=history_counts(hub),
         failure_store_error=store_error,
+        auto_train=auto_train_state(
+            worker,
+            learning=failure_counts is not None,
+            pending=pending,
+            total=failures,
+            store_error=store_error,
+            training=training_state == "running",
+            idle_s=idle,
+            runs=serving.counters.auto_train_runs,
+        ),
+        last_training=serving.last_training,
+        training_slice_max_s=serving.training_slice_max_s,
+        idle_s=idle,
     )
+
+
+def auto_train_state(
+    worker: Worker,
+    *,
+    learning: bool,
+    pending: int,
+    total: int,
+    store_error: str,
+    training: bool,
+    idle_s: float,
+    runs: int,
+) -> AutoTrain:
+    """What the auto-trainer (runtime.AutoTrainer) waits for, by the rule it applies."""
+    cfg = worker.config.learning
+    enabled = cfg.auto_train and learning
+    if not enabled:
+        state = "off"
+    elif training:
+        state = "running"
+    elif worker.hub.draft is None:
+        state = "no_draft"
+    elif store_error:
+        state = "store_unavailable"
+    elif pending < cfg.auto_train_min_new_cases or total < cfg.min_cases:
+        state = "waiting_for_cases"
+    elif idle_s < cfg.auto_train_idle_s:
+        state = "waiting_for_idle"
+    else:
+        state = "due"
+    return AutoTrain(enabled, state, cfg.auto_train_idle_s, cfg.auto_train_min_new_cases, runs)
 
 
 def history_counts(hub: object) -> HistoryCounts:

@@ -184,10 +184,15 @@ class GenerateJob(Job[TextChunk | GenerationResult]):
 
 class TaskJob(Job[Any]):
     def __init__(
-        self, name: str, factory: TaskFactory, on_cancel: Callable[[Job[Any]], None]
+        self,
+        name: str,
+        factory: TaskFactory,
+        on_cancel: Callable[[Job[Any]], None],
+        trigger: str = "manual",
     ) -> None:
         super().__init__(name, on_cancel)
         self.factory = factory
+        self.trigger = trigger  # "auto" when the daemon started it by itself
 
 
 class CallJob(Job[Any]):
@@ -369,14 +374,14 @@ class Worker:
             self._cond.notify_all()
         return job
 
-    def submit_task(self, name: str, factory: TaskFactory) -> TaskJob:
+    def submit_task(self, name: str, factory: TaskFactory, trigger: str = "manual") -> TaskJob:
         """Queue a background generator (training); one per name at a time.
 
         `factory(hub)` runs in the worker thread and returns an iterator the worker advances one
         step per round while no generation is active. Each yielded item is one event for the
         job's reader; close() on the iterator is how cancellation reaches it.
         """
-        job = TaskJob(name, factory, self._cancelled)
+        job = TaskJob(name, factory, self._cancelled, trigger)
         with self._cond:
             self._check_accepting()
             if name in self._task_jobs:
@@ -658,13 +663,19 @@ class Worker:
         if job.cancelled:
             self._end_task(job, "idle")
             return
+        self.stats.task_started(job.kind)
+        began = time.perf_counter()  # the factory (a run's checks, reading its cases) is a slice
         try:
             events = job.factory(self.hub)
         except Exception as exc:
             self._forward_error(job, exc)
             self._end_task(job, "failed")
             return
+        finally:
+            self.stats.record_slice(job.kind, time.perf_counter() - began)
         self._tasks.append(_Running(job, events))
+        if job.trigger == "auto":
+            self.stats.record_auto_start(job.kind)
 
     def _step_task(self, running: _Running) -> None:
         job = running.job
@@ -674,29 +685,35 @@ class Worker:
             self._end_task(job, "idle", "cancelled")
             log.info("task_cancelled", task=job.kind)
             return
+        began = time.perf_counter()
         try:
             event = next(running.events)
         except StopIteration:
             self._tasks.remove(running)
             job._finish()
             # A task's last event may name its outcome (a training run's: promoted, rejected).
-            self._end_task(job, "idle", getattr(running.last_event, "outcome", "finished"))
+            outcome = getattr(running.last_event, "outcome", "finished")
+            self._end_task(job, "idle", outcome, running.last_event)
         except Exception as exc:
             self._close(running)
             self._tasks.remove(running)
             self._forward_error(job, exc)
             self._end_task(job, "failed", "failed")
         else:
+            # Generation waits at most one slice: what Stats' training_slice_max_s reports.
+            self.stats.record_slice(job.kind, time.perf_counter() - began)
             running.last_event = event
             self.stats.record_task_event(job.kind, event)
             job._emit(event)
 
-    def _end_task(self, job: Job[Any], state: str, outcome: str | None = None) -> None:
+    def _end_task(
+        self, job: Job[Any], state: str, outcome: str | None = None, last_event: object = None
+    ) -> None:
         with self._cond:
             self._task_jobs.pop(job.kind, None)
             self._task_state[job.kind] = state
         if outcome is not None:
-            self.stats.record_task(job.kind, outcome)
+            self.stats.record_task(job.kind, outcome, last_event)
 
     # Shared ------------------------------------------------------------
 

@@ -107,9 +107,9 @@ class LearningConfig:
     heldout_fraction: float = _opt(0.2, lo=0.05, hi=0.9)
     promotion_margin: float = _opt(0.02, lo=0.0, hi=1.0)
     rejected_weight: float = _opt(4.0, lo=1.0, hi=1000.0)
-    auto_train: bool = _opt(False)
-    auto_train_idle_s: float = _opt(300.0, lo=1.0, hi=1e7)
-    auto_train_min_new_cases: int = _opt(32, lo=1, hi=1_000_000)
+    auto_train: bool = _opt(True)
+    auto_train_idle_s: float = _opt(120.0, lo=1.0, hi=1e7)
+    auto_train_min_new_cases: int = _opt(16, lo=1, hi=1_000_000)
     teacher_top_k: int = _opt(
         64, lo=0, hi=1_000_000, doc="target probs cached per position; 0 = all"
     )
@@ -145,7 +145,9 @@ class LoraConfig:
     scale: float = _opt(20.0, lo=0.0, hi=1e4)
     dropout: float = _opt(0.0, lo=0.0, hi=0.9)
     layers: int = _opt(-1, lo=-1, hi=1024, doc="-1 = every draft layer")
-    learning_rate: float = _opt(3e-4, lo=1e-8, hi=1.0)
+    learning_rate: float | None = _opt(
+        None, lo=1e-8, hi=1.0, doc="peak Adam rate; null = chosen from the draft's start"
+    )
     steps: int = _opt(200, lo=1, hi=1_000_000)
     batch_size: int = _opt(4, lo=1, hi=4096)
     max_seq_len: int = _opt(512, lo=8, hi=65_536)

@@ -27,10 +27,10 @@ def test_every_key_is_in_configuration_doc() -> None:
 def test_precedence_file_then_env_then_overrides(tmp_path: Path) -> None:
     file = tmp_path / "c.yaml"
     file.write_text("models:\n  draft: 'self:2'\nlora:\n  rank: 4\n")
-    env = {"SPECLORA_LORA_RANK": "16", "SPECLORA_LEARNING_AUTO_TRAIN": "true"}
+    env = {"SPECLORA_LORA_RANK": "16", "SPECLORA_LEARNING_AUTO_TRAIN": "false"}
     config = load_config(file, env=env, overrides={"lora": {"rank": 32}})
     assert config.models.draft == "self:2"
-    assert config.learning.auto_train is True
+    assert config.learning.auto_train is False  # on by default
     assert config.lora.rank == 32
     assert dataclasses.is_dataclass(config)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from helpers.toycases import greedy, record_domain_cases
 from speclora.daemon import models
 from speclora.daemon.engine import DraftVocab
 from speclora.daemon.errors import PreconditionError
@@ -51,36 +52,6 @@ def hub(domain_target_path: Path) -> ModelHub:
     target = models.load_model(str(domain_target_path))
     draft = models.make_self_draft(target, 1)
     return ModelHub.from_loaded(target, draft, "self:1")
-
-
-def greedy(model: object, ids: list[int], n: int) -> list[int]:
-    out: list[int] = []
-    seq = list(ids)
-    for _ in range(n):
-        token = int(mx.argmax(model(mx.array([seq]))[0, -1]).item())  # type: ignore[operator]
-        out.append(token)
-        seq.append(token)
-    return out
-
-
-def record_domain_cases(hub: ModelHub, store: FailureStore, n: int, seed: int = 0) -> None:
-    """Cases as the engine records them at T = 0: target output, where the draft was wrong."""
-    for prompt in toy.domain_prompts(n, seed):
-        ids = hub.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True
-        )
-        completion = greedy(hub.target, ids, 24)
-        guesses = mx.argmax(hub.draft(mx.array([ids + completion]))[0], axis=-1).tolist()
-        rejected = tuple(j for j, tok in enumerate(completion) if guesses[len(ids) - 1 + j] != tok)
-        store.add(
-            FailureCase(
-                tuple(ids),
-                tuple(completion),
-                rejection_positions=rejected,
-                proposed=len(completion),
-                accepted=len(completion) - len(rejected),
-            )
-        )
 
 
 @pytest.fixture
@@ -206,7 +177,8 @@ def test_auto_train_rule() -> None:
     on = LearningConfig(auto_train=True, auto_train_idle_s=60, auto_train_min_new_cases=10)
     ready = dict(idle_s=61.0, pending_cases=10, total_cases=50, training=False)
     assert should_auto_train(on, **ready)
-    assert not should_auto_train(LearningConfig(), **ready)  # off by default
+    assert LearningConfig().auto_train  # on by default
+    assert not should_auto_train(LearningConfig(auto_train=False), **ready)
     assert not should_auto_train(on, **{**ready, "idle_s": 5.0})
     assert not should_auto_train(on, **{**ready, "pending_cases": 9})
     assert not should_auto_train(on, **{**ready, "training": True})

@@ -28,7 +28,11 @@ def run(*args: str, input: str | None = None) -> Any:
 def daemon(isolated_home: Path, tiny_target_path: Path) -> Iterator[LocalDaemon]:
     """A daemon in this test's SPECLORA_HOME, so the CLI finds it on the default socket."""
     d = local_daemon(
-        isolated_home, {"models": {"target": str(tiny_target_path), "draft": "self:2"}}
+        isolated_home,
+        {
+            "models": {"target": str(tiny_target_path), "draft": "self:2"},
+            "learning": {"auto_train": False},  # these tests train by hand
+        },
     )
     yield d
     d.close()

@@ -202,6 +202,7 @@ def test_kill_9_during_promotion_leaves_the_previous_adapter_loadable(
         draft="self:2",
         SPECLORA_LEARNING_FAILURE_THRESHOLD="0.99",
         SPECLORA_LEARNING_MIN_CASES="4",
+        SPECLORA_LEARNING_AUTO_TRAIN="false",  # the test trains by hand
         SPECLORA_LORA_STEPS="2",
         SPECLORA_LORA_BATCH_SIZE="2",
     )

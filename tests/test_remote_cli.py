@@ -67,6 +67,9 @@ VOLATILE = {
     "time_to_first_token_s",
     "total_time_s",
     "uptime_s",
+    "idle_s",
+    "training_slice_max_s",
+    "finished_at",
     "tokens_per_second_recent",
     "rss_bytes",
     "peak_rss_bytes",
@@ -84,7 +87,7 @@ OVERRIDES = {
     # step prices each daemon measured on its own at start.
     "speculation": {"draft_tokens": 2},
     "history": {"enabled": False},
-    "learning": {"min_cases": 4, "failure_threshold": 0.99},
+    "learning": {"min_cases": 4, "failure_threshold": 0.99, "auto_train": False},
     "lora": {"batch_size": 2, "rank": 4},
 }
 

@@ -60,7 +60,7 @@ def learning_daemon(isolated_home: Path, tiny_target_path: Path) -> Iterator[Loc
         isolated_home,
         {
             "models": {"target": str(tiny_target_path), "draft": "self:2"},
-            "learning": {"min_cases": 4},
+            "learning": {"min_cases": 4, "auto_train": False},  # trains by hand
             "lora": {"batch_size": 2, "rank": 4},
         },
     )

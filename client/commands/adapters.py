@@ -60,15 +60,19 @@ def list_adapters(ctx: click.Context, as_json: bool, address: str | None) -> Non
     if not listing.adapters:
         click.echo(f"No adapters yet ({listing.adapters_dir}); `speclora train` makes one.")
         return
-    click.echo(f"  {'VERSION':8} {'STATUS':9} {'PARENT':7} {'BEFORE':>6} {'AFTER':>6}  CREATED")
+    click.echo(
+        f"  {'VERSION':8} {'STATUS':9} {'PARENT':7} {'BEFORE':>6} {'AFTER':>6}  {'BY':6}  CREATED"
+    )
     for i in listing.adapters:
         mark = "*" if i.active else " "
         created = (
             time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created_at)) if i.created_at else "-"
         )
+        # Who started the run: "auto" (the daemon, while idle) or "manual" (`speclora train`).
+        by = str(i.metadata.get("trigger") or "-")
         click.echo(
             f"{mark} {i.version:8} {i.status:9} {i.parent or '-':7} "
-            f"{i.acceptance_before:>6.3f} {i.acceptance_after:>6.3f}  {created}"
+            f"{i.acceptance_before:>6.3f} {i.acceptance_after:>6.3f}  {by:6}  {created}"
         )
     if not listing.active_version:
         click.echo("(no adapter active: the base draft serves)")

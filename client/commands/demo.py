@@ -420,8 +420,17 @@ def _where(keep: bool, config_path: str | None) -> None:
     )
     click.echo(f"  daemon log      {paths.daemon_log}")
     click.echo(f"  socket          {paths.socket_path}")
-    for name, url in http_links(load_config(config_path).server.http_address):
+    config = load_config(config_path)
+    for name, url in http_links(config.server.http_address):
         click.echo(f"  {name:<15} {url}")
+    learning = config.learning
+    if learning.auto_train:
+        click.echo(
+            f"\n  Training by itself: after {learning.auto_train_idle_s:.0f} s idle with "
+            f"{learning.auto_train_min_new_cases} new failure cases the daemon trains and "
+            "promotes through the same gate (speclora stats shows when; adapters list marks "
+            "its adapters auto; learning.auto_train: false turns it off)."
+        )
     click.echo(
         '\n  From the shell:   speclora daemon start; speclora generate "Explain DNS."; '
         "speclora interactive; speclora stats --watch; speclora train"

@@ -23,6 +23,7 @@ class TrainParams:
     # Ablations: 1.0 is plain uniform KL; shuffled teachers train a deliberately worse draft.
     rejected_weight: float | None = None
     shuffle_teacher: bool = False
+    trigger: str = "manual"  # "auto": the daemon started the run by itself (learning.auto_train)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class TrainProgress:
     total_steps: int
     loss: float  # weighted KL(target || draft) of this step's batch
     tokens_per_second: float
+    # The starting draft's loss on the same batch: a batch's loss above it means training made
+    # the draft worse there (the divergence stop compares the two, learning/stability.py).
+    base_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class TrainResult:
     acceptance_before: float
     acceptance_after: float
     duration_s: float
+    trigger: str = "manual"  # "auto" | "manual", from TrainParams
 
     @property
     def outcome(self) -> str:
@@ -64,7 +69,8 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class TrainTick:
-    """Internal slice boundary (not sent to clients): `phase` is "teacher" or "evaluate"."""
+    """Internal slice boundary (not sent to clients): `phase` is "teacher", "evaluate" or
+    "checkpoint" (scoring the training cases)."""
 
     phase: str
     done: int

@@ -29,6 +29,13 @@ from speclora.daemon.learning.events import (
     TrainStarted,
     TrainTick,
 )
+from speclora.daemon.learning.stability import (
+    Checkpoints,
+    LossGuard,
+    auto_learning_rate,
+    checkpoint_every,
+    total_score,
+)
 from speclora.daemon.learning.store import FailureStore
 from speclora.daemon.learning.swap import (
     BASE_NORM_KEY,
@@ -50,6 +57,7 @@ from speclora.daemon.learning.trainer import (
     teacher_rows,
     token_batches,
     vocab_size,
+    warmup_steps,
 )
 from speclora.daemon.state import ModelHub
 from speclora.shared.config import Config
@@ -109,12 +117,12 @@ def _run(
     start = time.monotonic()
     learning, lora_cfg = config.learning, config.lora
     steps = params.steps or lora_cfg.steps
-    lr = params.learning_rate or lora_cfg.learning_rate
     parent = hub.adapter_version
     swaps_at_start = swap_count(hub)  # a change by hand while we train wins over our promotion
     self_draft = is_self_draft(hub)
     log.info(
         "training_started",
+        trigger=params.trigger,
         train_cases=len(train),
         heldout_cases=len(heldout),
         steps=steps,
@@ -170,18 +178,45 @@ def _run(
         if self_draft and base_norm:
             trainer.model.load_weights(list(base_norm.items()), strict=False)
 
+    # Step 0: the draft as it starts, on its own training cases (one draft pass, the target's
+    # side is cached). It sets the learning rate, the divergence baseline and checkpoint 0.
+    score_start = time.monotonic()
+    base_scores = yield from _score(trainer, batches, teacher)
+    score_s = time.monotonic() - score_start
+    start_score = total_score(base_scores)
+    if params.learning_rate:
+        lr, lr_source = params.learning_rate, "request"
+    elif lora_cfg.learning_rate:
+        lr, lr_source = lora_cfg.learning_rate, "config"
+    else:
+        lr, lr_source = auto_learning_rate(start_score.acceptance), "auto"
+    log.info(
+        "training_learning_rate_chosen",
+        learning_rate=lr,
+        source=lr_source,
+        train_acceptance=round(start_score.acceptance, 4),
+        train_loss=round(start_score.loss, 4),
+    )
+    warmup = warmup_steps(steps)
+    guard = LossGuard(base_scores, warmup)
+    checkpoints = Checkpoints(0, start_score, trainer.snapshot())
+    every = checkpoint_every(steps)
+
     rng = np.random.default_rng(params.seed)
     order: list[Example] = []
     loss = float("nan")
     done = 0
+    scored_at = 0
+    stopped = ""
     budget = learning.max_train_s
     steps_start = time.monotonic()
     horizon = steps
     for step in range(1, steps + 1):
         now = time.monotonic()
         per_step = (now - steps_start) / done if done else 0.0
-        # Whole run within the budget: this step and the final evaluation must still fit.
-        left = budget - (now - start) - evaluation_s
+        # Whole run within the budget: this step, a last checkpoint score and the final
+        # evaluation must still fit.
+        left = budget - (now - start) - evaluation_s - score_s
         if budget and left < per_step:
             log.info("training_time_budget_reached", steps_done=done, budget_s=budget)
             break
@@ -191,11 +226,36 @@ def _run(
             order.extend(train[i] for i in rng.permutation(len(train)))
         batch, order = order[: lora_cfg.batch_size], order[lora_cfg.batch_size :]
         t0 = time.perf_counter()
-        rate_lr = learning_rate_at(step, horizon, lr)
+        rate_lr = learning_rate_at(step, horizon, lr, warmup)
         loss, tokens = trainer.step(batch, [teacher[id(e)] for e in batch], rate_lr)
         done = step
         rate = tokens / max(time.perf_counter() - t0, 1e-9)
-        yield TrainProgress(step, steps, loss, rate)
+        base_loss = guard.base_loss([id(e) for e in batch])
+        yield TrainProgress(step, steps, loss, rate, base_loss)
+        if guard.diverged(step, loss, base_loss):
+            stopped = guard.reason
+            log.warning("training_diverged", step=step, reason=stopped)
+            break
+        if step % every == 0 and step < steps:
+            scores = yield from _score(trainer, batches, teacher)
+            checkpoints.offer(step, total_score(scores), trainer.snapshot())
+            scored_at = step
+
+    if not stopped and done > scored_at:  # the last weights are a candidate too
+        scores = yield from _score(trainer, batches, teacher)
+        checkpoints.offer(done, total_score(scores), trainer.snapshot())
+        scored_at = done
+    if checkpoints.best_step != done:
+        # A diverged run's last weights are suspect whatever they scored; otherwise an earlier
+        # checkpoint (step 0, the starting draft, included) did better on the training cases.
+        trainer.restore(checkpoints.weights)
+        log.info(
+            "training_checkpoint_restored",
+            step=checkpoints.best_step,
+            steps_done=done,
+            train_acceptance=round(checkpoints.best.acceptance, 4),
+            train_acceptance_start=round(start_score.acceptance, 4),
+        )
 
     model = trainer.finish()
     after = yield from _evaluate(target, LossPositionLogits(model, ids), heldout, vocab)
@@ -214,6 +274,10 @@ def _run(
             f"held-out acceptance {before:.3f} -> {after:.3f} did not rise by the margin "
             f"{margin:.3f}; kept for inspection, not used"
         )
+    if stopped:
+        reason = f"{reason}; training stopped early: {stopped}"
+    if checkpoints.best_step != done:
+        reason = f"{reason}; kept the weights of step {checkpoints.best_step} of {done}"
     metadata = {
         "parent": parent,
         "status": PROMOTED if promoted else REJECTED,
@@ -226,6 +290,11 @@ def _run(
         "steps": done,
         "final_loss": loss,
         "learning_rate": lr,
+        "learning_rate_source": lr_source,
+        "train_acceptance_start": start_score.acceptance,
+        "train_acceptance_best": checkpoints.best.acceptance,
+        "best_step": checkpoints.best_step,
+        "stopped": stopped,
         "rejected_weight": rejected_weight,
         "teacher_top_k": learning.teacher_top_k,
         "shuffle_teacher": params.shuffle_teacher,
@@ -233,6 +302,7 @@ def _run(
         "draft_id": hub.draft_name,
         "draft_spec": hub.draft_spec,
         "duration_s": time.monotonic() - start,
+        "trigger": params.trigger,
     }
     info = save_adapter(adapters, model, adapter_config, metadata, with_norm=self_draft)
     if promoted and swap_count(hub) != swaps_at_start:
@@ -258,6 +328,7 @@ def _run(
     duration = time.monotonic() - start
     log.info(
         "training_finished",
+        trigger=params.trigger,
         version=info.version,
         promoted=promoted,
         before=round(before, 4),
@@ -265,7 +336,7 @@ def _run(
         steps=done,
         duration_s=round(duration, 1),
     )
-    yield TrainResult(info.version, promoted, reason, before, after, duration)
+    yield TrainResult(info.version, promoted, reason, before, after, duration, params.trigger)
 
 
 def training_vocabulary(
@@ -281,6 +352,18 @@ def training_vocabulary(
     seen = seen[(seen >= 0) & (seen < draft_vocab.vocab_size)]
     ids = np.union1d(np.array(draft_vocab.ids()), seen).astype(np.int32)
     return mx.array(ids)
+
+
+def _score(
+    trainer: DraftTrainer, batches: Sequence[Sequence[Example]], teacher: dict[int, TeacherRows]
+) -> Iterator[TrainTick]:
+    """DraftTrainer.score over every training case, one slice per batch; keyed by id(example)."""
+    out: dict[int, tuple[float, float, int, int]] = {}
+    for n, batch in enumerate(batches, 1):
+        scores = trainer.score(batch, [teacher[id(e)] for e in batch])
+        out.update((id(e), sc) for e, sc in zip(batch, scores, strict=True))
+        yield TrainTick("checkpoint", n, len(batches))
+    return out
 
 
 def _evaluate(

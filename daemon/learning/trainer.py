@@ -33,6 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten
 from speclora.daemon.engine.draft_vocab import model_parts
 from speclora.daemon.learning import lora
 from speclora.daemon.learning.store import FailureCase
@@ -61,6 +62,9 @@ class TeacherRows:
     logp: mx.array  # (n, k) log-probs of the top-k tokens, or (n, V) full log-probs
     index: mx.array | None  # (n, k) token ids of the top-k; None for full rows
     logp_rest: mx.array | None  # (n,) log of the mass outside the top-k
+    # (n,) the target's greedy token over the full vocabulary: what a draft must propose to be
+    # accepted at T = 0 (the stability guard scores training cases with it, no target pass).
+    choice: mx.array | None = None
 
 
 def prepare_examples(
@@ -159,6 +163,9 @@ def _inputs(batch: Sequence[Example]) -> tuple[mx.array, mx.array]:
     return mx.array(ids), mx.array(np.asarray(flat, dtype=np.int32))
 
 
+CHOICE_CHUNK = 256  # rows per full-head block when a restricted teacher also needs its argmax
+
+
 class LossPositionLogits:
     """logits at chosen positions only: body once, LM head on the rows that need it.
 
@@ -191,6 +198,26 @@ class LossPositionLogits:
         except Exception:  # a model whose anatomy we do not know: use its own forward
             return False
 
+    def logits_and_choice(
+        self, inputs: mx.array, flat: mx.array, vocab: int
+    ) -> tuple[mx.array, mx.array]:
+        """(logits as __call__ gives them, the greedy token over the full vocabulary) from one
+        pass of the body: a restricted head's argmax is not the model's choice."""
+        b, length = inputs.shape
+        if not self._split_ok or self._rows is None:
+            logits = self(inputs, flat)
+            return logits, mx.argmax(logits[:, :vocab], axis=-1)
+        hidden, head = self._body_head(inputs)
+        rows = hidden.reshape(b * length, -1)[flat]
+        logits = (rows @ self._rows.T).astype(mx.float32)
+        # The full head in chunks of rows: a (rows x 49152) block at once is ~400 MB.
+        parts = [
+            mx.argmax(head(rows[i : i + CHOICE_CHUNK])[:, :vocab], axis=-1)
+            for i in range(0, rows.shape[0], CHOICE_CHUNK)
+        ]
+        choice = mx.concatenate(parts) if parts else mx.zeros((0,), dtype=mx.uint32)
+        return logits, choice
+
     def __call__(self, inputs: mx.array, flat: mx.array) -> mx.array:
         b, length = inputs.shape
         if self._split_ok:
@@ -212,22 +239,27 @@ def teacher_rows(
 ) -> list[TeacherRows]:
     """The target's teacher-forced distributions for a batch, split per example."""
     inputs, flat = _inputs(batch)
-    logp = _log_softmax(target(inputs, flat)[:, :vocab])
+    logits, choice = target.logits_and_choice(inputs, flat, vocab)
+    choice = choice.astype(mx.int32)
+    logp = _log_softmax(logits[:, :vocab])
     if 0 < top_k < logp.shape[-1]:  # a restricted head may be narrower than `vocab`
         index = mx.argpartition(-logp, kth=top_k - 1, axis=-1)[:, :top_k].astype(mx.int32)
         logp_k = mx.take_along_axis(logp, index, axis=-1)
         rest = mx.log(mx.maximum(1.0 - mx.exp(logp_k).sum(axis=-1), 1e-9))
-        mx.eval(index, logp_k, rest)
+        mx.eval(index, logp_k, rest, choice)
     else:
         index, logp_k, rest = None, logp, None
-        mx.eval(logp_k)
+        mx.eval(logp_k, choice)
     out, start = [], 0
     for e in batch:
         n = len(e.weights)
         sl = slice(start, start + n)
         out.append(
             TeacherRows(
-                logp_k[sl], None if index is None else index[sl], None if rest is None else rest[sl]
+                logp_k[sl],
+                None if index is None else index[sl],
+                None if rest is None else rest[sl],
+                choice[sl],
             )
         )
         start += n
@@ -244,12 +276,16 @@ def shuffle_teacher(rows: list[TeacherRows], seed: int) -> list[TeacherRows]:
         return None if parts[0] is None else mx.concatenate(parts)[perm]
 
     logp, index, rest = cat(lambda r: r.logp), cat(lambda r: r.index), cat(lambda r: r.logp_rest)
+    choice = cat(lambda r: r.choice)
     out, start = [], 0
     for n in sizes:
         sl = slice(start, start + n)
         out.append(
             TeacherRows(
-                logp[sl], None if index is None else index[sl], None if rest is None else rest[sl]
+                logp[sl],
+                None if index is None else index[sl],
+                None if rest is None else rest[sl],
+                None if choice is None else choice[sl],
             )
         )
         start += n
@@ -264,15 +300,21 @@ def weighted_kl(
     weights: mx.array,
 ) -> mx.array:
     """sum_i w_i KL(p_i || q_i) / sum_i w_i over rows; top-k rows carry one rest bucket."""
+    kl = kl_rows(draft_logits, logp, index, logp_rest)
+    return (kl * weights).sum() / weights.sum()
+
+
+def kl_rows(
+    draft_logits: mx.array, logp: mx.array, index: mx.array | None, logp_rest: mx.array | None
+) -> mx.array:
+    """KL(p_i || q_i) per row."""
     logq = _log_softmax(draft_logits)
     if index is None:
-        kl = (mx.exp(logp) * (logp - logq)).sum(axis=-1)
-    else:
-        logq_k = mx.take_along_axis(logq, index, axis=-1)
-        q_rest = mx.maximum(1.0 - mx.exp(logq_k).sum(axis=-1), 1e-9)
-        kl = (mx.exp(logp) * (logp - logq_k)).sum(axis=-1)
-        kl = kl + mx.exp(logp_rest) * (logp_rest - mx.log(q_rest))
-    return (kl * weights).sum() / weights.sum()
+        return (mx.exp(logp) * (logp - logq)).sum(axis=-1)
+    logq_k = mx.take_along_axis(logq, index, axis=-1)
+    q_rest = mx.maximum(1.0 - mx.exp(logq_k).sum(axis=-1), 1e-9)
+    kl = (mx.exp(logp) * (logp - logq_k)).sum(axis=-1)
+    return kl + mx.exp(logp_rest) * (logp_rest - mx.log(q_rest))
 
 
 def expected_acceptance(
@@ -315,11 +357,16 @@ def vocab_size(target: nn.Module, draft: nn.Module) -> int:
 MAX_GRAD_NORM = 1.0
 
 
-def learning_rate_at(step: int, horizon: int, peak: float) -> float:
+def warmup_steps(horizon: int) -> int:
+    """Steps of linear learning-rate warm-up for a run of `horizon` steps (1..20)."""
+    return max(1, min(20, horizon // 10))
+
+
+def learning_rate_at(step: int, horizon: int, peak: float, warmup: int | None = None) -> float:
     """Short linear warm-up, then cosine decay to a tenth by `horizon`: stable start, settled
     end. The session may shorten the horizon when a time budget will stop the run early."""
     floor = peak / 10
-    warmup = max(1, min(20, horizon // 10))
+    warmup = warmup_steps(horizon) if warmup is None else warmup
     if step <= warmup:
         return floor + (peak - floor) * step / warmup
     progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
@@ -386,6 +433,55 @@ class DraftTrainer:
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state, loss)
         return float(loss.item()), int(inputs.size)
+
+    def snapshot(self) -> dict[str, mx.array]:
+        """The trainable weights as they are now. MLX arrays are values that an optimizer step
+        replaces, never changes, so holding them is a copy that costs nothing."""
+        return dict(tree_flatten(self.model.trainable_parameters()))
+
+    def restore(self, weights: dict[str, mx.array]) -> None:
+        """Put back the trainable weights of an earlier `snapshot`."""
+        self.model.load_weights(list(weights.items()), strict=False)
+        mx.eval(self.model.trainable_parameters())
+
+    def score(
+        self, batch: Sequence[Example], teacher: Sequence[TeacherRows]
+    ) -> list[tuple[float, float, int, int]]:
+        """Per example, with dropout off: (sum of w * KL, sum of w, positions where the draft's
+        greedy choice is the target's, positions). One draft pass; the target's side is cached."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            inputs, flat = _inputs(batch)
+            logits = self.logits(inputs, flat)[:, : self.vocab]
+            logp = mx.concatenate([t.logp for t in teacher])
+            index = None if teacher[0].index is None else mx.concatenate([t.index for t in teacher])
+            rest = (
+                None
+                if teacher[0].logp_rest is None
+                else mx.concatenate([t.logp_rest for t in teacher])
+            )
+            kl = kl_rows(logits, logp, index, rest)
+            choice = mx.argmax(logits, axis=-1)
+            if self.logits.ids is not None:
+                choice = self.logits.ids[choice]
+            agree = mx.zeros(choice.shape, dtype=mx.int32)
+            if all(t.choice is not None for t in teacher):
+                target_choice = mx.concatenate([t.choice for t in teacher])  # type: ignore[misc]
+                agree = (choice.astype(mx.int32) == target_choice).astype(mx.int32)
+            mx.eval(kl, agree)
+        finally:
+            self.model.train(training)
+        kl_np, agree_np = np.asarray(kl, dtype=np.float64), np.asarray(agree)
+        out, start = [], 0
+        for e in batch:
+            w = np.asarray(e.weights, np.float64)
+            sl = slice(start, start + len(w))
+            out.append(
+                (float((kl_np[sl] * w).sum()), float(w.sum()), int(agree_np[sl].sum()), len(w))
+            )
+            start += len(w)
+        return out
 
     def finish(self) -> nn.Module:
         """The trained clone, in eval mode (dropout off)."""

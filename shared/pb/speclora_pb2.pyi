@@ -220,16 +220,18 @@ class TrainStarted(_message.Message):
     def __init__(self, train_cases: _Optional[int] = ..., heldout_cases: _Optional[int] = ..., steps: _Optional[int] = ..., parent_version: _Optional[str] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
-    __slots__ = ("step", "total_steps", "loss", "tokens_per_second")
+    __slots__ = ("step", "total_steps", "loss", "tokens_per_second", "base_loss")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    BASE_LOSS_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_steps: int
     loss: float
     tokens_per_second: float
-    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
+    base_loss: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., base_loss: _Optional[float] = ...) -> None: ...
 
 class TrainEvaluation(_message.Message):
     __slots__ = ("phase_name", "heldout_acceptance", "phase")
@@ -242,20 +244,22 @@ class TrainEvaluation(_message.Message):
     def __init__(self, phase_name: _Optional[str] = ..., heldout_acceptance: _Optional[float] = ..., phase: _Optional[_Union[EvaluationPhase, str]] = ...) -> None: ...
 
 class TrainResult(_message.Message):
-    __slots__ = ("adapter_version", "promoted", "reason", "acceptance_before", "acceptance_after", "duration_s")
+    __slots__ = ("adapter_version", "promoted", "reason", "acceptance_before", "acceptance_after", "duration_s", "trigger")
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROMOTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
     adapter_version: str
     promoted: bool
     reason: str
     acceptance_before: float
     acceptance_after: float
     duration_s: float
-    def __init__(self, adapter_version: _Optional[str] = ..., promoted: _Optional[bool] = ..., reason: _Optional[str] = ..., acceptance_before: _Optional[float] = ..., acceptance_after: _Optional[float] = ..., duration_s: _Optional[float] = ...) -> None: ...
+    trigger: str
+    def __init__(self, adapter_version: _Optional[str] = ..., promoted: _Optional[bool] = ..., reason: _Optional[str] = ..., acceptance_before: _Optional[float] = ..., acceptance_after: _Optional[float] = ..., duration_s: _Optional[float] = ..., trigger: _Optional[str] = ...) -> None: ...
 
 class TrainEvent(_message.Message):
     __slots__ = ("started", "progress", "evaluation", "result")
@@ -292,7 +296,7 @@ class AdapterAcceptance(_message.Message):
     def __init__(self, adapter_version: _Optional[str] = ..., requests: _Optional[int] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ...) -> None: ...
 
 class StatsSnapshot(_message.Message):
-    __slots__ = ("target_model", "draft_model", "adapter_version", "uptime_s", "requests_total", "requests_active", "tokens_total", "acceptance_lifetime", "acceptance_recent", "acceptance_history", "per_adapter", "tokens_per_second_recent", "failure_cases", "pending_cases", "training_state_name", "queue_depth", "rss_bytes", "peak_rss_bytes", "weight_bytes", "blas_name", "version", "default_mode", "prompt_tokens_total", "prompt_tokens_cached", "prompt_cache_bytes", "training_state", "blas", "pid", "failure_store_error", "draft_proposed", "draft_accepted", "history_proposed", "history_accepted", "draft_acceptance_recent", "history_acceptance_recent", "history_tokens", "history_documents", "history_bytes")
+    __slots__ = ("target_model", "draft_model", "adapter_version", "uptime_s", "requests_total", "requests_active", "tokens_total", "acceptance_lifetime", "acceptance_recent", "acceptance_history", "per_adapter", "tokens_per_second_recent", "failure_cases", "pending_cases", "training_state_name", "queue_depth", "rss_bytes", "peak_rss_bytes", "weight_bytes", "blas_name", "version", "default_mode", "prompt_tokens_total", "prompt_tokens_cached", "prompt_cache_bytes", "training_state", "blas", "pid", "failure_store_error", "draft_proposed", "draft_accepted", "history_proposed", "history_accepted", "draft_acceptance_recent", "history_acceptance_recent", "history_tokens", "history_documents", "history_bytes", "auto_train", "auto_train_state", "auto_train_idle_s", "auto_train_min_new_cases", "auto_train_runs", "last_training", "training_slice_max_s", "idle_s")
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +335,14 @@ class StatsSnapshot(_message.Message):
     HISTORY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AUTO_TRAIN_FIELD_NUMBER: _ClassVar[int]
+    AUTO_TRAIN_STATE_FIELD_NUMBER: _ClassVar[int]
+    AUTO_TRAIN_IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    AUTO_TRAIN_MIN_NEW_CASES_FIELD_NUMBER: _ClassVar[int]
+    AUTO_TRAIN_RUNS_FIELD_NUMBER: _ClassVar[int]
+    LAST_TRAINING_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_SLICE_MAX_S_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
     target_model: str
     draft_model: str
     adapter_version: str
@@ -369,7 +381,35 @@ class StatsSnapshot(_message.Message):
     history_tokens: int
     history_documents: int
     history_bytes: int
-    def __init__(self, target_model: _Optional[str] = ..., draft_model: _Optional[str] = ..., adapter_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., requests_total: _Optional[int] = ..., requests_active: _Optional[int] = ..., tokens_total: _Optional[int] = ..., acceptance_lifetime: _Optional[float] = ..., acceptance_recent: _Optional[float] = ..., acceptance_history: _Optional[_Iterable[float]] = ..., per_adapter: _Optional[_Iterable[_Union[AdapterAcceptance, _Mapping]]] = ..., tokens_per_second_recent: _Optional[float] = ..., failure_cases: _Optional[int] = ..., pending_cases: _Optional[int] = ..., training_state_name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., blas_name: _Optional[str] = ..., version: _Optional[str] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., prompt_tokens_total: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., training_state: _Optional[_Union[TrainingState, str]] = ..., blas: _Optional[_Union[Blas, str]] = ..., pid: _Optional[int] = ..., failure_store_error: _Optional[str] = ..., draft_proposed: _Optional[int] = ..., draft_accepted: _Optional[int] = ..., history_proposed: _Optional[int] = ..., history_accepted: _Optional[int] = ..., draft_acceptance_recent: _Optional[float] = ..., history_acceptance_recent: _Optional[float] = ..., history_tokens: _Optional[int] = ..., history_documents: _Optional[int] = ..., history_bytes: _Optional[int] = ...) -> None: ...
+    auto_train: bool
+    auto_train_state: str
+    auto_train_idle_s: float
+    auto_train_min_new_cases: int
+    auto_train_runs: int
+    last_training: LastTraining
+    training_slice_max_s: float
+    idle_s: float
+    def __init__(self, target_model: _Optional[str] = ..., draft_model: _Optional[str] = ..., adapter_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., requests_total: _Optional[int] = ..., requests_active: _Optional[int] = ..., tokens_total: _Optional[int] = ..., acceptance_lifetime: _Optional[float] = ..., acceptance_recent: _Optional[float] = ..., acceptance_history: _Optional[_Iterable[float]] = ..., per_adapter: _Optional[_Iterable[_Union[AdapterAcceptance, _Mapping]]] = ..., tokens_per_second_recent: _Optional[float] = ..., failure_cases: _Optional[int] = ..., pending_cases: _Optional[int] = ..., training_state_name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., blas_name: _Optional[str] = ..., version: _Optional[str] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., prompt_tokens_total: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ..., training_state: _Optional[_Union[TrainingState, str]] = ..., blas: _Optional[_Union[Blas, str]] = ..., pid: _Optional[int] = ..., failure_store_error: _Optional[str] = ..., draft_proposed: _Optional[int] = ..., draft_accepted: _Optional[int] = ..., history_proposed: _Optional[int] = ..., history_accepted: _Optional[int] = ..., draft_acceptance_recent: _Optional[float] = ..., history_acceptance_recent: _Optional[float] = ..., history_tokens: _Optional[int] = ..., history_documents: _Optional[int] = ..., history_bytes: _Optional[int] = ..., auto_train: _Optional[bool] = ..., auto_train_state: _Optional[str] = ..., auto_train_idle_s: _Optional[float] = ..., auto_train_min_new_cases: _Optional[int] = ..., auto_train_runs: _Optional[int] = ..., last_training: _Optional[_Union[LastTraining, _Mapping]] = ..., training_slice_max_s: _Optional[float] = ..., idle_s: _Optional[float] = ...) -> None: ...
+
+class LastTraining(_message.Message):
+    __slots__ = ("adapter_version", "promoted", "reason", "acceptance_before", "acceptance_after", "duration_s", "finished_at", "trigger")
+    ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    adapter_version: str
+    promoted: bool
+    reason: str
+    acceptance_before: float
+    acceptance_after: float
+    duration_s: float
+    finished_at: float
+    trigger: str
+    def __init__(self, adapter_version: _Optional[str] = ..., promoted: _Optional[bool] = ..., reason: _Optional[str] = ..., acceptance_before: _Optional[float] = ..., acceptance_after: _Optional[float] = ..., duration_s: _Optional[float] = ..., finished_at: _Optional[float] = ..., trigger: _Optional[str] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
