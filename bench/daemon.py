@@ -192,9 +192,10 @@ def grpc_stream(client: SpecLoRAClient, prompt: str, max_tokens: int, k: int | N
     return Timed(tokens, (first or end) - start, end - start)
 
 
-def http_stream(
-    conn: http.client.HTTPConnection, prompt: str, max_tokens: int, k: int | None
-) -> Timed:
+def http_stream(address: tuple[str, int], prompt: str, max_tokens: int, k: int | None) -> Timed:
+    """One streamed chat request on a fresh connection, connected before the clock starts
+    (a kept-alive one is closed by the server after its keep-alive timeout, as uvicorn's 5 s,
+    while the gRPC half of a pair runs)."""
     body = {
         "model": "speclora",
         "messages": [{"role": "user", "content": prompt}],
@@ -206,6 +207,8 @@ def http_stream(
     }
     if k is not None:
         body["draft_tokens"] = k
+    conn = http.client.HTTPConnection(*address, timeout=600)
+    conn.connect()
     start = time.perf_counter()
     conn.request(
         "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
@@ -227,6 +230,7 @@ def http_stream(
             first = time.perf_counter()
     response.read()
     end = time.perf_counter()
+    conn.close()
     return Timed(tokens, (first or end) - start, end - start)
 
 
@@ -235,7 +239,7 @@ def transports(
 ) -> list[dict]:
     """Each prompt over both transports, back to back, the order alternating."""
     host, port = http_address.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=600)
+    conn = (host.strip("[]"), int(port))
     pairs = []
     with SpecLoRAClient(address) as client:
         for prompt in prompts:  # warm up: each prompt's KV in the prompt cache for both
