@@ -267,7 +267,6 @@ def transports(
                         "ttft_http_minus_grpc_ms": (h.ttft_s - g.ttft_s) * 1000,
                     }
                 )
-    conn.close()
     return pairs
 
 
