@@ -14,7 +14,13 @@ from headline import README_BEGIN, README_END, readme_block  # noqa: E402
 
 def test_readme_results_table_matches_the_committed_bench_report() -> None:
     report = json.loads((REPO / "bench" / "results" / "latest.json").read_text())
-    assert set(report["benchmarks"]) == {"speculative", "daemon", "learning"}
+    assert set(report["benchmarks"]) == {
+        "speculative",
+        "daemon",
+        "learning",
+        "workloads",
+        "history",
+    }
     readme = (REPO / "README.md").read_text()
     assert readme.count(README_BEGIN) == readme.count(README_END) == 1
     assert readme_block(report) in readme, "run: python bench/headline.py --readme README.md"

@@ -219,6 +219,10 @@ ALLOWED_STRINGS = {
     "speclora.v1.ActivateAdapterRequest.version",  # a name, checked against [A-Za-z0-9._-]
     "speclora.v1.GetAdapterRequest.version",  # the same check
     "speclora.v1.GenerateRequest.request_id",  # an id for logs, checked against [A-Za-z0-9._:-]
+    # Structured output: compiled by llguidance in memory, never opened as files.
+    "speclora.v1.GenerateRequest.json_schema",
+    "speclora.v1.GenerateRequest.regex",
+    "speclora.v1.GenerateRequest.lark",
 }
 
 

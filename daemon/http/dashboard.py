@@ -14,6 +14,7 @@ No framework objects here beyond the response types: plain data in, dicts and by
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from importlib import resources
@@ -96,6 +97,14 @@ def stats_json(snap: StatsSnapshot) -> dict[str, Any]:
         "history_tokens": h.tokens,
         "history_documents": h.documents,
         "history_bytes": h.bytes,
+        "auto_train": snap.auto_train.enabled,
+        "auto_train_state": snap.auto_train.state,
+        "auto_train_idle_s": snap.auto_train.idle_s,
+        "auto_train_min_new_cases": snap.auto_train.min_new_cases,
+        "auto_train_runs": snap.auto_train.runs,
+        "last_training": dataclasses.asdict(snap.last_training) if snap.last_training else None,
+        "training_slice_max_s": snap.training_slice_max_s,
+        "idle_s": snap.idle_s,
     }
 
 
@@ -104,7 +113,8 @@ def extras_json(config: Config, snap: StatsSnapshot, idle_s: float) -> dict[str,
     daemon would train by itself (learning.auto_train)."""
     learning = config.learning
     waiting_for = []
-    if learning.auto_train:
+    enabled = snap.auto_train.enabled  # the daemon's own word (an auto-trainer is running)
+    if enabled:
         if snap.training_state == "running":
             waiting_for.append("the running training run")
         if snap.pending_cases < learning.auto_train_min_new_cases:
@@ -121,7 +131,8 @@ def extras_json(config: Config, snap: StatsSnapshot, idle_s: float) -> dict[str,
         "memory_total_bytes": memory_total(),
         "speculation_mode": config.speculation.mode,
         "auto_train": {
-            "enabled": learning.auto_train,
+            "enabled": enabled,
+            "state": snap.auto_train.state,
             "idle_s": idle_s,
             "idle_s_required": learning.auto_train_idle_s,
             "min_new_cases": learning.auto_train_min_new_cases,
