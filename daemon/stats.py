@@ -110,6 +110,11 @@ class Counters:
     )
     task_runs: tuple[tuple[str, str, int], ...] = ()  # (task, outcome, runs)
     auto_train_runs: int = 0
+    # The worker's target forwards (engine/batch.py), the generations' passes they carried
+    # (more than one: a shared forward) and the tokens they ran over.
+    target_forwards: int = 0
+    target_forward_rows: int = 0
+    target_forward_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -263,6 +268,7 @@ class StatsTracker:
         self._slice_max: dict[str, float] = {}  # per task: longest slice of its current run
         self._last_training: LastTraining | None = None
         self._auto_runs = 0
+        self._forwards = [0, 0, 0]  # forwards, rows, tokens
 
     def record(
         self, summary: GenerationSummary, adapter_version: str, steps: DraftSteps = DraftSteps()
@@ -351,6 +357,13 @@ class StatsTracker:
         with self._lock:
             self._slice_max[name] = 0.0
 
+    def record_batch(self, rows: int, tokens: int) -> None:
+        """The worker ran one target forward for `rows` generations' passes over `tokens`."""
+        with self._lock:
+            self._forwards[0] += 1
+            self._forwards[1] += rows
+            self._forwards[2] += tokens
+
     def record_auto_start(self, name: str) -> None:
         """The daemon started a training run by itself (and the run accepted its cases)."""
         if name == TRAINING_TASK:
@@ -393,6 +406,9 @@ class StatsTracker:
                     request_duration=self._duration.snapshot(),
                     task_runs=tuple((t, o, n) for (t, o), n in sorted(self._tasks.items())),
                     auto_train_runs=self._auto_runs,
+                    target_forwards=self._forwards[0],
+                    target_forward_rows=self._forwards[1],
+                    target_forward_tokens=self._forwards[2],
                 ),
                 last_training=self._last_training,
                 training_slice_max_s=self._slice_max.get(TRAINING_TASK, 0.0),

@@ -7,7 +7,8 @@ queue; errors travel through that queue as exceptions. Work per round:
 1. run queued calls (one-shot functions such as an adapter swap) and start queued tasks;
 2. admit waiting generations up to `server.max_active`;
 3. advance every active generation by one engine event (one prefill chunk or one speculative
-   step), round robin, so all clients stream at once;
+   step), so all clients stream at once; the target passes their steps need are collected and
+   run as shared forwards (engine/batch.py), so a round costs little more than one step;
 4. only when no generation is active: advance one background task (training) by one step.
 
 A cancelled job is dropped before its next step and its generator closed, which releases its
@@ -31,8 +32,10 @@ from speclora.daemon.engine.events import (
     GenerationSummary,
     StepEvent,
     StepTrace,
+    TargetPass,
     TextChunk,
 )
+from speclora.daemon.engine.output import Generation
 from speclora.daemon.errors import (
     DeadlineError,
     PreconditionError,
@@ -494,8 +497,7 @@ class Worker:
         if pending:
             self._set_active_count()
         if self._active:
-            for running in list(self._active):
-                self._step_generation(running)
+            self._step_generations()
         elif self._tasks:
             self._step_task(self._tasks[0])
             self._tasks.rotate(-1)
@@ -535,7 +537,37 @@ class Worker:
         )
         log.debug("generation_started", request_id=job.request.request_id)
 
-    def _step_generation(self, running: _Running) -> None:
+    def _step_generations(self) -> None:
+        """One event from every active generation. A generation that needs a target pass first
+        hands it over (a TargetPass) and waits; the waiting passes then run as one batched
+        forward, their logits go back, and so on until every generation has its event."""
+        from speclora.daemon.engine.batch import run_passes
+
+        waiting: list[tuple[_Running, TargetPass]] = []
+        for running in list(self._active):
+            self._step_generation(running, waiting)
+        while waiting:
+            batch, waiting = waiting, []
+            try:
+                results = run_passes([p for _, p in batch])
+            except Exception as exc:  # e.g. out of memory building the pass: fail its rows
+                for running, _ in batch:
+                    self._step_generation(running, waiting, error=exc)
+                continue
+            self.stats.record_batch(len(batch), sum(p.width for _, p in batch))
+            for (running, _), logits in zip(batch, results, strict=True):
+                self._step_generation(running, waiting, logits=logits)
+
+    def _step_generation(
+        self,
+        running: _Running,
+        waiting: list[tuple[_Running, TargetPass]],
+        *,
+        logits: Any = None,
+        error: Exception | None = None,
+    ) -> None:
+        """Advance one generation to its next event (or to its next TargetPass, into
+        `waiting`), sending it the logits of the pass it waited for, or the pass's error."""
         job = running.job
         if job.cancelled:
             self._retire(running)
@@ -544,8 +576,14 @@ class Worker:
                 "generation_cancelled", request_id=job.request.request_id, tokens=running.tokens
             )
             return
+        events = running.events
         try:
-            event = next(running.events)
+            if error is not None:
+                event = events.fail_pass(error)
+            elif isinstance(events, Generation):
+                event = events.advance(logits)
+            else:  # a plain iterator of events (an engine that never asks for passes)
+                event = next(events)
         except StopIteration:
             self._retire(running)
             job._fail(RuntimeError("the engine ended a generation without a summary"))
@@ -554,7 +592,9 @@ class Worker:
             self._retire(running)
             self._forward_error(job, exc)
             return
-        if isinstance(event, StepEvent):
+        if isinstance(event, TargetPass):
+            waiting.append((running, event))
+        elif isinstance(event, StepEvent):
             running.count_step(event.trace)
             if event.chunk is not None and event.chunk.token_ids:
                 running.tokens += len(event.chunk.token_ids)

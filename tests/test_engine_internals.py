@@ -19,6 +19,7 @@ from speclora.daemon.engine import (
     speedup_bound,
 )
 from speclora.daemon.engine.adaptive import linear_step_costs, measure_step_costs
+from speclora.daemon.engine.batch import run_alone
 from speclora.daemon.engine.draft_vocab import DraftHead, model_parts
 from speclora.daemon.engine.speculative import _Decoder
 from speclora.daemon.errors import InvalidRequestError
@@ -61,7 +62,7 @@ def test_caches_match_a_fresh_prefill_after_rejections(untied_loaded, draft_name
     decoder.prefill(len(prompt) - 1, chunk=1024)
     rejected = bonus = 0
     for _ in range(8):
-        accepted = decoder.speculative_step(k).accepted
+        accepted = run_alone(decoder.speculative_step(k)).accepted
         rejected += accepted < k
         bonus += accepted == k
     if draft_name == "identical":
@@ -99,10 +100,10 @@ def test_plain_steps_then_probe_catch_the_draft_up(untied_loaded):  # noqa: F811
     decoder = _Decoder(target, self_draft, SamplingParams(), prompt, None)
     decoder.prefill(len(prompt) - 1, chunk=1024)
     for i in range(6):
-        decoder.plain_step(pipeline_next=i < 5)
+        run_alone(decoder.plain_step(pipeline_next=i < 5))
     decoder.drop_lookahead()
     assert decoder.draft_len == len(prompt) - 1  # the draft fell behind during plain steps
-    decoder.speculative_step(2)
+    run_alone(decoder.speculative_step(2))
     seq = decoder.seq
     assert decoder.target_cache[0].offset == len(seq) - 1
     np.testing.assert_allclose(

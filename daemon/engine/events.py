@@ -13,7 +13,7 @@ the engine's `finally`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Mode = Literal["detailed", "fast"]
 # grammar_incomplete: max_tokens ran out (or no token could continue) before the output
@@ -161,3 +161,22 @@ class GenerationSummary:
 
 
 EngineEvent = PrefillProgress | StepEvent | GenerationSummary
+
+
+@dataclass
+class TargetPass:
+    """Not an event for clients: a detailed generation's request for one target forward over
+    `tokens` (a 1-D mx.array) on its KV `cache`; its driver answers with the (len(tokens), V)
+    logits (alone: `run`; batched with other generations' passes: engine/batch.py)."""
+
+    model: Any
+    tokens: Any
+    cache: list[Any]
+
+    @property
+    def width(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def run(self) -> Any:
+        """The pass alone: the model's own call."""
+        return self.model(self.tokens[None], cache=self.cache)[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from speclora.daemon.engine.events import (
     EngineEvent,
@@ -18,8 +18,12 @@ from speclora.daemon.engine.events import (
     GenerationRequest,
     GenerationSummary,
     Source,
+    TargetPass,
     TextChunk,
 )
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -197,9 +201,17 @@ class Generation(Iterator[EngineEvent]):
     generated so far, with finish_reason "cancelled". Text still held back at that moment
     (a partial character, a tail that could grow into a stop string) is flushed into
     `final_chunk`: send it before the summary so the chunks add up to the summary's tokens.
+
+    Iterating runs each of the engine's target passes alone. A driver that batches passes
+    across generations (the worker) calls `advance` instead: it hands out the `TargetPass`es
+    and takes their logits back.
     """
 
-    def __init__(self, steps: Generator[EngineEvent, None, None], tracker: CompletionTracker):
+    def __init__(
+        self,
+        steps: Generator[EngineEvent | TargetPass, mx.array | None, None],
+        tracker: CompletionTracker,
+    ):
         self._steps = steps
         self.tracker = tracker
         self.final_chunk: TextChunk | None = None
@@ -208,7 +220,20 @@ class Generation(Iterator[EngineEvent]):
         return self
 
     def __next__(self) -> EngineEvent:
-        return next(self._steps)
+        item = next(self._steps)
+        while isinstance(item, TargetPass):
+            item = self._steps.send(item.run())
+        return item
+
+    def advance(self, logits: mx.array | None = None) -> EngineEvent | TargetPass:
+        """The next event, or the next target pass the engine needs. After a `TargetPass`,
+        pass its logits (`run_passes`) to the next call."""
+        return next(self._steps) if logits is None else self._steps.send(logits)
+
+    def fail_pass(self, error: BaseException) -> EngineEvent | TargetPass:
+        """The pass the engine asked for failed: raise `error` inside it (its caches are then
+        not kept) and return what it does next (normally it re-raises)."""
+        return self._steps.throw(error)
 
     def close(self) -> None:
         self._steps.close()

@@ -56,6 +56,7 @@ from speclora.daemon.engine.events import (
     SamplingParams,
     StepEvent,
     StepTrace,
+    TargetPass,
 )
 from speclora.daemon.engine.grammar import GrammarState
 from speclora.daemon.engine.output import CompletionTracker
@@ -166,6 +167,7 @@ class _Decoder:
         # The next step uses it whatever it is: a plain step takes the token, a speculative one
         # verifies its proposals against the row, so a plain step's pipelining is never wasted.
         self.lookahead: tuple[mx.array, mx.array] | None = None
+        self.awaiting_pass = False  # stopped at a TargetPass: a step is half done
 
     @property
     def own_draft_cache(self) -> bool:
@@ -213,21 +215,31 @@ class _Decoder:
 
     # ------------------------------------------------------------------ plain steps
 
-    def _plain_pass(self, token: mx.array) -> tuple[mx.array, mx.array]:
-        logits = self.target(token.reshape(1, 1), cache=self.target_cache)[0, -1]
+    def _target_pass(self, tokens: mx.array) -> Generator[TargetPass, mx.array, mx.array]:
+        """The target's (len(tokens), V) logits over `tokens` on this request's cache: asked of
+        whoever drives the generation (batch.py), so concurrent requests share the forward."""
+        self.awaiting_pass = True
+        logits = yield TargetPass(self.target, tokens, self.target_cache)
+        self.awaiting_pass = False
+        return logits
+
+    def _plain_pass(
+        self, token: mx.array
+    ) -> Generator[TargetPass, mx.array, tuple[mx.array, mx.array]]:
+        logits = (yield from self._target_pass(token.reshape(1)))[-1]
         if self.grammar is not None:
             logits = _masked(logits, self.grammar.allowed())
         return logits, sample(logits, self.params, self._next_key())
 
-    def plain_step(self, pipeline_next: bool) -> int:
+    def plain_step(self, pipeline_next: bool) -> Generator[TargetPass, mx.array, int]:
         """One target pass, one token. With `pipeline_next` the following pass is queued
         before this token is read, so graph building overlaps compute."""
         if self.lookahead is not None:
             (_, token), self.lookahead = self.lookahead, None
         else:
-            _, token = self._plain_pass(mx.array([self.seq[-1]], mx.uint32))
+            _, token = yield from self._plain_pass(mx.array([self.seq[-1]], mx.uint32))
         if pipeline_next and self.grammar is None:
-            self.lookahead = self._plain_pass(token)
+            self.lookahead = yield from self._plain_pass(token)
             mx.async_eval(self.lookahead[1])
         value = int(token.item())
         self.seq.append(value)
@@ -307,15 +319,15 @@ class _Decoder:
             masks=np.stack(masks) if grammar is not None else None,
         )
 
-    def _verify_logits(self, proposals: mx.array) -> mx.array:
+    def _verify_logits(self, proposals: mx.array) -> Generator[TargetPass, mx.array, mx.array]:
         """(K + 1, V) target logits after seq[-1] and after each proposal, in one pass. A queued
         plain pass already holds the row after seq[-1]; the pass then covers the proposals."""
         if self.lookahead is not None:
             (row, _), self.lookahead = self.lookahead, None
-            rest = self.target(proposals[None], cache=self.target_cache)[0]
+            rest = yield from self._target_pass(proposals)
             return mx.concatenate([row[None], rest], axis=0)
         verify_in = mx.concatenate([mx.array([self.seq[-1]], mx.uint32), proposals])
-        return self.target(verify_in[None], cache=self.target_cache)[0]
+        return (yield from self._target_pass(verify_in))
 
     def _verify(
         self,
@@ -324,11 +336,11 @@ class _Decoder:
         q: mx.array | None,
         point_mass: bool,
         masks: np.ndarray | None = None,
-    ) -> tuple[list[int], int, list[int], Any]:
+    ) -> Generator[TargetPass, mx.array, tuple[list[int], int, list[int], Any]]:
         """Verify k proposals; the target cache keeps seq through the accepted ones. Returns
         (proposed, accepted, emitted, verdict). `masks`: the grammar's mask of each row."""
         k = proposals.shape[0]
-        logits = self._verify_logits(proposals)
+        logits = yield from self._verify_logits(proposals)
         if masks is not None:
             logits = _masked(logits, masks)
         if self.params.greedy:
@@ -348,7 +360,7 @@ class _Decoder:
         trim_prompt_cache(self.target_cache, k - n)
         return proposed, n, emitted, verdict
 
-    def speculative_step(self, k: int) -> _StepResult:
+    def speculative_step(self, k: int) -> Generator[TargetPass, mx.array, _StepResult]:
         """Draft k, verify k + 1 in one target pass, rewind both caches to the accepted prefix.
         Under a grammar the draft may propose fewer (none: the step is a plain one)."""
         if self.vocab is None:
@@ -356,11 +368,11 @@ class _Decoder:
         proposal = self._propose(k)
         k = proposal.tokens.shape[0]
         if k == 0:
-            token = self.plain_step(pipeline_next=False)
+            token = yield from self.plain_step(pipeline_next=False)
             return _StepResult(
                 proposed=[], accepted=0, emitted=[token], target_probs=[], draft_probs=[]
             )
-        proposed, n, emitted, verdict = self._verify(
+        proposed, n, emitted, verdict = yield from self._verify(
             proposal.tokens,
             proposal.draft_probs,
             proposal.q,
@@ -377,12 +389,14 @@ class _Decoder:
             self.draft_len = len(self.seq) + keep
         return self._advance(proposed, n, emitted, verdict)
 
-    def history_step(self, tokens: Sequence[int], confidence: Sequence[float]) -> _StepResult:
+    def history_step(
+        self, tokens: Sequence[int], confidence: Sequence[float]
+    ) -> Generator[TargetPass, mx.array, _StepResult]:
         """Verify a deterministic proposal (history's, or the run a grammar forces: no draft
         pass). A draft with a cache of its own falls behind and catches up when it next
         proposes."""
         masks = self.grammar.masks(tokens) if self.grammar is not None else None
-        proposed, n, emitted, verdict = self._verify(
+        proposed, n, emitted, verdict = yield from self._verify(
             mx.array(list(tokens), mx.uint32),
             mx.array(list(confidence), mx.float32),
             None,
@@ -451,8 +465,9 @@ def detailed_steps(
     prompt_cache: PromptCache | None = None,
     draft_tag: str = "",
     tokenizer: Any = None,
-) -> Generator[EngineEvent, None, None]:
-    """The detailed-mode event generator (see module docstring). `tracker` is filled in as it
+) -> Generator[EngineEvent | TargetPass, mx.array | None, None]:
+    """The detailed-mode event generator (see module docstring). Its target passes are
+    yielded as `TargetPass`es for the driver to answer (engine/batch.py, output.Generation). `tracker` is filled in as it
     goes, so a caller can summarise a cancelled generation. With `prompt_cache`, the prompt's
     longest stored prefix is not prefilled again, and the caches are stored at the end; a
     draft cache is reused only under the same `draft_tag` (the adapter version: a swap changes
@@ -526,14 +541,14 @@ def detailed_steps(
                 continue
             if plan.k <= 0:
                 # Queue the next pass now: whatever the next step is, it uses it.
-                token = decoder.plain_step(pipeline_next=tracker.remaining > 1)
+                token = yield from decoder.plain_step(pipeline_next=tracker.remaining > 1)
                 emitted, accepted = [token], 0
                 trace = StepTrace(0, (), (), (), 0, (token,), None, source="target")
             else:
                 if plan.source in ("history", "grammar"):
-                    step = decoder.history_step(plan.tokens, plan.confidence)
+                    step = yield from decoder.history_step(plan.tokens, plan.confidence)
                 else:
-                    step = decoder.speculative_step(plan.k)
+                    step = yield from decoder.speculative_step(plan.k)
                     if len(step.proposed) < plan.k:  # a grammar stopped the draft early
                         plan = dataclasses.replace(plan, k=len(step.proposed))
                 emitted, accepted = step.emitted, step.accepted
@@ -582,7 +597,8 @@ def detailed_steps(
             finish_reason=summary.finish_reason,
         )
         yield summary
-    except GeneratorExit:  # closed at a yield, between steps: the caches are consistent
+    except GeneratorExit:  # closed at a yield: between steps, the caches are consistent
+        clean = not decoder.awaiting_pass  # (inside a step, waiting for its pass, they are not)
         raise
     except BaseException:
         clean = False

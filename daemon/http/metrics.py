@@ -92,6 +92,19 @@ class _SnapshotCollector(Collector):
             "e2e_request_latency_seconds", "Request duration in the engine.", c.request_duration
         )
         yield _gauge("num_requests_running", "Generations in the engine.", s.requests_active)
+        yield _counter(
+            "target_forwards",
+            "Target forwards the engine ran (batched or alone).",
+            c.target_forwards,
+        )
+        yield _counter(
+            "target_forward_rows",
+            "Generations' passes those forwards carried (rows / forwards: the mean batch).",
+            c.target_forward_rows,
+        )
+        yield _counter(
+            "target_forward_tokens", "Tokens those forwards ran over.", c.target_forward_tokens
+        )
         yield _gauge("num_requests_waiting", "Generations queued for a slot.", s.queue_depth)
 
         runs = CounterMetricFamily(

@@ -1,0 +1,144 @@
+"""Batched target passes: one forward over several generations' tokens, each with its own cache.
+
+A detailed generation asks for its target passes by yielding a `TargetPass` (the tokens to run
+and the KV cache to run them on) instead of calling the model; whoever drives it sends the
+logits back. Alone (`TargetPass.run`), that is the model's own call, so a single request runs
+exactly as it would without batching. The worker collects every active generation's pass of a
+round and runs them as one (`run_passes`).
+
+How a batch runs. The rows are ragged: each request brings its own number of tokens (K + 1 to
+verify, 1 for a plain step) and its own cache at its own offset, and after verification each
+rewinds by its own count. So the tokens are concatenated into one sequence for everything that
+is per token (embedding, norms, the q/k/v/o projections, the MLP, the head: the weights are
+read once for all rows, which is what makes a CPU pass over many rows cheap), and split per
+request only for attention, where each request's queries meet its own cache with its own
+positions and mask. mlx-lm's `BatchKVCache` does not fit this: its rows share one offset (left
+padding), so a per-row rewind after verification, and the prompt cache's per-request caches,
+would need copies in and out every round. Per-request caches need none.
+
+Within a batch each row's logits are the model's own for that row, bit for bit in the sizes
+measured here (up to ~20 rows of the embedded model); wider products may sum in another order
+in the last bits (BLAS blocking), which can flip a greedy choice only between near-ties.
+
+Architectures: the attention glue below mirrors mlx-lm's Llama / Mistral / Qwen2 / Qwen3
+blocks (checked against their sources); any other model, or one with sliding-window layers,
+runs its rows one after another, which is what the worker did before batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from typing import Any, TypeVar
+
+import mlx.core as mx
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from speclora.daemon.engine.draft_vocab import model_parts
+from speclora.daemon.engine.events import TargetPass
+
+# mlx-lm modules whose TransformerBlock is exactly `h = x + attn(norm(x)); h + mlp(norm(h))`
+# and whose Attention is the q/k/v projections, optional q/k norms, RoPE at the cache's offset,
+# the cache update, SDPA and o_proj (see `_attention`).
+T = TypeVar("T")
+
+_BATCHABLE_MODULES = frozenset(
+    {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
+)
+_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads")
+
+
+def batchable(model: Any) -> bool:
+    """True when several rows of `model` can share one forward (see the module docstring)."""
+    if not model_parts(model).splittable:
+        return False
+    layers = getattr(model.model, "layers", None)
+    if not layers:
+        return False
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        if type(layer).__module__ not in _BATCHABLE_MODULES or attn is None:
+            return False
+        if getattr(layer, "use_sliding", False):
+            return False
+        if not all(hasattr(attn, name) for name in _ATTENTION_PARTS):
+            return False
+        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
+            if not hasattr(layer, name):
+                return False
+    return True
+
+
+def run_passes(passes: Sequence[TargetPass]) -> list[mx.array]:
+    """The logits of each pass (lazy), sharing forwards where they can: passes on the same
+    batchable model run as one; anything else runs alone."""
+    out: list[mx.array | None] = [None] * len(passes)
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(passes):
+        groups.setdefault(id(p.model), []).append(i)
+    for members in groups.values():
+        model = passes[members[0]].model
+        if len(members) == 1 or not batchable(model):
+            for i in members:
+                out[i] = passes[i].run()
+            continue
+        rows = batched_forward(model, [passes[i] for i in members])
+        for i, logits in zip(members, rows, strict=True):
+            out[i] = logits
+    return out  # type: ignore[return-value]
+
+
+def batched_forward(model: Any, passes: Sequence[TargetPass]) -> list[mx.array]:
+    """One forward of a batchable model over every pass's tokens; each cache advances by its
+    own pass's tokens. Returns each pass's (width, V) logits."""
+    widths = [p.width for p in passes]
+    starts = [0]
+    for w in widths:
+        starts.append(starts[-1] + w)
+    inner = model.model
+    h = inner.embed_tokens(mx.concatenate([p.tokens for p in passes]))[None]
+    masks = [
+        create_attention_mask(h[:, s : s + w], p.cache[0])
+        for p, s, w in zip(passes, starts, widths, strict=False)
+    ]
+    for index, layer in enumerate(inner.layers):
+        attn_in = layer.input_layernorm(h)
+        caches = [p.cache[index] for p in passes]
+        h = h + _attention(layer.self_attn, attn_in, starts, caches, masks)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    logits = model_parts(model).head(inner.norm(h))[0]
+    return [logits[s : s + w] for s, w in zip(starts, widths, strict=False)]
+
+
+def _attention(
+    attn: Any, x: mx.array, starts: list[int], caches: list[Any], masks: list[Any]
+) -> mx.array:
+    """mlx-lm's Attention.__call__ over concatenated rows: projections for all rows at once,
+    RoPE, cache update and SDPA per row."""
+    queries, keys, values = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    outputs = []
+    for i, cache in enumerate(caches):
+        s, e = starts[i], starts[i + 1]
+        n = e - s
+        q = queries[:, s:e].reshape(1, n, attn.n_heads, -1)
+        k = keys[:, s:e].reshape(1, n, attn.n_kv_heads, -1)
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+        v = values[:, s:e].reshape(1, n, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = attn.rope(q, offset=cache.offset)
+        k = attn.rope(k, offset=cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=masks[i])
+        outputs.append(o.transpose(0, 2, 1, 3).reshape(1, n, -1))
+    return attn.o_proj(mx.concatenate(outputs, axis=1))
+
+
+def run_alone(steps: Generator[TargetPass, mx.array, T]) -> T:
+    """Drive one of the decoder's step generators with each pass run alone; its result."""
+    logits = None
+    while True:
+        try:
+            request = steps.send(logits)
+        except StopIteration as done:
+            return done.value
+        logits = request.run()

@@ -1,0 +1,261 @@
+"""Several generations at once: the worker runs their target passes as shared forwards
+(engine/batch.py), and every request's output is what it is alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+from speclora.daemon.engine import (
+    GenerationRequest,
+    PromptCache,
+    SamplingParams,
+    build_prompt_tokens,
+)
+from speclora.daemon.engine.batch import batchable, batched_forward, run_passes
+from speclora.daemon.engine.events import TargetPass
+from speclora.daemon.learning.history_recorder import History
+from speclora.daemon.state import ModelHub
+from speclora.daemon.worker import GenerationResult, Worker, engine_generate
+from speclora.shared.config import Config, HistoryConfig, ServerConfig, SpeculationConfig
+from test_engine_helpers import untied_loaded  # noqa: F401  (fixture)
+
+from helpers.checks import live_kv_caches
+
+PROMPTS = [
+    "Hi",
+    "Write a haiku about the sea and the moon over the waves",
+    "def add(a, b):\n    return a + b\nfor i in range(10):\n    print(i * 2)\n" * 3,
+    "Paris is the capital of France. Berlin is the capital of",
+    "1 2 3 4 5 6 7 8 9 10 100 1000",
+    "Explain quantum computing simply. A qubit can be zero, one, or both",
+]
+
+
+def _cache_after(model, tokens: list[int]):
+    cache = make_prompt_cache(model)
+    model(mx.array(tokens, mx.uint32)[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def test_a_shared_forward_gives_every_row_its_own_logits_and_cache(untied_loaded):  # noqa: F811
+    target = untied_loaded[0]
+    assert batchable(target)
+    rng = np.random.default_rng(0)
+    prefixes = [rng.integers(0, 300, n).tolist() for n in (3, 40, 17, 1)]
+    rows = [mx.array(rng.integers(0, 300, w), mx.uint32) for w in (1, 5, 3, 2)]
+    alone = [_cache_after(target, p) for p in prefixes]
+    shared = [_cache_after(target, p) for p in prefixes]
+    expected = [target(r[None], cache=c)[0] for r, c in zip(rows, alone, strict=True)]
+    got = batched_forward(target, [TargetPass(target, r, c) for r, c in zip(rows, shared)])
+    for want, have, a, b in zip(expected, got, alone, shared, strict=True):
+        assert have.shape == want.shape
+        assert mx.allclose(have, want, atol=1e-5).item()
+        assert (mx.argmax(have, axis=-1) == mx.argmax(want, axis=-1)).all().item()
+        assert [c.offset for c in a] == [c.offset for c in b]
+        for ca, cb in zip(a, b, strict=True):  # the same keys and values went in
+            assert mx.allclose(ca.state[0], cb.state[0], atol=1e-5).item()
+
+
+class _Unbatchable:
+    """A model the batcher does not know: every pass must run on its own."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, tokens, cache):
+        self.calls += 1
+        return self.inner(tokens, cache=cache)
+
+
+def test_a_model_it_does_not_know_runs_each_pass_alone(untied_loaded):  # noqa: F811
+    target = untied_loaded[0]
+    model = _Unbatchable(target)
+    assert not batchable(model)
+    passes = [
+        TargetPass(model, mx.array([1, 2], mx.uint32), make_prompt_cache(target))
+        for _ in range(3)
+    ]
+    out = run_passes(passes)
+    assert model.calls == 3 and [o.shape[0] for o in out] == [2, 2, 2]
+
+
+# ---------------------------------------------------------------------------- the worker
+
+
+def _hub(untied, draft: str, history: bool = True) -> ModelHub:
+    target, random_draft, self_draft, tokenizer = untied
+    hub = ModelHub(
+        target,
+        {"self": self_draft, "random": random_draft}[draft],
+        tokenizer,
+        "t",
+        "d",
+        prompt_cache=PromptCache(4, 1 << 30),
+    )
+    if history:
+        hub.history = History(HistoryConfig(), "t", None)
+        # Past requests the history drafter can copy from (the tests' prompts themselves).
+        for prompt in PROMPTS:
+            ids = build_prompt_tokens(tokenizer, GenerationRequest(prompt=prompt))
+            hub.history.record(ids[:-8], ids[-8:])
+    return hub
+
+
+def _worker(hub: ModelHub, max_active: int = 8) -> Worker:
+    config = Config(server=ServerConfig(max_active=max_active))
+    return Worker(hub, config, generate_fn=engine_generate(config.speculation)).start()
+
+
+def _collect(job) -> tuple[list[int], GenerationResult]:
+    ids: list[int] = []
+    for item in job:
+        if isinstance(item, GenerationResult):
+            return ids, item
+        ids.extend(item.token_ids)
+    raise AssertionError("the stream ended without a result")
+
+
+def _alone(hub: ModelHub, request: GenerationRequest) -> list[int]:
+    """The request run by itself through the same engine binding."""
+    events = list(engine_generate(SpeculationConfig())(hub, request, None))
+    return list(events[-1].completion_token_ids)
+
+
+def _requests() -> list[GenerationRequest]:
+    """Mixed prompt lengths, Ks (0, fixed, adaptive), sources, stop strings and lengths."""
+    out = []
+    for i, prompt in enumerate(PROMPTS * 2):
+        out.append(
+            GenerationRequest(
+                prompt=prompt,
+                max_tokens=(5, 24, 40, 13)[i % 4],
+                draft_tokens=(None, 0, 3, None, 1)[i % 5],
+                use_history=i % 3 != 2,
+                stop=("e ",) if i % 4 == 1 else (),
+                record=False,  # the history stays what the references saw
+                request_id=f"r{i}",
+            )
+        )
+    return out
+
+
+def _submit_together(worker: Worker, requests: list[GenerationRequest]):
+    """All submitted while the worker is held, so they start in the same round."""
+    release = threading.Event()
+    hold = worker.submit_call("hold", lambda hub: release.wait(10))
+    jobs = [worker.submit_generation(r) for r in requests]
+    release.set()
+    hold.result(10)
+    return jobs
+
+
+@pytest.mark.parametrize("draft", ["self", "random"])
+def test_every_request_in_a_batch_writes_what_it_writes_alone(untied_loaded, draft):  # noqa: F811
+    hub = _hub(untied_loaded, draft)
+    requests = _requests()
+    expected = [_alone(hub, r) for r in requests]
+    greedy = [_alone(hub, replace(r, draft_tokens=0, use_history=False)) for r in requests]
+    assert expected == greedy  # (lossless alone, whatever proposed the tokens)
+    worker = _worker(hub)
+    try:
+        before = worker.stats.snapshot().counters
+        jobs = _submit_together(worker, requests)
+        results = [_collect(job) for job in jobs]
+        counters = worker.stats.snapshot().counters
+    finally:
+        worker.stop()
+    for request, want, (ids, result) in zip(requests, expected, results, strict=True):
+        assert ids == want, request.request_id
+        assert list(result.summary.completion_token_ids) == want
+    # They really shared forwards: more rows than forwards.
+    forwards = counters.target_forwards - before.target_forwards
+    rows = counters.target_forward_rows - before.target_forward_rows
+    assert forwards > 0 and rows >= 3 * forwards
+
+
+def test_seeded_sampling_gives_the_same_tokens_alone_and_in_a_batch(untied_loaded):  # noqa: F811
+    hub = _hub(untied_loaded, "self")
+    requests = [
+        replace(r, sampling=SamplingParams(temperature=0.9, top_p=0.95, seed=11 + i))
+        for i, r in enumerate(_requests())
+    ]
+    expected = [_alone(hub, r) for r in requests]
+    worker = _worker(hub)
+    try:
+        got = [_collect(job)[0] for job in _submit_together(worker, requests)]
+    finally:
+        worker.stop()
+    assert got == expected
+
+
+def test_requests_joining_leaving_and_cancelled_mid_batch(untied_loaded):  # noqa: F811
+    """Requests arrive while others run, some are cancelled at different points of their
+    rounds; the rest are unaffected and nothing is left holding a KV cache."""
+    hub = _hub(untied_loaded, "self")
+    hub.prompt_cache = None  # (it keeps caches on purpose)
+    requests = _requests()
+    expected = [_alone(hub, r) for r in requests]
+    worker = _worker(hub, max_active=5)  # more requests than slots: some wait, then join
+    baseline = live_kv_caches()
+    try:
+        jobs, cancelled = [], set()
+        for i, request in enumerate(requests):
+            jobs.append(worker.submit_generation(request))
+            time.sleep(0.002 * (i % 3))
+        for i in (1, 4, 7):
+            next(iter(jobs[i]), None)  # at least one chunk out, then cancel mid-stream
+            jobs[i].cancel()
+            cancelled.add(i)
+        jobs[10].cancel()  # perhaps before it started
+        cancelled.add(10)
+        for i, job in enumerate(jobs):
+            if i not in cancelled:
+                assert _collect(job)[0] == expected[i], requests[i].request_id
+        deadline = time.monotonic() + 10
+        while worker.active_count and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        worker.stop()
+    assert live_kv_caches() <= baseline
+
+
+def test_a_failing_forward_fails_only_its_rows(untied_loaded, monkeypatch):  # noqa: F811
+    """An error building a shared forward reaches each of its requests as an error (their
+    caches dropped, not kept for reuse); the worker goes on serving."""
+    import speclora.daemon.engine.batch as batch
+
+    hub = _hub(untied_loaded, "self", history=False)
+    worker = _worker(hub)
+    real = batch.run_passes
+    calls = {"n": 0}
+
+    def failing(passes):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("no room for the batch")
+        return real(passes)
+
+    monkeypatch.setattr(batch, "run_passes", failing)
+    try:
+        requests = [replace(r, max_tokens=12) for r in _requests()[:4]]
+        jobs = _submit_together(worker, requests)
+        errors = 0
+        for job in jobs:
+            try:
+                _collect(job)
+            except MemoryError:
+                errors += 1
+        assert errors >= 1
+        monkeypatch.setattr(batch, "run_passes", real)
+        ids, _ = _collect(worker.submit_generation(requests[0]))
+        assert ids == _alone(hub, requests[0])
+    finally:
+        worker.stop()
+    assert hub.prompt_cache.stats().entries <= 4
