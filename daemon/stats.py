@@ -357,10 +357,11 @@ class StatsTracker:
         with self._lock:
             self._slice_max[name] = 0.0
 
-    def record_batch(self, rows: int, tokens: int) -> None:
-        """The worker ran one target forward for `rows` generations' passes over `tokens`."""
+    def record_batch(self, forwards: int, rows: int, tokens: int) -> None:
+        """The worker ran `forwards` target forwards for `rows` generations' passes over
+        `tokens` (one forward for all of them, unless batching is off)."""
         with self._lock:
-            self._forwards[0] += 1
+            self._forwards[0] += forwards
             self._forwards[1] += rows
             self._forwards[2] += tokens
 

@@ -308,6 +308,7 @@ class Worker:
         self._generate = generate_fn or engine_generate(config.speculation)
         self._queue_size = config.server.queue_size
         self._max_active = config.server.max_active
+        self._batch_passes = config.server.batch_passes
         self._cond = threading.Condition()
         # Guarded by _cond:
         self._pending: deque[GenerateJob] = deque()
@@ -549,12 +550,15 @@ class Worker:
         while waiting:
             batch, waiting = waiting, []
             try:
-                results = run_passes([p for _, p in batch])
+                if self._batch_passes:
+                    results, forwards = run_passes([p for _, p in batch])
+                else:
+                    results, forwards = [p.run() for _, p in batch], len(batch)
             except Exception as exc:  # e.g. out of memory building the pass: fail its rows
                 for running, _ in batch:
                     self._step_generation(running, waiting, error=exc)
                 continue
-            self.stats.record_batch(len(batch), sum(p.width for _, p in batch))
+            self.stats.record_batch(forwards, len(batch), sum(p.width for _, p in batch))
             for (running, _), logits in zip(batch, results, strict=True):
                 self._step_generation(running, waiting, logits=logits)
 

@@ -159,7 +159,10 @@ class ServerConfig:
     tcp_address: str | None = _opt(None, doc="host:port; null = Unix socket only")
     allow_non_loopback: bool = _opt(False)
     queue_size: int = _opt(64, lo=1, hi=100_000)
-    max_active: int = _opt(8, lo=1, hi=1024, doc="generations interleaved at once")
+    max_active: int = _opt(8, lo=1, hi=1024, doc="generations in the engine at once")
+    batch_passes: bool = _opt(
+        True, doc="run the active generations' target passes of a round as one forward"
+    )
     shutdown_grace_s: float = _opt(10.0, lo=0.0, hi=3600.0)
     max_message_bytes: int = _opt(4 * 1024 * 1024, lo=1024, hi=1 << 30)
     log_level: str = _opt("info", choices=("debug", "info", "warning", "error"))

@@ -10,6 +10,7 @@ from dataclasses import replace
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers.checks import live_kv_caches
 from mlx_lm.models.cache import make_prompt_cache
 from speclora.daemon.engine import (
     GenerationRequest,
@@ -24,8 +25,6 @@ from speclora.daemon.state import ModelHub
 from speclora.daemon.worker import GenerationResult, Worker, engine_generate
 from speclora.shared.config import Config, HistoryConfig, ServerConfig, SpeculationConfig
 from test_engine_helpers import untied_loaded  # noqa: F401  (fixture)
-
-from helpers.checks import live_kv_caches
 
 PROMPTS = [
     "Hi",
@@ -53,7 +52,9 @@ def test_a_shared_forward_gives_every_row_its_own_logits_and_cache(untied_loaded
     alone = [_cache_after(target, p) for p in prefixes]
     shared = [_cache_after(target, p) for p in prefixes]
     expected = [target(r[None], cache=c)[0] for r, c in zip(rows, alone, strict=True)]
-    got = batched_forward(target, [TargetPass(target, r, c) for r, c in zip(rows, shared)])
+    got = batched_forward(
+        target, [TargetPass(target, r, c) for r, c in zip(rows, shared, strict=True)]
+    )
     for want, have, a, b in zip(expected, got, alone, shared, strict=True):
         assert have.shape == want.shape
         assert mx.allclose(have, want, atol=1e-5).item()
@@ -79,11 +80,10 @@ def test_a_model_it_does_not_know_runs_each_pass_alone(untied_loaded):  # noqa: 
     model = _Unbatchable(target)
     assert not batchable(model)
     passes = [
-        TargetPass(model, mx.array([1, 2], mx.uint32), make_prompt_cache(target))
-        for _ in range(3)
+        TargetPass(model, mx.array([1, 2], mx.uint32), make_prompt_cache(target)) for _ in range(3)
     ]
-    out = run_passes(passes)
-    assert model.calls == 3 and [o.shape[0] for o in out] == [2, 2, 2]
+    out, forwards = run_passes(passes)
+    assert model.calls == forwards == 3 and [o.shape[0] for o in out] == [2, 2, 2]
 
 
 # ---------------------------------------------------------------------------- the worker
@@ -259,3 +259,18 @@ def test_a_failing_forward_fails_only_its_rows(untied_loaded, monkeypatch):  # n
     finally:
         worker.stop()
     assert hub.prompt_cache.stats().entries <= 4
+
+
+def test_with_batching_off_each_pass_runs_alone_and_writes_the_same(untied_loaded):  # noqa: F811
+    hub = _hub(untied_loaded, "self")
+    requests = _requests()[:5]
+    expected = [_alone(hub, r) for r in requests]
+    config = Config(server=ServerConfig(batch_passes=False))
+    worker = Worker(hub, config, generate_fn=engine_generate(config.speculation)).start()
+    try:
+        got = [_collect(job)[0] for job in _submit_together(worker, requests)]
+        counters = worker.stats.snapshot().counters
+    finally:
+        worker.stop()
+    assert got == expected
+    assert counters.target_forwards == counters.target_forward_rows > 0

@@ -67,10 +67,11 @@ def batchable(model: Any) -> bool:
     return True
 
 
-def run_passes(passes: Sequence[TargetPass]) -> list[mx.array]:
+def run_passes(passes: Sequence[TargetPass]) -> tuple[list[mx.array], int]:
     """The logits of each pass (lazy), sharing forwards where they can: passes on the same
-    batchable model run as one; anything else runs alone."""
+    batchable model run as one; anything else runs alone. Also: how many forwards ran."""
     out: list[mx.array | None] = [None] * len(passes)
+    forwards = 0
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(passes):
         groups.setdefault(id(p.model), []).append(i)
@@ -79,11 +80,13 @@ def run_passes(passes: Sequence[TargetPass]) -> list[mx.array]:
         if len(members) == 1 or not batchable(model):
             for i in members:
                 out[i] = passes[i].run()
+            forwards += len(members)
             continue
+        forwards += 1
         rows = batched_forward(model, [passes[i] for i in members])
         for i, logits in zip(members, rows, strict=True):
             out[i] = logits
-    return out  # type: ignore[return-value]
+    return out, forwards  # type: ignore[return-value]
 
 
 def batched_forward(model: Any, passes: Sequence[TargetPass]) -> list[mx.array]:
