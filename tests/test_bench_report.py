@@ -89,7 +89,10 @@ def test_daemon_bench(report: tuple[dict[str, Any], str]) -> None:
     data = report[0]["benchmarks"]["daemon"]
     for key in ("in_process_tokens_per_s", "daemon_tokens_per_s", "concurrent_vs_single"):
         assert data[key] > 0
-    assert len(data["per_client_tokens_per_s"]) == data["clients"] == 4
+    assert data["clients"] == [4] and len(data["per_client_tokens_per_s"]) == 4
+    assert data["concurrent"]["4"]["vs_single"] > 0
+    assert data["unbatched"]["batched_single_over_unbatched_single"] > 0
+    assert data["unbatched"]["batched_4_over_unbatched_4_clients"] > 0
     assert data["fairness_max_over_min"] >= 1.0
     assert data["memory"]["peak_rss_bytes"] >= data["memory"]["rss_bytes"] > 0
 

@@ -102,37 +102,48 @@ def batched_forward(model: Any, passes: Sequence[TargetPass]) -> list[mx.array]:
         create_attention_mask(h[:, s : s + w], p.cache[0])
         for p, s, w in zip(passes, starts, widths, strict=False)
     ]
+    # Every token's position (each layer's cache of a request is at the same offset here), so
+    # RoPE runs once per layer for all rows: each token as its own batch row, at its offset.
+    positions = mx.concatenate(
+        [mx.arange(w) + p.cache[0].offset for p, w in zip(passes, widths, strict=True)]
+    )
     for index, layer in enumerate(inner.layers):
         attn_in = layer.input_layernorm(h)
         caches = [p.cache[index] for p in passes]
-        h = h + _attention(layer.self_attn, attn_in, starts, caches, masks)
+        h = h + _attention(layer.self_attn, attn_in, starts, positions, caches, masks)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     logits = model_parts(model).head(inner.norm(h))[0]
     return [logits[s : s + w] for s, w in zip(starts, widths, strict=False)]
 
 
 def _attention(
-    attn: Any, x: mx.array, starts: list[int], caches: list[Any], masks: list[Any]
+    attn: Any,
+    x: mx.array,
+    starts: list[int],
+    positions: mx.array,
+    caches: list[Any],
+    masks: list[Any],
 ) -> mx.array:
-    """mlx-lm's Attention.__call__ over concatenated rows: projections for all rows at once,
-    RoPE, cache update and SDPA per row."""
-    queries, keys, values = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    """mlx-lm's Attention.__call__ over concatenated rows: projections, norms and RoPE for all
+    rows at once; cache update and SDPA per row."""
+    total = x.shape[1]
+    queries = attn.q_proj(x).reshape(total, attn.n_heads, -1)
+    keys = attn.k_proj(x).reshape(total, attn.n_kv_heads, -1)
+    values = attn.v_proj(x).reshape(total, attn.n_kv_heads, -1)
+    if getattr(attn, "q_norm", None) is not None:
+        queries, keys = attn.q_norm(queries), attn.k_norm(keys)
+    # (tokens, heads, 1, dim): RoPE's batch axis is the token, its offset the position.
+    queries = attn.rope(queries[:, :, None], offset=positions)
+    keys = attn.rope(keys[:, :, None], offset=positions)
     outputs = []
     for i, cache in enumerate(caches):
         s, e = starts[i], starts[i + 1]
-        n = e - s
-        q = queries[:, s:e].reshape(1, n, attn.n_heads, -1)
-        k = keys[:, s:e].reshape(1, n, attn.n_kv_heads, -1)
-        if q_norm is not None:
-            q, k = q_norm(q), k_norm(k)
-        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
-        v = values[:, s:e].reshape(1, n, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q = attn.rope(q, offset=cache.offset)
-        k = attn.rope(k, offset=cache.offset)
+        q = queries[s:e].transpose(2, 1, 0, 3)  # (1, heads, n, dim)
+        k = keys[s:e].transpose(2, 1, 0, 3)
+        v = values[s:e][None].transpose(0, 2, 1, 3)
         k, v = cache.update_and_fetch(k, v)
         o = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=masks[i])
-        outputs.append(o.transpose(0, 2, 1, 3).reshape(1, n, -1))
+        outputs.append(o.transpose(0, 2, 1, 3).reshape(1, e - s, -1))
     return attn.o_proj(mx.concatenate(outputs, axis=1))
 
 
