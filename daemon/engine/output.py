@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 from speclora.daemon.engine.events import (
     EngineEvent,
     FinishReason,
+    ForwardPass,
     GenerationRequest,
     GenerationSummary,
     Source,
-    TargetPass,
     TextChunk,
 )
 
@@ -203,13 +203,13 @@ class Generation(Iterator[EngineEvent]):
     `final_chunk`: send it before the summary so the chunks add up to the summary's tokens.
 
     Iterating runs each of the engine's target passes alone. A driver that batches passes
-    across generations (the worker) calls `advance` instead: it hands out the `TargetPass`es
+    across generations (the worker) calls `advance` instead: it hands out the `ForwardPass`es
     and takes their logits back.
     """
 
     def __init__(
         self,
-        steps: Generator[EngineEvent | TargetPass, mx.array | None, None],
+        steps: Generator[EngineEvent | ForwardPass, mx.array | None, None],
         tracker: CompletionTracker,
     ):
         self._steps = steps
@@ -221,16 +221,16 @@ class Generation(Iterator[EngineEvent]):
 
     def __next__(self) -> EngineEvent:
         item = next(self._steps)
-        while isinstance(item, TargetPass):
+        while isinstance(item, ForwardPass):
             item = self._steps.send(item.run())
         return item
 
-    def advance(self, logits: mx.array | None = None) -> EngineEvent | TargetPass:
-        """The next event, or the next target pass the engine needs. After a `TargetPass`,
+    def advance(self, logits: mx.array | None = None) -> EngineEvent | ForwardPass:
+        """The next event, or the next target pass the engine needs. After a `ForwardPass`,
         pass its logits (`run_passes`) to the next call."""
         return next(self._steps) if logits is None else self._steps.send(logits)
 
-    def fail_pass(self, error: BaseException) -> EngineEvent | TargetPass:
+    def fail_pass(self, error: BaseException) -> EngineEvent | ForwardPass:
         """The pass the engine asked for failed: raise `error` inside it (its caches are then
         not kept) and return what it does next (normally it re-raises)."""
         return self._steps.throw(error)

@@ -51,12 +51,12 @@ from speclora.daemon.engine.costs import StepPrices, default_prices
 from speclora.daemon.engine.draft_vocab import DraftHead, DraftVocab, model_parts
 from speclora.daemon.engine.events import (
     EngineEvent,
+    ForwardPass,
     GenerationRequest,
     PrefillProgress,
     SamplingParams,
     StepEvent,
     StepTrace,
-    TargetPass,
 )
 from speclora.daemon.engine.grammar import GrammarState
 from speclora.daemon.engine.output import CompletionTracker
@@ -167,7 +167,7 @@ class _Decoder:
         # The next step uses it whatever it is: a plain step takes the token, a speculative one
         # verifies its proposals against the row, so a plain step's pipelining is never wasted.
         self.lookahead: tuple[mx.array, mx.array] | None = None
-        self.awaiting_pass = False  # stopped at a TargetPass: a step is half done
+        self.awaiting_pass = False  # stopped at a ForwardPass: a step is half done
 
     @property
     def own_draft_cache(self) -> bool:
@@ -215,23 +215,27 @@ class _Decoder:
 
     # ------------------------------------------------------------------ plain steps
 
-    def _target_pass(self, tokens: mx.array) -> Generator[TargetPass, mx.array, mx.array]:
-        """The target's (len(tokens), V) logits over `tokens` on this request's cache: asked of
-        whoever drives the generation (batch.py), so concurrent requests share the forward."""
+    def _target_pass(self, tokens: mx.array) -> Generator[ForwardPass, mx.array, mx.array]:
+        """The target's (len(tokens), V) logits over `tokens` on this request's cache."""
+        return (yield from self._forward(ForwardPass(self.target, tokens, self.target_cache)))
+
+    def _forward(self, request: ForwardPass) -> Generator[ForwardPass, mx.array, mx.array]:
+        """A forward asked of whoever drives the generation (batch.py), so that concurrent
+        requests share it."""
         self.awaiting_pass = True
-        logits = yield TargetPass(self.target, tokens, self.target_cache)
+        answer = yield request
         self.awaiting_pass = False
-        return logits
+        return answer
 
     def _plain_pass(
         self, token: mx.array
-    ) -> Generator[TargetPass, mx.array, tuple[mx.array, mx.array]]:
+    ) -> Generator[ForwardPass, mx.array, tuple[mx.array, mx.array]]:
         logits = (yield from self._target_pass(token.reshape(1)))[-1]
         if self.grammar is not None:
             logits = _masked(logits, self.grammar.allowed())
         return logits, sample(logits, self.params, self._next_key())
 
-    def plain_step(self, pipeline_next: bool) -> Generator[TargetPass, mx.array, int]:
+    def plain_step(self, pipeline_next: bool) -> Generator[ForwardPass, mx.array, int]:
         """One target pass, one token. With `pipeline_next` the following pass is queued
         before this token is read, so graph building overlaps compute."""
         if self.lookahead is not None:
@@ -254,7 +258,7 @@ class _Decoder:
 
     # ------------------------------------------------------------------ speculative steps
 
-    def _propose(self, k: int) -> _Proposal:
+    def _propose(self, k: int) -> Generator[ForwardPass, mx.array, _Proposal]:
         assert self.head is not None and self.draft_cache is not None
         greedy = self.params.greedy
         queued = self.lookahead is not None  # the target (and shared layers) then hold seq
@@ -268,8 +272,14 @@ class _Decoder:
         grammar = self.grammar
         tokens, probs, rows, masks = [], [], [], []
         runs, fed = 0, k - 1
+        # A splittable draft's passes go to the driver too (shared with other requests').
+        ids, project = self.head.projection() if self.draft_parts.splittable else (None, None)
         for i in range(k):
-            ids, logits = self.head.logits(feed, self.draft_cache)
+            if project is not None:
+                draft_pass = ForwardPass(self.draft, feed, self.draft_cache, head=project)
+                logits = yield from self._forward(draft_pass)
+            else:
+                ids, logits = self.head.logits(feed, self.draft_cache)
             runs += 1
             if grammar is not None:
                 allowed = mx.array(grammar.allowed())
@@ -319,7 +329,7 @@ class _Decoder:
             masks=np.stack(masks) if grammar is not None else None,
         )
 
-    def _verify_logits(self, proposals: mx.array) -> Generator[TargetPass, mx.array, mx.array]:
+    def _verify_logits(self, proposals: mx.array) -> Generator[ForwardPass, mx.array, mx.array]:
         """(K + 1, V) target logits after seq[-1] and after each proposal, in one pass. A queued
         plain pass already holds the row after seq[-1]; the pass then covers the proposals."""
         if self.lookahead is not None:
@@ -336,7 +346,7 @@ class _Decoder:
         q: mx.array | None,
         point_mass: bool,
         masks: np.ndarray | None = None,
-    ) -> Generator[TargetPass, mx.array, tuple[list[int], int, list[int], Any]]:
+    ) -> Generator[ForwardPass, mx.array, tuple[list[int], int, list[int], Any]]:
         """Verify k proposals; the target cache keeps seq through the accepted ones. Returns
         (proposed, accepted, emitted, verdict). `masks`: the grammar's mask of each row."""
         k = proposals.shape[0]
@@ -360,12 +370,12 @@ class _Decoder:
         trim_prompt_cache(self.target_cache, k - n)
         return proposed, n, emitted, verdict
 
-    def speculative_step(self, k: int) -> Generator[TargetPass, mx.array, _StepResult]:
+    def speculative_step(self, k: int) -> Generator[ForwardPass, mx.array, _StepResult]:
         """Draft k, verify k + 1 in one target pass, rewind both caches to the accepted prefix.
         Under a grammar the draft may propose fewer (none: the step is a plain one)."""
         if self.vocab is None:
             self.vocab = self._vocab_width()
-        proposal = self._propose(k)
+        proposal = yield from self._propose(k)
         k = proposal.tokens.shape[0]
         if k == 0:
             token = yield from self.plain_step(pipeline_next=False)
@@ -391,7 +401,7 @@ class _Decoder:
 
     def history_step(
         self, tokens: Sequence[int], confidence: Sequence[float]
-    ) -> Generator[TargetPass, mx.array, _StepResult]:
+    ) -> Generator[ForwardPass, mx.array, _StepResult]:
         """Verify a deterministic proposal (history's, or the run a grammar forces: no draft
         pass). A draft with a cache of its own falls behind and catches up when it next
         proposes."""
@@ -465,9 +475,9 @@ def detailed_steps(
     prompt_cache: PromptCache | None = None,
     draft_tag: str = "",
     tokenizer: Any = None,
-) -> Generator[EngineEvent | TargetPass, mx.array | None, None]:
+) -> Generator[EngineEvent | ForwardPass, mx.array | None, None]:
     """The detailed-mode event generator (see module docstring). Its target passes are
-    yielded as `TargetPass`es for the driver to answer (engine/batch.py, output.Generation). `tracker` is filled in as it
+    yielded as `ForwardPass`es for the driver to answer (engine/batch.py, output.Generation). `tracker` is filled in as it
     goes, so a caller can summarise a cancelled generation. With `prompt_cache`, the prompt's
     longest stored prefix is not prefilled again, and the caches are stored at the end; a
     draft cache is reused only under the same `draft_tag` (the adapter version: a swap changes
