@@ -282,6 +282,7 @@ def engine_generate(spec: SpeculationConfig) -> GenerateFn:
             history_config=hub.history.config if hub.history is not None else None,
             prompt_cache=hub.prompt_cache,
             draft_tag=hub.adapter_version,
+            batch_width=hub.extras.get("batch_width"),
         )
 
     return run
@@ -542,7 +543,7 @@ class Worker:
         """One event from every active generation. A generation that needs a target pass first
         hands it over (a ForwardPass) and waits; the waiting passes then run as one batched
         forward, their logits go back, and so on until every generation has its event."""
-        from speclora.daemon.engine.batch import run_passes
+        from speclora.daemon.engine.batch import BatchWidth, run_passes
 
         waiting: list[tuple[_Running, ForwardPass]] = []
         for running in list(self._active):
@@ -559,6 +560,10 @@ class Worker:
                     self._step_generation(running, waiting, error=exc)
                 continue
             self.stats.record_batch(forwards, len(batch), sum(p.width for _, p in batch))
+            target = [p.width for _, p in batch if p.model is self.hub.target]
+            if target and self._batch_passes:
+                width = self.hub.extras.setdefault("batch_width", BatchWidth())
+                width.tokens, width.rows = sum(target), len(target)
             for (running, _), logits in zip(batch, results, strict=True):
                 self._step_generation(running, waiting, logits=logits)
 

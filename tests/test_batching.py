@@ -18,7 +18,7 @@ from speclora.daemon.engine import (
     SamplingParams,
     build_prompt_tokens,
 )
-from speclora.daemon.engine.batch import batchable, batched_forward, run_passes
+from speclora.daemon.engine.batch import BatchWidth, batchable, batched_forward, run_passes
 from speclora.daemon.engine.events import ForwardPass
 from speclora.daemon.learning.history_recorder import History
 from speclora.daemon.state import ModelHub
@@ -174,6 +174,7 @@ def test_every_request_in_a_batch_writes_what_it_writes_alone(untied_loaded, dra
     for request, want, (ids, result) in zip(requests, expected, results, strict=True):
         assert ids == want, request.request_id
         assert list(result.summary.completion_token_ids) == want
+    assert isinstance(hub.extras["batch_width"], BatchWidth)  # what the controllers price by
     # They really shared forwards: more rows than forwards.
     forwards = counters.target_forwards - before.target_forwards
     rows = counters.target_forward_rows - before.target_forward_rows

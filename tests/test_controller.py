@@ -168,3 +168,42 @@ def test_a_useless_history_costs_almost_nothing():
         tried.append(sum(controller.history_tested))
         assert ratio >= 0.95
     assert tried[-1] <= tried[0]
+
+
+# A CPU's prices: a pass over w tokens costs about 1 + 0.08 (w - 1) passes.
+LINEAR_CPU = StepPrices(verify=tuple(round(1 + 0.08 * n, 2) for n in range(65)), draft=0.2)
+
+
+def test_prices_in_a_batch_are_what_a_step_adds_to_the_shared_forward():
+    assert LINEAR_CPU.in_batch(0) is LINEAR_CPU
+    shared = LINEAR_CPU.in_batch(20)  # the forward already carries 20 other tokens
+    assert shared.verify[0] == 1.0
+    for n in (1, 4, 16):  # each extra token is a smaller share of a wider pass
+        assert shared.verify[n] < LINEAR_CPU.verify[n]
+        want = LINEAR_CPU.verify_cost(20 + n) / LINEAR_CPU.verify_cost(20)
+        assert shared.verify[n] == pytest.approx(want, abs=1e-4)
+    assert shared.draft < LINEAR_CPU.draft
+
+
+class _Lukewarm:
+    """A history whose proposals are accepted at about 30%: not worth verifying alone on CPU
+    prices, worth it as a small extra in a wide shared forward."""
+
+    def extend(self, tokens) -> None:
+        pass
+
+    def propose(self, max_len: int, *, min_token_prob: float = 0.1, spec_factor: float = 1.0):
+        n = min(max_len, 4)
+        return Offer(tuple(range(n)), (0.35,) * n, 1)
+
+
+def test_a_request_in_a_wide_batch_speculates_where_alone_it_would_not():
+    expensive = StepPrices(verify=tuple(round(1 + 0.5 * n, 2) for n in range(65)), draft=0.0)
+    alone = StepController(expensive, history=_Lukewarm(), probe_interval=10**6)
+    assert alone.plan(100).k == 0
+    batched = StepController(expensive, history=_Lukewarm(), probe_interval=10**6)
+    batched.price_for_batch(60)
+    plan = batched.plan(100)
+    assert plan.source == "history" and plan.k > 0
+    batched.price_for_batch(0)  # alone again: alone's prices
+    assert batched.plan(100).k == 0

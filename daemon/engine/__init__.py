@@ -79,6 +79,7 @@ def generate(
     history_config: Any | None = None,
     prompt_cache: PromptCache | None = None,
     draft_tag: str = "",
+    batch_width: Any | None = None,
 ) -> Generation:
     """Start a generation; iterate the result for events, the last being the summary.
 
@@ -98,6 +99,8 @@ def generate(
         longest stored prefix of the prompt is not prefilled again (detailed mode).
     draft_tag: names the draft's current weights (the adapter version), so a draft cache
         stored under other weights is not reused.
+    batch_width: the worker's engine.batch.BatchWidth: how wide its shared target forwards
+        are, so the controller prices steps by what they add to them.
     Raises InvalidRequestError (from the prompt) before any work is done.
     """
     ids = prompt_tokens if prompt_tokens is not None else build_prompt_tokens(tokenizer, request)
@@ -124,5 +127,6 @@ def generate(
             prompt_cache=prompt_cache,
             draft_tag=draft_tag,
             tokenizer=tokenizer,
+            batch_width=batch_width,
         )
     return Generation(steps, tracker)

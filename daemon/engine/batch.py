@@ -28,6 +28,7 @@ runs its rows one after another, which is what the worker did before batching.
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import mlx.core as mx
@@ -44,6 +45,19 @@ _BATCHABLE_MODULES = frozenset(
     {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
 )
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads")
+
+
+@dataclass
+class BatchWidth:
+    """How wide the worker's last shared target forward was (the worker writes it, the
+    generations read it to price their steps: controller.price_for_batch)."""
+
+    tokens: int = 0  # every row's tokens
+    rows: int = 0
+
+    def others(self, own: int) -> int:
+        """Tokens of the other rows, for a request whose own row had `own` tokens."""
+        return max(0, self.tokens - own) if self.rows > 1 else 0
 
 
 def batchable(model: Any) -> bool:

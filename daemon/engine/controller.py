@@ -29,7 +29,10 @@ forces, but the target may still spell it with other tokens). It also prunes his
 to its legal prefix before pricing it; the draft's proposals are masked in the engine.
 
 Decisions depend only on the request's tokens, the acceptance seen and the fixed prices, never
-on wall-clock time, so a seeded request makes the same choices every run.
+on wall-clock time, so a seeded request makes the same choices every run. In a batch (several
+requests' passes in one forward, engine/batch.py) a step is priced by what it adds to the
+shared forward (`price_for_batch`); a seeded sampled request keeps its prices alone, so it
+gives the same tokens alone and in a batch.
 """
 
 from __future__ import annotations
@@ -163,7 +166,8 @@ class StepController:
         probe_interval: int = 16,
         grammar: GrammarSource | None = None,
     ) -> None:
-        self.prices = prices
+        self.prices = self.alone_prices = prices
+        self._batch_prices: dict[int, StepPrices] = {}
         self.grammar = grammar
         self.grammar_estimate = AcceptanceEstimate(prior=GRAMMAR_PRIOR, shrink=2.0)
         self.draft_policy = draft_policy
@@ -183,6 +187,17 @@ class StepController:
         self.probe_interval = probe_interval
         self._unpriced = 0  # steps since history last proposed, while it had proposals
         self._backoff = 1
+
+    def price_for_batch(self, others: int) -> None:
+        """Price the next steps as a row of a shared forward that carries `others` tokens of
+        other requests (0: alone; see StepPrices.in_batch)."""
+        if others not in self._batch_prices:
+            if len(self._batch_prices) > 64:
+                self._batch_prices.clear()
+            self._batch_prices[others] = self.alone_prices.in_batch(others)
+        self.prices = self._batch_prices[others]
+        if isinstance(self.draft_policy, AdaptiveK):
+            self.draft_policy.step_costs = self.prices.draft_steps(self.draft_policy.max_k)
 
     def _draft_plan(self, budget: int) -> StepPlan:
         policy = self.draft_policy

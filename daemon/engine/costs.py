@@ -45,6 +45,19 @@ class StepPrices:
     def draft_step(self, k: int) -> float:
         return k * self.draft + self.verify_cost(k)
 
+    def in_batch(self, others: int) -> StepPrices:
+        """The prices a request sees when the round's target forward also carries `others`
+        tokens of other requests: what its step adds to that forward's time, over a plain
+        step's share (a pass over others + n + 1 tokens, over one over others + 1). Wider steps
+        get cheaper as the batch grows, as long as a wider pass costs less than its width."""
+        if others <= 0:
+            return self
+        base = self.verify_cost(others)
+        verify = tuple(
+            round(self.verify_cost(others + n) / base, 4) for n in range(len(self.verify))
+        )
+        return StepPrices(verify=verify, draft=round(self.draft / base, 4))
+
     def draft_steps(self, max_k: int) -> StepCosts:
         """The model draft's price table, as adaptive K reads it."""
         return tuple(round(self.draft_step(k), 4) for k in range(max_k + 1))

@@ -168,6 +168,7 @@ class _Decoder:
         # verifies its proposals against the row, so a plain step's pipelining is never wasted.
         self.lookahead: tuple[mx.array, mx.array] | None = None
         self.awaiting_pass = False  # stopped at a ForwardPass: a step is half done
+        self.last_width = 0  # tokens of its last target pass (its row in a shared forward)
 
     @property
     def own_draft_cache(self) -> bool:
@@ -225,6 +226,8 @@ class _Decoder:
         self.awaiting_pass = True
         answer = yield request
         self.awaiting_pass = False
+        if request.model is self.target:
+            self.last_width = request.width
         return answer
 
     def _plain_pass(
@@ -475,6 +478,7 @@ def detailed_steps(
     prompt_cache: PromptCache | None = None,
     draft_tag: str = "",
     tokenizer: Any = None,
+    batch_width: Any | None = None,
 ) -> Generator[EngineEvent | ForwardPass, mx.array | None, None]:
     """The detailed-mode event generator (see module docstring). Its target passes are
     yielded as `ForwardPass`es for the driver to answer (engine/batch.py, output.Generation). `tracker` is filled in as it
@@ -487,8 +491,8 @@ def detailed_steps(
     # The request's K, else the configured default; None means adaptive.
     draft_tokens = request.draft_tokens if request.draft_tokens is not None else spec.draft_tokens
     if request.sampling.seed is not None and not request.sampling.greedy:
-        # A seeded sample must not depend on earlier requests.
-        memory = history_memory = None
+        # A seeded sample must not depend on earlier requests, nor on concurrent ones.
+        memory = history_memory = batch_width = None
     use_draft = draft is not None and draft_tokens != 0
     history = history if draft_tokens is None and request.use_history else None
     prompt = list(tracker.prompt_ids)
@@ -584,6 +588,8 @@ def detailed_steps(
             if rejected and plan.source == "draft":  # what the LoRA loop learns from
                 tracker.rejection_positions.append(before + accepted)
             if not tracker.finished:
+                if batch_width is not None and isinstance(controller, StepController):
+                    controller.price_for_batch(batch_width.others(decoder.last_width))
                 plan = controller.plan(tracker.remaining - 1) if speculate else PLAIN
             yield StepEvent(chunk=text, trace=trace)
         decoder.drop_lookahead()
