@@ -112,9 +112,9 @@ class Counters:
     auto_train_runs: int = 0
     # The worker's target forwards (engine/batch.py), the generations' passes they carried
     # (more than one: a shared forward) and the tokens they ran over.
-    target_forwards: int = 0
-    target_forward_rows: int = 0
-    target_forward_tokens: int = 0
+    model_forwards: int = 0
+    model_forward_rows: int = 0
+    model_forward_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -407,9 +407,9 @@ class StatsTracker:
                     request_duration=self._duration.snapshot(),
                     task_runs=tuple((t, o, n) for (t, o), n in sorted(self._tasks.items())),
                     auto_train_runs=self._auto_runs,
-                    target_forwards=self._forwards[0],
-                    target_forward_rows=self._forwards[1],
-                    target_forward_tokens=self._forwards[2],
+                    model_forwards=self._forwards[0],
+                    model_forward_rows=self._forwards[1],
+                    model_forward_tokens=self._forwards[2],
                 ),
                 last_training=self._last_training,
                 training_slice_max_s=self._slice_max.get(TRAINING_TASK, 0.0),

@@ -176,8 +176,8 @@ def test_every_request_in_a_batch_writes_what_it_writes_alone(untied_loaded, dra
         assert list(result.summary.completion_token_ids) == want
     assert isinstance(hub.extras["batch_width"], BatchWidth)  # what the controllers price by
     # They really shared forwards: more rows than forwards.
-    forwards = counters.target_forwards - before.target_forwards
-    rows = counters.target_forward_rows - before.target_forward_rows
+    forwards = counters.model_forwards - before.model_forwards
+    rows = counters.model_forward_rows - before.model_forward_rows
     assert forwards > 0 and rows > 1.5 * forwards  # (unbatched: rows == forwards)
 
 
@@ -274,7 +274,7 @@ def test_with_batching_off_each_pass_runs_alone_and_writes_the_same(untied_loade
     finally:
         worker.stop()
     assert got == expected
-    assert counters.target_forwards == counters.target_forward_rows > 0
+    assert counters.model_forwards == counters.model_forward_rows > 0
 
 
 @pytest.mark.real_model

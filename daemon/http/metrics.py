@@ -93,17 +93,17 @@ class _SnapshotCollector(Collector):
         )
         yield _gauge("num_requests_running", "Generations in the engine.", s.requests_active)
         yield _counter(
-            "target_forwards",
-            "Target forwards the engine ran (batched or alone).",
-            c.target_forwards,
+            "model_forwards",
+            "Model forwards the worker ran for generations (batched or alone).",
+            c.model_forwards,
         )
         yield _counter(
-            "target_forward_rows",
+            "model_forward_rows",
             "Generations' passes those forwards carried (rows / forwards: the mean batch).",
-            c.target_forward_rows,
+            c.model_forward_rows,
         )
         yield _counter(
-            "target_forward_tokens", "Tokens those forwards ran over.", c.target_forward_tokens
+            "model_forward_tokens", "Tokens those forwards ran over.", c.model_forward_tokens
         )
         yield _gauge("num_requests_waiting", "Generations queued for a slot.", s.queue_depth)
 
