@@ -143,16 +143,33 @@ def run_client(
         return tokens, time.perf_counter() - start
 
 
+def run_http_client(
+    address: tuple[str, int], prompts: list[str], max_tokens: int, k: int | None
+) -> tuple[int, float]:
+    """run_client's work over the HTTP API (streamed chat completions)."""
+    tokens, seconds = 0, 0.0
+    for prompt in prompts:
+        timed = http_stream(address, prompt, max_tokens, k)
+        tokens, seconds = tokens + timed.tokens, seconds + timed.total_s
+    return tokens, seconds
+
+
 def concurrent(
-    address: str, prompts: list[str], max_tokens: int, k: int | None, clients: int
+    address: str | tuple[str, int],
+    prompts: list[str],
+    max_tokens: int,
+    k: int | None,
+    clients: int,
 ) -> Phase:
+    """`clients` threads at once, over gRPC (a socket address) or HTTP (a (host, port))."""
     results: list[tuple[int, float]] = [(0, 0.0)] * clients
     barrier = threading.Barrier(clients + 1)
+    client = run_http_client if isinstance(address, tuple) else run_client
 
     def one(i: int) -> None:
         rotated = prompts[i % len(prompts) :] + prompts[: i % len(prompts)]
         barrier.wait()
-        results[i] = run_client(address, rotated, max_tokens, k)
+        results[i] = client(address, rotated, max_tokens, k)  # type: ignore[arg-type]
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -483,6 +500,8 @@ def main() -> int:
             plain_proc, plain_address = start_daemon(plain_env, work / "plain")
             run_client(plain_address, prompts[:1], 8, k)
         run_client(address, prompts[:1], 8, k)  # warm up the daemon
+        host, port = http_address_from_log(work / "home" / "daemon.log").rsplit(":", 1)
+        http = (host.strip("[]"), int(port))
         phases: dict[str, list[Phase]] = {"in_process": [], "daemon": []}
         for _ in range(args.rounds):
             phases["in_process"].append(in_process(hub, config, prompts, args.max_tokens, k))
@@ -498,6 +517,9 @@ def main() -> int:
                 phases.setdefault(f"concurrent_{n}", []).append(
                     concurrent(address, prompts, args.max_tokens, k, n)
                 )
+            phases.setdefault(f"http_{counts[0]}", []).append(
+                concurrent(http, prompts, args.max_tokens, k, counts[0])
+            )
         if plain_proc is not None:  # only the batched daemon from here on
             plain_proc.send_signal(signal.SIGTERM)
             plain_proc.wait(60)
@@ -560,6 +582,14 @@ def main() -> int:
             ),
         }
     first = clients[str(counts[0])]
+    http_clients = {
+        "clients": counts[0],
+        "aggregate_tokens_per_s": total(f"http_{counts[0]}").rate,
+        "vs_single_grpc": total(f"http_{counts[0]}").rate / single.rate,
+        "vs_single_grpc_per_round": ratios(f"http_{counts[0]}", "daemon"),
+        "over_grpc_same_clients": total(f"http_{counts[0]}").rate
+        / total(f"concurrent_{counts[0]}").rate,
+    }
     results = {
         "target": config.models.target,
         "draft": config.models.draft,
@@ -576,6 +606,7 @@ def main() -> int:
         "daemon_vs_in_process": single.rate / inproc.rate,
         "concurrent": clients,
         "unbatched": unbatched,
+        "http_concurrent": http_clients,
         # The first N's figures under the names earlier results used:
         "concurrent_aggregate_tokens_per_s": first["aggregate_tokens_per_s"],
         "concurrent_vs_single": first["vs_single"],
@@ -625,6 +656,13 @@ def main() -> int:
             f"{statistics.median(per_client):.1f} / {max(per_client):.1f} | "
             f"max/min {c['fairness_max_over_min']:.2f} | <= 1.5 |"
         )
+    rounds = http_clients["vs_single_grpc_per_round"]
+    print(
+        f"| daemon, {counts[0]} HTTP clients (aggregate) | "
+        f"{http_clients['aggregate_tokens_per_s']:.1f} | {http_clients['vs_single_grpc']:.2f} vs "
+        f"1 gRPC client (rounds {min(rounds):.2f} .. {max(rounds):.2f}); "
+        f"{http_clients['over_grpc_same_clients']:.2f} of {counts[0]} gRPC clients | |"
+    )
     if unbatched:
         n = counts[0]
         rounds = unbatched["batched_single_over_unbatched_single_per_round"]

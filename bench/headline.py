@@ -149,6 +149,13 @@ def daemon_rows(d: dict[str, Any]) -> Iterator[Row]:
             f"{_f(c['vs_single'])}{spread}",
             f">= {goals.get(n, '')}",
         )
+    web = d.get("http_concurrent")
+    if web:
+        yield (
+            f"{web['clients']} concurrent HTTP clients / 1 gRPC client, aggregate tok/s",
+            _f(web["vs_single_grpc"]),
+            f">= {goals.get(str(web['clients']), '')}",
+        )
     plain = d.get("unbatched")
     if plain:
         yield (

@@ -93,6 +93,7 @@ def test_daemon_bench(report: tuple[dict[str, Any], str]) -> None:
     assert data["concurrent"]["4"]["vs_single"] > 0
     assert data["unbatched"]["batched_single_over_unbatched_single"] > 0
     assert data["unbatched"]["batched_4_over_unbatched_4_clients"] > 0
+    assert data["http_concurrent"]["clients"] == 4 and data["http_concurrent"]["vs_single_grpc"] > 0
     assert data["fairness_max_over_min"] >= 1.0
     assert data["memory"]["peak_rss_bytes"] >= data["memory"]["rss_bytes"] > 0
 
