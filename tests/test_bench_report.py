@@ -151,6 +151,9 @@ def test_extraction_workload_rows(report: tuple[dict[str, Any], str]) -> None:
         assert row["checked"] == runs and row["valid"] == 1.0, row
         assert row["identical"] is True  # against constrained target-only, token for token
         assert row["speedup_min"] <= row["speedup"] <= row["speedup_max"]
+        # Against the baseline's speed over as many tokens as this run wrote, and (for the
+        # record) over its whole, usually longer, output.
+        assert row["speedup_whole_baseline"] > 0 and row["output_tokens"] > 0
         for share in ("grammar_share", "history_share", "draft_share"):
             assert 0.0 <= row[share] <= 1.0
         assert row["grammar_share"] + row["history_share"] + row["draft_share"] <= 1.0 + 1e-9
@@ -165,7 +168,9 @@ def test_extraction_workload_rows(report: tuple[dict[str, Any], str]) -> None:
     assert "ours hybrid + grammar / unconstrained target-only, decode tok/s" in headline
     assert "tokens forced by the grammar" in headline
     assert "(g) extraction to a JSON schema:" in markdown  # its own table
-    assert "| method | decode tok/s | speedup vs unconstrained target-only |" in markdown
+    assert "| method | output tokens | decode tok/s | speedup vs unconstrained target-only |" in (
+        markdown
+    )
 
 
 @pytest.mark.slow
