@@ -113,18 +113,68 @@ def test_learning_bench(report: tuple[dict[str, Any], str]) -> None:
     )
 
 
+EXTRACTION_METHODS = (
+    "target-only (mlx-lm)",
+    "ours constrained target-only",
+    "ours grammar-only (forced tokens)",
+    "ours hybrid + grammar",
+)
+
+
 @pytest.mark.slow
 def test_workloads_bench(report: tuple[dict[str, Any], str]) -> None:
     """Six workloads, six methods each, every output the target's; the history drafter had a
-    history to draft from where the workload gives it one."""
+    history to draft from where the workload gives it one. The seventh, (g) structured output,
+    has its own four methods (below)."""
     data = report[0]["benchmarks"]["workloads"]
-    assert set(data["workloads"]) == set("abcdef")
+    assert set(data["workloads"]) == set("abcdefg")
     rows = data["rows"]
-    assert len(rows) == 36 and all(r["identical"] for r in rows)
+    assert len(rows) == 36 + len(EXTRACTION_METHODS) and all(r["identical"] for r in rows)
     by = {(r["workload"], r["method"]): r for r in rows}
     assert by[("d", "ours hybrid")]["history_tokens"] > 0  # 20 earlier requests
     assert by[("f", "ours hybrid")]["history_tokens"] == 0  # empty history
     assert all(r["speedup"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_extraction_workload_rows(report: tuple[dict[str, Any], str]) -> None:
+    """(g): every constrained output parsed and validated, the speed ratio against unconstrained
+    target-only (its baseline row), T = 0 identity against constrained target-only, and the
+    grammar's forced tokens counted apart from history's, in the JSON and in the headline."""
+    data, markdown = report
+    workloads = data["benchmarks"]["workloads"]
+    g = {r["method"]: r for r in workloads["rows"] if r["workload"] == "g"}
+    assert tuple(g) == EXTRACTION_METHODS
+    runs = workloads["prompts"] * workloads["repeats"]
+    baseline = g["target-only (mlx-lm)"]
+    assert baseline["speedup"] == baseline["speedup_min"] == baseline["speedup_max"] == 1.0
+    assert baseline["checked"] == 0 and baseline["valid"] is None  # unconstrained: not checked
+    assert baseline["grammar_share"] == 0.0
+    for method in EXTRACTION_METHODS[1:]:
+        row = g[method]
+        assert row["checked"] == runs and row["valid"] == 1.0, row
+        assert row["identical"] is True  # against constrained target-only, token for token
+        assert row["speedup_min"] <= row["speedup"] <= row["speedup_max"]
+        # Against the baseline's speed over as many tokens as this run wrote, and (for the
+        # record) over its whole, usually longer, output.
+        assert row["speedup_whole_baseline"] > 0 and row["output_tokens"] > 0
+        for share in ("grammar_share", "history_share", "draft_share"):
+            assert 0.0 <= row[share] <= 1.0
+        assert row["grammar_share"] + row["history_share"] + row["draft_share"] <= 1.0 + 1e-9
+    assert g["ours grammar-only (forced tokens)"]["grammar_share"] > 0.0
+    assert g["ours grammar-only (forced tokens)"]["history_share"] == 0.0
+    assert g["ours hybrid + grammar"]["history_tokens"] > 0  # the two earlier extractions
+    headline = markdown.split("## Headline", 1)[1].split("\n## ", 1)[0]
+    assert (
+        f"outputs that parse and validate against the schema, every constrained method | "
+        f"{3 * runs} of {3 * runs} |" in headline
+    )
+    assert "ours hybrid + grammar / unconstrained target-only, decode tok/s" in headline
+    assert "tokens forced by the grammar" in headline
+    assert "(g) extraction to a JSON schema:" in markdown  # its own table
+    assert "| method | output tokens | decode tok/s | speedup vs unconstrained target-only |" in (
+        markdown
+    )
 
 
 @pytest.mark.slow
@@ -218,3 +268,46 @@ def test_headline_learning_speedup_compares_the_same_method_before_and_after() -
     learning["heldout"]["speedup_k4_after"] = 1.1
     rows = {name: measured for name, measured, _ in headline.learning_rows(learning)}
     assert rows["learning: same-domain speedup over target-only after training"] == "1.10x (K = 4)"
+
+
+def test_headline_extraction_rows() -> None:
+    """(g)'s headline rows: validity over every constrained output, and the default method's
+    ratio against unconstrained target-only with forced, history and draft tokens apart; the
+    other workloads' rows are unchanged by it."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import headline
+
+    def row(workload: str, method: str, **kw: Any) -> dict[str, Any]:
+        base = dict(workload=workload, method=method, speedup=1.0, speedup_min=1.0,
+                    speedup_max=1.0, history_share=0.0, draft_share=0.0, identical=True)  # fmt: skip
+        return {**base, **kw}
+
+    rows = [row("f", m) for m in ("target-only (mlx-lm)", "prompt lookup (vLLM ngram)")]
+    rows.append(row("f", "ours hybrid", speedup=0.97, speedup_min=0.9, speedup_max=1.02))
+    rows.append(row("g", "target-only (mlx-lm)", grammar_share=0.0, valid=None, checked=0))
+    for method, speedup, forced, history in (
+        ("ours constrained target-only", 0.95, 0.01, 0.0),
+        ("ours grammar-only (forced tokens)", 1.6, 0.45, 0.0),
+        ("ours hybrid + grammar", 1.9, 0.3, 0.4),
+    ):
+        rows.append(row("g", method, speedup=speedup, speedup_min=speedup - 0.2,
+                        speedup_max=speedup + 0.3, grammar_share=forced, history_share=history,
+                        valid=0.875 if method.startswith("ours hybrid") else 1.0, checked=8))  # fmt: skip
+    w = {"workloads": {"f": "novel", "g": "extraction to a JSON schema"}, "rows": rows}
+    out = {name: (measured, target) for name, measured, target in headline.workload_rows(w)}
+    assert out[
+        "workloads: T = 0 output identical to target-only (constrained target-only for (g))"
+    ] == ("7 of 7 rows", "all")
+    assert out[
+        "workload (g) extraction to a JSON schema: outputs that parse and validate against the "
+        "schema, every constrained method"
+    ] == ("23 of 24", "all")
+    assert out[
+        "workload (g): ours hybrid + grammar / unconstrained target-only, decode tok/s "
+        "(median, range)"
+    ] == (
+        "1.90x (1.70-2.20); tokens forced by the grammar 30%, from history 40%, draft 0%",
+        ">= 1.3",
+    )
+    assert "workload (f): ours hybrid / prompt-lookup baseline" in out
+    assert not any("(g): ours hybrid / prompt-lookup" in name for name in out)

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 import pytest
 from speclora.daemon.engine.adaptive import make_policy
-from speclora.daemon.engine.controller import FixedPlans, HistoryMemory, StepController, StepPlan
+from speclora.daemon.engine.controller import (
+    GRAMMAR_PRIOR,
+    FixedPlans,
+    HistoryMemory,
+    StepController,
+    StepPlan,
+)
 from speclora.daemon.engine.costs import StepPrices
 from speclora.shared.config import SpeculationConfig
 
@@ -207,3 +213,65 @@ def test_a_request_in_a_wide_batch_speculates_where_alone_it_would_not():
     assert plan.source == "history" and plan.k > 0
     batched.price_for_batch(0)  # alone again: alone's prices
     assert batched.plan(100).k == 0
+
+
+class ScriptedGrammar:
+    """A grammar source with a fixed answer: `forced` tokens, then a guessed split `guess` of
+    the fixed bytes after them; every token is legal, and `end` is an end token it forces."""
+
+    def __init__(self, forced=(), guess=(), end=None):
+        self._forced, self._guess, self.end = tuple(forced), tuple(guess), end
+
+    def forced(self, limit):
+        return self._forced[:limit]
+
+    def likely(self, forced, limit):
+        return self._guess[:limit]
+
+    def legal_prefix(self, tokens):
+        return len(tokens)
+
+    def free_end(self, tokens):
+        return bool(tokens) and tokens[-1] == self.end
+
+
+def test_a_forced_run_goes_on_with_the_guessed_split_each_priced_apart():
+    prices = StepPrices(CPU, 0.3)
+    controller = StepController(prices, grammar=ScriptedGrammar(forced=(1, 2, 3), guess=(4,)))
+    plan = controller.plan(100)
+    assert (plan.source, plan.tokens, plan.forced) == ("grammar", (1, 2, 3, 4), 3)
+    # All four accepted: both estimates rise; the guess's from its own, lower prior.
+    before = (controller.grammar_estimate.value, controller.guess_estimate.value)
+    controller.update(plan, 4)
+    assert controller.grammar_estimate.value > before[0]
+    assert controller.guess_estimate.value > before[1]
+    # The forced run rejected at its second token: the guess was never tested.
+    controller = StepController(prices, grammar=ScriptedGrammar(forced=(1, 2, 3), guess=(4,)))
+    guess = controller.guess_estimate.value
+    controller.update(controller.plan(100), 1)
+    assert controller.guess_estimate.value == pytest.approx(guess)
+    assert controller.grammar_estimate.value < GRAMMAR_PRIOR
+
+
+def test_guesses_that_are_rejected_stop_being_proposed():
+    """A guess alone (no forced tokens before it) that the target always splits otherwise."""
+    prices = StepPrices(CPU, 0.3)
+    controller = StepController(prices, grammar=ScriptedGrammar(guess=(7,)))
+    steps = []
+    for _ in range(12):
+        plan = controller.plan(100)
+        steps.append(plan.k)
+        controller.update(plan, 0)
+    assert steps[0] == 1 and steps[-1] == 0, steps
+
+
+def test_history_leaves_out_an_end_token_the_grammar_forces():
+    prices = StepPrices(CPU, 0.3)
+
+    class EndingHistory(SimulatedHistory):
+        def propose(self, max_len, *, min_token_prob=0.1, spec_factor=1.0):
+            return Offer((5, 6, 99), (1.0, 1.0, 1.0), 12)
+
+    controller = StepController(prices, history=EndingHistory(), grammar=ScriptedGrammar(end=99))
+    plan = controller.plan(100)
+    assert (plan.source, plan.tokens) == ("history", (5, 6))

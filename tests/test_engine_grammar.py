@@ -175,6 +175,34 @@ def test_matcher_push_pop_around_the_end_token(untied_loaded):  # noqa: F811
     assert state.accepting() and state.only() == state.eos
 
 
+def test_the_fixed_bytes_after_a_forced_run_are_guessed_legally(untied_loaded):  # noqa: F811
+    """After `"age":` the grammar fixes the space but cannot force a token for it (` 1` may
+    start the number): `likely` proposes a legal split of those bytes after the forced run and
+    leaves the state as it was; in free text it proposes nothing."""
+    target, _, _, tokenizer = untied_loaded
+    state = GrammarState(CONSTRAINT, tokenizer, target.lm_head.weight.shape[0])
+    state.advance(tokenizer.encode('{"name": "ab", "ag', add_special_tokens=False))
+    forced = state.forced(32)
+    guess = state.likely(forced, 32)
+    assert tokenizer.decode([*forced, *guess]) == 'e": '
+    assert guess and state.legal_prefix([*forced, *guess]) == len(forced) + len(guess)
+    assert state.forced(32) == forced and state.likely(forced, 32) == guess  # nothing consumed
+    assert state.likely(forced, 0) == ()
+    state.advance([*forced, *guess, *tokenizer.encode("1", add_special_tokens=False)])
+    assert state.forced(32) == () and state.likely((), 32) == ()  # a number: nothing fixed
+
+
+def test_free_end_is_an_end_token_the_grammar_forces(untied_loaded):  # noqa: F811
+    target, _, _, tokenizer = untied_loaded
+    state = GrammarState(
+        compile_constraint("regex", "ab"), tokenizer, target.lm_head.weight.shape[0]
+    )
+    ids = tokenizer.encode("ab", add_special_tokens=False)
+    assert state.free_end([*ids, state.eos]) and not state.free_end(ids)
+    assert not state.free_end([state.eos])  # nothing written yet: "ab" still to come
+    assert state.only() != state.eos and state.legal_prefix(ids) == len(ids)  # state kept
+
+
 # ---------------------------------------------------------------------- T > 0
 
 PARAMS = dict(temperature=1.0, top_k=4)

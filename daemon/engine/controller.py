@@ -25,8 +25,13 @@ the proposal with the best tokens per cost.
 The request's grammar (structured output, engine/grammar.py) is a third source: where it allows
 one token or a fixed run (a key name, a brace, a quote), it proposes that run with no draft pass,
 priced like a history proposal at its own acceptance estimate (high: the run is what the grammar
-forces, but the target may still spell it with other tokens). It also prunes history's proposal
-to its legal prefix before pricing it; the draft's proposals are masked in the engine.
+forces, but the target may still spell it with other tokens). llguidance stops a forced run
+where the token boundary becomes ambiguous (after `"key":`, the fixed ` "` could start a longer
+token), so the run goes on with a guess: the canonical tokens of the fixed bytes left, priced
+at a second, lower estimate (the target often merges the last of them with the free text
+after it; the estimate learns how often not). It also prunes history's proposal to its legal
+prefix before pricing it, less an end token the engine would emit with no pass; the draft's
+proposals are masked in the engine.
 
 Decisions depend only on the request's tokens, the acceptance seen and the fixed prices, never
 on wall-clock time, so a seeded request makes the same choices every run. In a batch (several
@@ -53,6 +58,7 @@ BAND_PRIORS = (0.3, 0.5, 0.7, 0.85)
 HISTORY_PROBE_TOKENS = 4  # a probe verifies this much of a proposal that did not pay
 MAX_PROBE_BACKOFF = 8
 GRAMMAR_PRIOR = 0.9  # a forced run's per-token acceptance before any evidence
+GUESS_PRIOR = 0.6  # ... and that of a guessed split of the fixed bytes after it
 MAX_FORCED = 32  # the longest forced run one step proposes
 
 
@@ -81,7 +87,11 @@ class GrammarSource(Protocol):
 
     def forced(self, limit: int) -> tuple[int, ...]: ...
 
+    def likely(self, forced: Sequence[int], limit: int) -> tuple[int, ...]: ...
+
     def legal_prefix(self, tokens: Sequence[int]) -> int: ...
+
+    def free_end(self, tokens: Sequence[int]) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,7 @@ class StepPlan:
     probe: bool = False  # a model-draft step taken to re-test a draft that did not pay
     expected: float = 1.0  # the tokens it was expected to yield
     band: int = 0  # history: the match-length band it was priced in
+    forced: int = 0  # grammar: how many leading tokens are forced (the rest are guessed)
 
 
 PLAIN = StepPlan("target", 0)
@@ -170,6 +181,7 @@ class StepController:
         self._batch_prices: dict[int, StepPrices] = {}
         self.grammar = grammar
         self.grammar_estimate = AcceptanceEstimate(prior=GRAMMAR_PRIOR, shrink=2.0)
+        self.guess_estimate = AcceptanceEstimate(prior=GUESS_PRIOR, shrink=2.0)
         self.draft_policy = draft_policy
         self.history = history
         self.max_history = max_history
@@ -227,6 +239,8 @@ class StepController:
         tokens, confidence = tuple(proposal.tokens), tuple(proposal.confidence)
         if self.grammar is not None:  # only what the grammar allows can be accepted
             legal = self.grammar.legal_prefix(tokens)
+            if legal and self.grammar.free_end(tokens[:legal]):
+                legal -= 1  # the engine emits that end token with no pass: not worth a row
             tokens, confidence = tokens[:legal], confidence[:legal]
             if not tokens:
                 return PLAIN
@@ -249,16 +263,31 @@ class StepController:
         )
 
     def _grammar_plan(self, budget: int) -> StepPlan:
+        """The grammar's forced run, then a guessed split of the fixed bytes after it (a
+        string's opening quote after a key, an item's after a comma: the bytes are certain,
+        how the target tokenizes them is not), each priced at its own acceptance estimate."""
         if self.grammar is None or budget <= 0:
             return PLAIN
-        tokens = self.grammar.forced(min(MAX_FORCED, budget))
+        limit = min(MAX_FORCED, budget)
+        forced = self.grammar.forced(limit)
+        guess = self.grammar.likely(forced, limit - len(forced))
+        tokens = forced + guess
         if not tokens:
             return PLAIN
-        a = min(A_MAX, self.grammar_estimate.value)
-        n, expected, _ = history_prefix((1.0,) * len(tokens), a, self.prices)
+        rates = (min(A_MAX, self.grammar_estimate.value),) * len(forced) + (
+            min(A_MAX, self.guess_estimate.value),
+        ) * len(guess)
+        n, expected, _ = history_prefix(rates, 1.0, self.prices)
         if n == 0:
             return PLAIN
-        return StepPlan("grammar", n, tokens=tokens[:n], confidence=(1.0,) * n, expected=expected)
+        return StepPlan(
+            "grammar",
+            n,
+            tokens=tokens[:n],
+            confidence=(1.0,) * n,
+            expected=expected,
+            forced=min(n, len(forced)),
+        )
 
     def _gain(self, plan: StepPlan) -> float:
         if plan.source == "draft":
@@ -272,8 +301,12 @@ class StepController:
         grammar = self._grammar_plan(budget)
         if grammar.k:
             # A forced run is the cheapest proposal there is; it wins unless a source prices
-            # higher (a long history match can continue past it).
-            others = [p for p in (self._history_plan(budget),) if p.k]
+            # higher (a long history match can continue past it). A guess alone is weaker
+            # evidence: then the draft competes too.
+            candidates = [self._history_plan(budget)]
+            if not grammar.forced:
+                candidates.append(self._draft_plan(budget))
+            others = [p for p in candidates if p.k and not p.probe]
             best = max(others, key=self._gain, default=None)
             if best is not None and self._gain(best) > self._gain(grammar):
                 return best
@@ -291,10 +324,17 @@ class StepController:
             # A history step did not test the draft: for adaptive K it is an idle step.
             self.draft_policy.update(plan.k if plan.source == "draft" else 0, accepted)
         if plan.source == "grammar":
+            # The forced part is tested first; the guessed part only once it was all accepted.
+            f = plan.forced
             self.grammar_estimate.decay()
-            self.grammar_estimate.observe(accepted, accepted + (1 if accepted < plan.k else 0))
+            if f:
+                self.grammar_estimate.observe(min(accepted, f), min(accepted + 1, f))
+            self.guess_estimate.decay()
+            if plan.k > f and accepted >= f:
+                self.guess_estimate.observe(accepted - f, accepted - f + (accepted < plan.k))
         else:
             self.grammar_estimate.fade()
+            self.guess_estimate.fade()
         for band, estimate in enumerate(self.bands):
             if plan.source != "history" or band != plan.band:
                 estimate.fade()

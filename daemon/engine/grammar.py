@@ -126,9 +126,8 @@ class GrammarState:
 
         self.vocab = vocab
         self.eos = eos_token(tokenizer)
-        self.matcher = llguidance.LLMatcher(
-            ll_tokenizer(tokenizer, vocab), constraint.grammar, log_level=0
-        )
+        self._tokenizer = ll_tokenizer(tokenizer, vocab)
+        self.matcher = llguidance.LLMatcher(self._tokenizer, constraint.grammar, log_level=0)
         if self.matcher.is_error():
             raise GrammarError(self.matcher.get_error())
         self._allowed: np.ndarray | None = None
@@ -164,11 +163,42 @@ class GrammarState:
                 return i + 1
         return n
 
+    def free_end(self, tokens: Sequence[int]) -> bool:
+        """Whether legal `tokens` end with an end token the grammar forces there (complete,
+        nothing else allowed): the engine emits that one without a pass, so a proposal need
+        not carry it."""
+        if not tokens or tokens[-1] != self.eos:
+            return False
+        head = list(tokens[:-1])
+        for token in head:
+            self.push(token)
+        try:
+            return self.only() == self.eos
+        finally:
+            self.pop(len(head))
+
     def forced(self, limit: int) -> tuple[int, ...]:
         """The tokens the grammar forces from here (its fixed run), at most `limit`."""
         if limit <= 0 or self.matcher.is_stopped():
             return ()
         return tuple(self.matcher.compute_ff_tokens()[:limit])
+
+    def likely(self, forced: Sequence[int], limit: int) -> tuple[int, ...]:
+        """Tokens for the rest of the grammar's fixed bytes after `forced` (what `forced`
+        returned), at most `limit`: the bytes are certain but not how the target splits them,
+        so these are a guess (the canonical tokenization of those bytes alone; the target may
+        merge the last with the free text after it). Only a legal run is returned."""
+        if limit <= 0 or self.matcher.is_stopped():
+            return ()
+        fixed = bytes(self.matcher.compute_ff_bytes())
+        done = bytes(self._tokenizer.decode_bytes(list(forced))) if forced else b""
+        if len(fixed) <= len(done) or not fixed.startswith(done):
+            return ()
+        guess = list(self._tokenizer.tokenize_bytes(fixed[len(done) :]))[:limit]
+        if not guess:
+            return ()
+        legal = self.matcher.validate_tokens([*forced, *guess]) - len(forced)
+        return tuple(guess[: max(legal, 0)])
 
     def push(self, token: int) -> None:
         """Consume one (legal) proposal while running ahead; `pop` undoes."""
