@@ -110,8 +110,8 @@ class Counters:
     )
     task_runs: tuple[tuple[str, str, int], ...] = ()  # (task, outcome, runs)
     auto_train_runs: int = 0
-    # The worker's target forwards (engine/batch.py), the generations' passes they carried
-    # (more than one: a shared forward) and the tokens they ran over.
+    # The worker's model forwards for generations' passes, target and draft (engine/batch.py),
+    # the passes they carried (more than one: a shared forward) and the tokens they ran over.
     model_forwards: int = 0
     model_forward_rows: int = 0
     model_forward_tokens: int = 0
@@ -358,8 +358,8 @@ class StatsTracker:
             self._slice_max[name] = 0.0
 
     def record_batch(self, forwards: int, rows: int, tokens: int) -> None:
-        """The worker ran `forwards` target forwards for `rows` generations' passes over
-        `tokens` (one forward for all of them, unless batching is off)."""
+        """The worker ran `forwards` model forwards for `rows` generations' passes over
+        `tokens` (one per model when batched, one per pass when not)."""
         with self._lock:
             self._forwards[0] += forwards
             self._forwards[1] += rows

@@ -7,8 +7,8 @@ queue; errors travel through that queue as exceptions. Work per round:
 1. run queued calls (one-shot functions such as an adapter swap) and start queued tasks;
 2. admit waiting generations up to `server.max_active`;
 3. advance every active generation by one engine event (one prefill chunk or one speculative
-   step), so all clients stream at once; the target passes their steps need are collected and
-   run as shared forwards (engine/batch.py), so a round costs little more than one step;
+   step), so all clients stream at once; the target and draft passes their steps need are
+   collected and run as shared forwards (engine/batch.py), so a round costs little more than one step;
 4. only when no generation is active: advance one background task (training) by one step.
 
 A cancelled job is dropped before its next step and its generator closed, which releases its
@@ -540,7 +540,7 @@ class Worker:
         log.debug("generation_started", request_id=job.request.request_id)
 
     def _step_generations(self) -> None:
-        """One event from every active generation. A generation that needs a target pass first
+        """One event from every active generation. A generation that needs a model pass first
         hands it over (a ForwardPass) and waits; the waiting passes then run as one batched
         forward, their logits go back, and so on until every generation has its event."""
         from speclora.daemon.engine.batch import BatchWidth, run_passes

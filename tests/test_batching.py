@@ -108,8 +108,8 @@ def _hub(untied, draft: str, history: bool = True) -> ModelHub:
     return hub
 
 
-def _worker(hub: ModelHub, max_active: int = 8) -> Worker:
-    config = Config(server=ServerConfig(max_active=max_active))
+def _worker(hub: ModelHub, max_active: int = 8, batch_passes: bool = True) -> Worker:
+    config = Config(server=ServerConfig(max_active=max_active, batch_passes=batch_passes))
     return Worker(hub, config, generate_fn=engine_generate(config.speculation)).start()
 
 
@@ -156,6 +156,17 @@ def _submit_together(worker: Worker, requests: list[GenerationRequest]):
     return jobs
 
 
+def _run_together(hub: ModelHub, requests: list[GenerationRequest], batch_passes: bool = True):
+    """Every request's (token ids, result) from a fresh worker that started them in one round,
+    and that worker's counters afterwards."""
+    worker = _worker(hub, batch_passes=batch_passes)
+    try:
+        results = [_collect(job) for job in _submit_together(worker, requests)]
+        return results, worker.stats.snapshot().counters
+    finally:
+        worker.stop()
+
+
 @pytest.mark.parametrize("draft", ["self", "random"])
 def test_every_request_in_a_batch_writes_what_it_writes_alone(untied_loaded, draft):  # noqa: F811
     hub = _hub(untied_loaded, draft)
@@ -163,21 +174,13 @@ def test_every_request_in_a_batch_writes_what_it_writes_alone(untied_loaded, dra
     expected = [_alone(hub, r) for r in requests]
     greedy = [_alone(hub, replace(r, draft_tokens=0, use_history=False)) for r in requests]
     assert expected == greedy  # (lossless alone, whatever proposed the tokens)
-    worker = _worker(hub)
-    try:
-        before = worker.stats.snapshot().counters
-        jobs = _submit_together(worker, requests)
-        results = [_collect(job) for job in jobs]
-        counters = worker.stats.snapshot().counters
-    finally:
-        worker.stop()
+    results, counters = _run_together(hub, requests)
     for request, want, (ids, result) in zip(requests, expected, results, strict=True):
         assert ids == want, request.request_id
         assert list(result.summary.completion_token_ids) == want
     assert isinstance(hub.extras["batch_width"], BatchWidth)  # what the controllers price by
     # They really shared forwards: more rows than forwards.
-    forwards = counters.model_forwards - before.model_forwards
-    rows = counters.model_forward_rows - before.model_forward_rows
+    forwards, rows = counters.model_forwards, counters.model_forward_rows
     assert forwards > 0 and rows > 1.5 * forwards  # (unbatched: rows == forwards)
 
 
@@ -188,12 +191,8 @@ def test_seeded_sampling_gives_the_same_tokens_alone_and_in_a_batch(untied_loade
         for i, r in enumerate(_requests())
     ]
     expected = [_alone(hub, r) for r in requests]
-    worker = _worker(hub)
-    try:
-        got = [_collect(job)[0] for job in _submit_together(worker, requests)]
-    finally:
-        worker.stop()
-    assert got == expected
+    results, _ = _run_together(hub, requests)
+    assert [ids for ids, _ in results] == expected
 
 
 def test_requests_joining_leaving_and_cancelled_mid_batch(untied_loaded):  # noqa: F811
@@ -266,14 +265,8 @@ def test_with_batching_off_each_pass_runs_alone_and_writes_the_same(untied_loade
     hub = _hub(untied_loaded, "self")
     requests = _requests()[:5]
     expected = [_alone(hub, r) for r in requests]
-    config = Config(server=ServerConfig(batch_passes=False))
-    worker = Worker(hub, config, generate_fn=engine_generate(config.speculation)).start()
-    try:
-        got = [_collect(job)[0] for job in _submit_together(worker, requests)]
-        counters = worker.stats.snapshot().counters
-    finally:
-        worker.stop()
-    assert got == expected
+    results, counters = _run_together(hub, requests, batch_passes=False)
+    assert [ids for ids, _ in results] == expected
     assert counters.model_forwards == counters.model_forward_rows > 0
 
 
@@ -303,9 +296,5 @@ def test_the_embedded_pair_writes_the_same_in_a_batch(request: pytest.FixtureReq
         for p, k in zip(prompts, (None, 2, 0, None), strict=True)
     ]
     expected = [_alone(hub, replace(r, draft_tokens=0, use_history=False)) for r in requests]
-    worker = _worker(hub)
-    try:
-        got = [_collect(job)[0] for job in _submit_together(worker, requests)]
-    finally:
-        worker.stop()
-    assert got == expected
+    results, _ = _run_together(hub, requests)
+    assert [ids for ids, _ in results] == expected

@@ -1,7 +1,7 @@
-"""Batched target passes: one forward over several generations' tokens, each with its own cache.
+"""Batched passes: one forward over several generations' tokens, each with its own cache.
 
-A detailed generation asks for its target passes by yielding a `ForwardPass` (the tokens to run
-and the KV cache to run them on) instead of calling the model; whoever drives it sends the
+A detailed generation asks for its target (and draft) passes by yielding a `ForwardPass` (the
+tokens to run and the KV cache to run them on) instead of calling the model; whoever drives it sends the
 logits back. Alone (`ForwardPass.run`), that is the model's own call, so a single request runs
 exactly as it would without batching. The worker collects every active generation's pass of a
 round and runs them as one (`run_passes`).
@@ -36,11 +36,11 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from speclora.daemon.engine.draft_vocab import model_parts
 from speclora.daemon.engine.events import ForwardPass
 
+T = TypeVar("T")
+
 # mlx-lm modules whose TransformerBlock is exactly `h = x + attn(norm(x)); h + mlp(norm(h))`
 # and whose Attention is the q/k/v projections, optional q/k norms, RoPE at the cache's offset,
 # the cache update, SDPA and o_proj (see `_attention`).
-T = TypeVar("T")
-
 _BATCHABLE_MODULES = frozenset(
     {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
 )

@@ -480,9 +480,9 @@ def detailed_steps(
     tokenizer: Any = None,
     batch_width: Any | None = None,
 ) -> Generator[EngineEvent | ForwardPass, mx.array | None, None]:
-    """The detailed-mode event generator (see module docstring). Its target passes are
-    yielded as `ForwardPass`es for the driver to answer (engine/batch.py, output.Generation). `tracker` is filled in as it
-    goes, so a caller can summarise a cancelled generation. With `prompt_cache`, the prompt's
+    """The detailed-mode event generator (see module docstring). Its target and draft passes
+    are yielded as `ForwardPass`es for the driver to answer (engine/batch.py,
+    output.Generation). `tracker` is filled in as it goes, so a caller can summarise a cancelled generation. With `prompt_cache`, the prompt's
     longest stored prefix is not prefilled again, and the caches are stored at the end; a
     draft cache is reused only under the same `draft_tag` (the adapter version: a swap changes
     the draft's weights in place). `history` proposes continuations when K is adaptive (the
