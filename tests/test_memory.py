@@ -1,6 +1,11 @@
-"""Memory housekeeping: MLX's buffer cache is capped on the CPU and emptied when idle."""
+"""Memory housekeeping: MLX's buffer cache is capped on the CPU and emptied when idle; glibc
+returns freed buffers to the OS (tune_malloc)."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import mlx.core as mx
 import pytest
@@ -43,3 +48,67 @@ def test_release_free_memory_empties_the_cache():
     assert mx.get_cache_memory() > 0
     memory.release_free_memory()
     assert mx.get_cache_memory() == 0
+
+
+# A subprocess that frees a mapped 8 MiB chunk (as loading weights does, which raises glibc's
+# dynamic mmap threshold to 8 MiB), then allocates, touches and frees 64 chunks of 1 MiB under
+# a live block (so the heap cannot shrink from its top), and prints the RSS they leave.
+_HOLES = r"""
+import ctypes, ctypes.util, json, sys
+from speclora.daemon import memory
+
+tuned = memory.tune_malloc({}) if sys.argv[1] == "tuned" else {}
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+big = libc.malloc(8 << 20)
+ctypes.memset(big, 1, 8 << 20)
+libc.free(big)
+before = rss_mib()
+chunks = [libc.malloc(1 << 20) for _ in range(64)]
+for c in chunks:
+    ctypes.memset(c, 1, 1 << 20)
+pin = libc.malloc(300 << 10)  # too big for any free-list hole: from the heap's top
+for c in chunks:
+    libc.free(c)
+print(json.dumps({"tuned": tuned, "left_mib": rss_mib() - before}))
+"""
+
+
+def _holes(mode: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", _HOLES, mode], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(memory._mallopt() is None, reason="glibc's allocator only")
+def test_tune_malloc_returns_freed_buffers_to_the_os():
+    untuned = _holes("default")
+    # The mechanism it fixes, on this libc: freed MiB-sized buffers stay resident.
+    assert untuned["left_mib"] > 48, untuned
+    tuned = _holes("tuned")
+    assert tuned["tuned"] == {
+        "mmap_threshold": memory.MMAP_THRESHOLD_BYTES,
+        "arena_max": memory.ARENA_MAX,
+    }
+    assert tuned["left_mib"] < 8, tuned
+
+
+def test_tune_malloc_leaves_what_the_user_set_through_glibcs_variables(monkeypatch):
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(memory, "_mallopt", lambda: lambda p, v: calls.append((p, v)) or 1)
+    assert memory.tune_malloc({"MALLOC_ARENA_MAX": "8"}) == {
+        "mmap_threshold": memory.MMAP_THRESHOLD_BYTES
+    }
+    assert calls == [(memory.M_MMAP_THRESHOLD, memory.MMAP_THRESHOLD_BYTES)]
+    calls.clear()
+    env = {"MALLOC_ARENA_MAX": "8", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    assert memory.tune_malloc(env) == {}
+    assert calls == []

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.daemons import Proc, daemon_env, run_cli, socket_path, start_daemon
+from helpers.daemons import Proc, daemon_env, log_events, run_cli, socket_path, start_daemon
 from speclora.client.stub import (
     DaemonNotRunning,
     DaemonShuttingDown,
@@ -20,6 +20,7 @@ from speclora.client.stub import (
     SpecLoRAClient,
     TextChunk,
 )
+from speclora.daemon import memory
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +101,23 @@ def test_socket_and_directory_modes(daemon: Proc) -> None:
     assert stat.S_ISSOCK(sock.stat().st_mode)
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
     assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+
+
+def test_daemon_tunes_malloc_and_loads_no_grammar_engine_until_asked(daemon: Proc) -> None:
+    """Startup memory: glibc is told to give freed buffers back (memory.tune_malloc, before any
+    model loads), and llguidance (structured output) stays unloaded through unconstrained
+    requests: only a request with a grammar needs it."""
+    (start,) = log_events(daemon.log, "daemon_starting")
+    if memory._mallopt() is not None:
+        assert start["malloc"] == {
+            "mmap_threshold": memory.MMAP_THRESHOLD_BYTES,
+            "arena_max": memory.ARENA_MAX,
+        }
+    with daemon.client() as client:
+        assert client.generate_text("Hi", max_tokens=4) is not None
+    maps = Path(f"/proc/{daemon.proc.pid}/maps")
+    if maps.exists():
+        assert "llguidance" not in maps.read_text()
 
 
 def test_second_instance_is_refused_and_the_first_keeps_serving(daemon: Proc) -> None:
