@@ -633,14 +633,17 @@ class SpecLoRAClient:
         max_cases: int | None = None,
         learning_rate: float | None = None,
         force_promote: bool = False,
+        max_train_s: float | None = None,
     ) -> Iterator[TrainEvent]:
         """Run a training session: TrainStarted, TrainEvaluation("before"), TrainProgress...,
-        TrainEvaluation("after"), TrainResult."""
+        TrainEvaluation("after"), TrainResult. `max_train_s` bounds the whole run in seconds
+        (0 = no limit; None = the daemon's learning.max_train_s)."""
         request = pb.TrainRequest(force_promote=force_promote)
         for name, value in (
             ("steps", steps),
             ("max_cases", max_cases),
             ("learning_rate", learning_rate),
+            ("max_train_s", max_train_s),
         ):
             if value is not None:
                 setattr(request, name, value)

@@ -47,19 +47,21 @@ from speclora.daemon.learning.operations import CheckedAdapter, PurgeResult
 from speclora.daemon.learning.store import FailureCase, StoreStats
 from speclora.daemon.requests import (
     check_range,
+    check_within,
     generation_request,
     prompt_tokens_within_limits,
 )
 from speclora.daemon.state import ModelHub
 from speclora.daemon.stats import TRAINING_TASK, LastTraining, StatsSnapshot, daemon_snapshot
 from speclora.daemon.worker import GenerationResult, TaskFactory, Worker
-from speclora.shared.config import Config
+from speclora.shared.config import Config, LearningConfig, bounds
 from speclora.shared.pb import speclora_pb2 as pb
 from speclora.shared.pb import speclora_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
 
 MAX_TRAIN_STEPS = 100_000
+_MAX_TRAIN_S = bounds(LearningConfig, "max_train_s")  # a run's time budget, as the config's
 MAX_LIST_CASES = 1000
 DEFAULT_LIST_CASES = 20
 # Longest an adapter swap waits for the engine when the caller set no deadline.
@@ -199,11 +201,14 @@ def train_params_from_pb(msg: pb.TrainRequest) -> TrainParams:
         )
     if msg.HasField("learning_rate"):
         check_range("learning_rate", msg.learning_rate, 0.0, 1.0, lo_open=True)
+    if msg.HasField("max_train_s"):
+        check_within("max_train_s", msg.max_train_s, _MAX_TRAIN_S)
     return TrainParams(
         steps=msg.steps if msg.HasField("steps") else None,
         max_cases=msg.max_cases if msg.HasField("max_cases") else None,
         learning_rate=msg.learning_rate if msg.HasField("learning_rate") else None,
         force_promote=msg.force_promote,
+        max_train_s=msg.max_train_s if msg.HasField("max_train_s") else None,
     )
 
 

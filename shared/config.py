@@ -114,7 +114,10 @@ class LearningConfig:
         64, lo=0, hi=1_000_000, doc="target probs cached per position; 0 = all"
     )
     max_train_s: float = _opt(
-        0.0, lo=0.0, hi=1e7, doc="whole training run within this; 0 = no limit"
+        300.0,
+        lo=0.0,
+        hi=1e7,
+        doc="seconds per training run, auto or manual (Train may set its own); 0 = no limit",
     )
 
 

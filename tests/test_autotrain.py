@@ -77,6 +77,30 @@ def test_defaults_train_by_itself() -> None:
     learning = LearningConfig()
     assert learning.auto_train and learning.auto_train_idle_s == 120.0
     assert learning.auto_train_min_new_cases == 16
+    assert learning.max_train_s == 300.0  # issue 20: a run stays within 5 minutes on 2 cores
+
+
+def test_an_auto_run_stops_at_its_time_limit_and_still_goes_through_the_gate(
+    domain_target: Path, tmp_path: Path
+) -> None:
+    """An auto run with far more steps than fit is ended by learning.max_train_s (300 s by
+    default; 4 s here), then evaluated and judged by the gate like any other run."""
+    budget = 4.0
+    lora = {"steps": 100_000, "learning_rate": 1e-3, "batch_size": 2}
+    with serve(tmp_path / "home", domain_target, lora, {"max_train_s": budget}) as (rt, client):
+        record_cases(client, MIN_NEW)
+        wait_until(lambda: client.stats().last_training is not None, 120, "an auto run")
+        last = client.stats().last_training
+        assert last is not None and last.trigger == "auto"
+        print(f"auto run under a {budget} s budget: {last}")
+        assert last.duration_s <= budget * 1.1 + 0.5, last.duration_s
+        assert f"the time budget ({budget:g} s) ended it after" in last.reason, last.reason
+        # The gate decided: either held-out acceptance rose by the margin or it did not.
+        assert ("rose" in last.reason) == last.promoted, last.reason
+        assert "did not rise" in last.reason or last.promoted
+        meta = rt.learning.adapters.verify(last.adapter_version).metadata
+        assert meta["out_of_time"] and meta["max_train_s"] == budget
+        assert 1 <= meta["steps"] < 100_000 and meta["trigger"] == "auto"
 
 
 def test_an_idle_daemon_trains_promotes_and_hot_swaps(domain_target: Path, tmp_path: Path) -> None:

@@ -269,6 +269,37 @@ def test_time_budget_covers_the_whole_run_including_the_final_evaluation(
     assert elapsed <= budget * 1.1 + 1.0  # plus saving the adapter
 
 
+def test_a_runs_own_time_budget_overrides_the_configured_one(hub: ModelHub, stores: tuple) -> None:
+    """learning.max_train_s (300 s by default) bounds manual runs too; a Train call's own
+    max_train_s replaces it for that run: a budget where the config has none, none (0) where
+    the config's would stop the run. Either way the run ends through the gate, and its result
+    and adapter say whether time ended it."""
+    assert LearningConfig().max_train_s == 300.0
+    store, adapters = stores
+    record_domain_cases(hub, store, 40)
+    unlimited = Config(
+        learning=LearningConfig(min_cases=8, max_train_s=0.0), lora=LoraConfig(steps=100_000)
+    )
+    events = drain(run_training(hub, store, adapters, unlimited, TrainParams(max_train_s=1.5)))
+    progress = [e for e in events if isinstance(e, TrainProgress)]
+    result = events[-1]
+    assert isinstance(result, TrainResult) and isinstance(events[-2], TrainEvaluation)
+    assert 1 <= len(progress) < 100_000
+    assert result.duration_s <= 1.5 * 1.1 + 0.1, result.duration_s
+    assert (
+        f"the time budget (1.5 s) ended it after {len(progress)} of 100000 steps" in result.reason
+    )
+    meta = adapters.verify(result.adapter_version).metadata
+    assert meta["out_of_time"] and meta["max_train_s"] == 1.5
+
+    tight = Config(learning=LearningConfig(min_cases=8, max_train_s=0.01), lora=LoraConfig(steps=3))
+    events = drain(run_training(hub, store, adapters, tight, TrainParams(max_train_s=0.0)))
+    assert len([e for e in events if isinstance(e, TrainProgress)]) == 3
+    result = events[-1]
+    assert "time budget" not in result.reason
+    assert not adapters.verify(result.adapter_version).metadata["out_of_time"]
+
+
 def test_training_with_the_cheap_draft_head_learns_through_it(
     separate_hub: ModelHub, stores: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:

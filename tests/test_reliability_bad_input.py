@@ -150,6 +150,9 @@ BAD: list[Case] = [
     Case("Train", pb.TrainRequest(learning_rate=-1e-3), INVALID, "learning_rate", "lr negative"),
     Case("Train", pb.TrainRequest(learning_rate=1.5), INVALID, "learning_rate", "lr above 1"),
     Case("Train", pb.TrainRequest(learning_rate=float("nan")), INVALID, "learning_rate", "lr NaN"),
+    Case("Train", pb.TrainRequest(max_train_s=-1.0), INVALID, "max_train_s", "budget negative"),
+    Case("Train", pb.TrainRequest(max_train_s=2e7), INVALID, "max_train_s", "budget past 1e7"),
+    Case("Train", pb.TrainRequest(max_train_s=float("nan")), INVALID, "max_train_s", "budget NaN"),
     # Stats
     Case("Stats", pb.StatsRequest(watch=True, interval_s=0.0), INVALID, "interval_s", "zero"),
     Case("Stats", pb.StatsRequest(watch=True, interval_s=-1.0), INVALID, "interval_s", "negative"),

@@ -23,6 +23,11 @@ from speclora.client.stub import (
 @click.option("--max-cases", type=int, help="Use at most the newest N failure cases.")
 @click.option("--learning-rate", type=float, help="Default: lora.learning_rate.")
 @click.option("--force-promote", is_flag=True, help="Promote even if acceptance does not rise.")
+@click.option(
+    "--max-seconds",
+    type=float,
+    help="Keep the run within this many seconds (default: learning.max_train_s, 300; 0 = no limit).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 @address_option
 @click.pass_context
@@ -32,6 +37,7 @@ def train(
     max_cases: int | None,
     learning_rate: float | None,
     force_promote: bool,
+    max_seconds: float | None,
     as_json: bool,
     address: str | None,
 ) -> None:
@@ -45,6 +51,7 @@ def train(
             max_cases=max_cases,
             learning_rate=learning_rate,
             force_promote=force_promote,
+            max_train_s=max_seconds,
         )
         try:
             for event in stream:

@@ -19,6 +19,9 @@ class TrainParams:
     max_cases: int | None = None
     learning_rate: float | None = None
     force_promote: bool = False
+    # Seconds the whole run may take (the final evaluation included); None = learning.max_train_s,
+    # 0 = no limit.
+    max_train_s: float | None = None
     seed: int = 0
     # Ablations: 1.0 is plain uniform KL; shuffled teachers train a deliberately worse draft.
     rejected_weight: float | None = None

@@ -208,7 +208,8 @@ def _run(
     done = 0
     scored_at = 0
     stopped = ""
-    budget = learning.max_train_s
+    budget = learning.max_train_s if params.max_train_s is None else params.max_train_s
+    out_of_time = False
     steps_start = time.monotonic()
     horizon = steps
     for step in range(1, steps + 1):
@@ -219,6 +220,7 @@ def _run(
         left = budget - (now - start) - evaluation_s - score_s
         if budget and left < per_step:
             log.info("training_time_budget_reached", steps_done=done, budget_s=budget)
+            out_of_time = True
             break
         if budget and done >= 3:  # decay the learning rate by when the budget will stop us
             horizon = min(steps, done + int(left / per_step))
@@ -276,6 +278,8 @@ def _run(
         )
     if stopped:
         reason = f"{reason}; training stopped early: {stopped}"
+    elif out_of_time:
+        reason = f"{reason}; the time budget ({budget:g} s) ended it after {done} of {steps} steps"
     if checkpoints.best_step != done:
         reason = f"{reason}; kept the weights of step {checkpoints.best_step} of {done}"
     metadata = {
@@ -295,6 +299,8 @@ def _run(
         "train_acceptance_best": checkpoints.best.acceptance,
         "best_step": checkpoints.best_step,
         "stopped": stopped,
+        "max_train_s": budget,
+        "out_of_time": out_of_time,
         "rejected_weight": rejected_weight,
         "teacher_top_k": learning.teacher_top_k,
         "shuffle_teacher": params.shuffle_teacher,

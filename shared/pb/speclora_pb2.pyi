@@ -196,16 +196,18 @@ class GenerateEvent(_message.Message):
     def __init__(self, chunk: _Optional[_Union[TextChunk, _Mapping]] = ..., summary: _Optional[_Union[GenerationSummary, _Mapping]] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("steps", "max_cases", "learning_rate", "force_promote")
+    __slots__ = ("steps", "max_cases", "learning_rate", "force_promote", "max_train_s")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     MAX_CASES_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     FORCE_PROMOTE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TRAIN_S_FIELD_NUMBER: _ClassVar[int]
     steps: int
     max_cases: int
     learning_rate: float
     force_promote: bool
-    def __init__(self, steps: _Optional[int] = ..., max_cases: _Optional[int] = ..., learning_rate: _Optional[float] = ..., force_promote: _Optional[bool] = ...) -> None: ...
+    max_train_s: float
+    def __init__(self, steps: _Optional[int] = ..., max_cases: _Optional[int] = ..., learning_rate: _Optional[float] = ..., force_promote: _Optional[bool] = ..., max_train_s: _Optional[float] = ...) -> None: ...
 
 class TrainStarted(_message.Message):
     __slots__ = ("train_cases", "heldout_cases", "steps", "parent_version")
