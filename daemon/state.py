@@ -23,7 +23,9 @@ class ModelHub:
     draft_name: str  # e.g. "self:4 of <target>" or a model name; "" when no draft
     draft_spec: str = ""  # the config value that built the draft
     adapter_version: str = ""  # "" = base draft, no adapter
-    weight_bytes: int = 0  # target + draft weights, shared arrays counted once
+    # Target + draft weights, shared arrays counted once (an adapter's LoRA layers included:
+    # swap.py recounts at every hot-swap); `resident_weight_bytes` adds the draft's head rows.
+    weight_bytes: int = 0
     max_context: int = 2048  # tokens the target can attend to
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. the draft vocabulary table
     # What finished requests leave for later ones: their KV caches (engine.PromptCache,
@@ -52,3 +54,10 @@ class ModelHub:
             target_id=model_identity(target.name, target.path),
             **extra,
         )
+
+    def resident_weight_bytes(self) -> int:
+        """Every weight the pair keeps resident: `weight_bytes` plus the rows of the draft's
+        restricted head (engine.DraftVocab), a copy of embedding rows the draft runs with. Read
+        by Stats from other threads: plain ints only."""
+        vocab = self.extras.get("draft_vocab")
+        return self.weight_bytes + (vocab.head_bytes if vocab is not None else 0)

@@ -470,7 +470,7 @@ def daemon_snapshot(
         queue_depth=worker.queue_depth,
         rss_bytes=rss,
         peak_rss_bytes=peak,
-        weight_bytes=hub.weight_bytes,
+        weight_bytes=hub.resident_weight_bytes(),
         prompt_cache_bytes=hub.prompt_cache.stats().bytes if hub.prompt_cache else 0,
         blas=blas.blas_info().name,
         version=speclora.__version__,

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from helpers.adapters import make_adapter
+from mlx.utils import tree_flatten
 from speclora.daemon import models
 from speclora.daemon.errors import AdapterError
 from speclora.daemon.learning.adapters import (
@@ -191,6 +192,22 @@ def test_separate_draft_adapter_matches_mlx_lm_adapter_path(
     remove_adapter(separate_hub)
     assert mx.allclose(logits(separate_hub.draft), base, atol=1e-6).item()
     assert separate_hub.adapter_version == ""
+
+
+def test_weights_are_recounted_at_every_swap(self_hub: ModelHub, store: AdapterStore) -> None:
+    """Stats reports the pair's weights: an adapter's LoRA layers are in it while applied."""
+    base = self_hub.weight_bytes
+    assert base == models.unique_weight_bytes(self_hub.target, self_hub.draft)
+    apply_adapter(self_hub, store, make_adapter(store, self_hub, seed=1))
+    lora_bytes = sum(
+        array.nbytes
+        for name, array in tree_flatten(self_hub.draft.parameters())
+        if name.endswith(("lora_a", "lora_b"))
+    )
+    assert lora_bytes > 0 and self_hub.weight_bytes == base + lora_bytes
+    assert self_hub.resident_weight_bytes() == self_hub.weight_bytes  # no restricted head here
+    remove_adapter(self_hub)
+    assert self_hub.weight_bytes == base
 
 
 def test_self_draft_swap_never_touches_the_target(self_hub: ModelHub, store: AdapterStore) -> None:

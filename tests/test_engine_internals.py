@@ -23,6 +23,7 @@ from speclora.daemon.engine.batch import run_alone
 from speclora.daemon.engine.draft_vocab import DraftHead, model_parts
 from speclora.daemon.engine.speculative import _Decoder
 from speclora.daemon.errors import InvalidRequestError
+from speclora.daemon.state import ModelHub
 from speclora.shared.config import SpeculationConfig
 from test_engine_helpers import unshared_copy, untied_loaded  # noqa: F401  (fixture)
 
@@ -281,6 +282,11 @@ def test_concurrent_requests_share_one_restricted_head_matrix(untied_loaded):  #
     heads = [DraftHead(parts, vocab, extra=prompt) for prompt in ([1, 2, 3], [4, 5], [])]
     subs = [head._restricted()[1] for head in heads]
     assert subs[0] is subs[1] is subs[2]
+    assert vocab.head_bytes == subs[0].nbytes > 0
+    hub = ModelHub(target, self_draft, tokenizer, "t", "d", weight_bytes=1000)
+    assert hub.resident_weight_bytes() == 1000
+    hub.extras["draft_vocab"] = vocab  # Stats counts the head's rows as the pair's weights
+    assert hub.resident_weight_bytes() == 1000 + subs[0].nbytes
     base = set(np.array(vocab.ids()).tolist())
     ids, _, extra = heads[0]._restricted()
     assert set(np.array(ids).tolist()) == base | {1, 2, 3}

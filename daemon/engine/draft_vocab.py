@@ -154,6 +154,7 @@ class DraftVocab:
     _pending: int = field(default=0, init=False, repr=False)
     _ids: mx.array | None = field(default=None, init=False, repr=False)
     _head: tuple[mx.array, Any, mx.array] | None = field(default=None, init=False, repr=False)
+    head_bytes: int = field(default=0, init=False)  # the current head rows' size (Stats reads it)
 
     def __post_init__(self) -> None:
         # Tiny decreasing prior: breaks ties towards low ids and is outweighed by one real count.
@@ -188,6 +189,7 @@ class DraftVocab:
             assert sub is not None
             mx.eval(sub)
             self._head = (ids, weight, sub)
+            self.head_bytes = sub.nbytes
         return ids, self._head[2]
 
     def coverage(self, tokens: Iterable[int]) -> float:

@@ -136,7 +136,11 @@ class _SnapshotCollector(Collector):
         yield model
         yield _gauge("resident_memory_bytes", "Resident memory of the daemon.", s.rss_bytes)
         yield _gauge("peak_resident_memory_bytes", "Peak resident memory.", s.peak_rss_bytes)
-        yield _gauge("weight_bytes", "Target + draft weights (shared arrays once).", s.weight_bytes)
+        yield _gauge(
+            "weight_bytes",
+            "Target + draft weights, adapter and draft head included (shared arrays once).",
+            s.weight_bytes,
+        )
         yield _gauge(
             "prompt_cache_bytes", "KV caches the prompt cache holds.", s.prompt_cache_bytes
         )

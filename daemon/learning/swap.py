@@ -27,6 +27,7 @@ from speclora.daemon.learning.adapters import (
     AdapterInfo,
     AdapterStore,
 )
+from speclora.daemon.models import unique_weight_bytes
 from speclora.daemon.state import ModelHub
 
 log = structlog.get_logger(__name__)
@@ -41,6 +42,12 @@ SWAPS_KEY = "learning.adapter_swaps"
 def swap_count(hub: ModelHub) -> int:
     """Adapter changes so far (apply or remove); worker thread only."""
     return int(hub.extras.get(SWAPS_KEY, 0))
+
+
+def _recount_weights(hub: ModelHub) -> None:
+    """An adapter's LoRA layers (and a self-draft's own norm) are weights the pair now holds."""
+    modules = [hub.target] + ([hub.draft] if hub.draft is not None else [])
+    hub.weight_bytes = unique_weight_bytes(*modules)
 
 
 def _count_swap(hub: ModelHub) -> None:
@@ -130,6 +137,7 @@ def apply_adapter(hub: ModelHub, adapters: AdapterStore, version: str) -> Adapte
         raise AdapterError(f"adapter {version}: {exc}") from None
     lora.load(hub.draft, config, weights, extras)
     _count_swap(hub)
+    _recount_weights(hub)
     previous = hub.adapter_version
     hub.adapter_version = version
     log.info("adapter_applied", version=version, previous=previous or "none")
@@ -146,6 +154,7 @@ def remove_adapter(hub: ModelHub) -> None:
     base_norm = hub.extras.get(BASE_NORM_KEY)
     if base_norm:
         hub.draft.load_weights(list(base_norm.items()), strict=False)
+    _recount_weights(hub)
     previous = hub.adapter_version
     hub.adapter_version = ""
     if previous:
