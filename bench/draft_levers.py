@@ -100,11 +100,15 @@ def continue_prompts(
 class Features:
     """Per completion position t (the one that predicts token t + 1): the draft's pre-norm last
     hidden state, the target's normed last hidden state at t - 1, t - 2 and t - 3, and the
-    target's greedy token."""
+    target's greedy token. `ends[i]`: the positions of cases[: i + 1]."""
+
+    FIELDS = ("hidden", "f1", "f2", "f3", "greedy")
 
     def __init__(self, target, draft, cases: Sequence[Case]):
-        parts = [self._case(target, draft, p, c) for p, c in cases if len(c) >= 2]
-        cols = list(zip(*parts, strict=True)) if parts else [[] for _ in range(5)]
+        parts = [self._case(target, draft, p, c) if len(c) >= 2 else None for p, c in cases]
+        self.ends = np.cumsum([0 if x is None else int(x[-1].shape[0]) for x in parts]).tolist()
+        kept = [x for x in parts if x is not None]
+        cols = list(zip(*kept, strict=True)) if kept else [[] for _ in self.FIELDS]
         self.hidden, self.f1, self.f2, self.f3, self.greedy = (mx.concatenate(c) for c in cols)
 
     @staticmethod
@@ -125,15 +129,18 @@ class Features:
     def __len__(self) -> int:
         return int(self.greedy.shape[0])
 
-    def head(self, n: int) -> Features:
+    def first_cases(self, k: int) -> Features:
         out = object.__new__(Features)
-        for name in ("hidden", "f1", "f2", "f3", "greedy"):
+        n = self.ends[k - 1] if k else 0
+        out.ends = self.ends[:k]
+        for name in self.FIELDS:
             setattr(out, name, getattr(self, name)[:n])
         return out
 
     def plus(self, other: Features) -> Features:
         out = object.__new__(Features)
-        for name in ("hidden", "f1", "f2", "f3", "greedy"):
+        out.ends = self.ends + [self.ends[-1] + e for e in other.ends] if self.ends else other.ends
+        for name in self.FIELDS:
             setattr(out, name, mx.concatenate([getattr(self, name), getattr(other, name)]))
         return out
 
@@ -249,12 +256,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for kind in LEVERS:
         score(kind, kind, feats["train"], stale=kind in ("target feature", "both", "mlp"))
     # Data: the hidden map on a quarter and a half of the train prompts, then with samples.
-    positions = np.cumsum([0] + [max(len(c) - 1, 0) for _, c in cases["train"]])
     n = len(cases["train"])
     for share in (4, 2):
-        cut = int(positions[max(n // share, 1)])
-        score(f"hidden map, {max(n // share, 1)} of {n} train prompts", "hidden map",
-              feats["train"].head(cut))  # fmt: skip
+        k = max(n // share, 1)
+        score(f"hidden map, {k} of {n} train prompts", "hidden map",
+              feats["train"].first_cases(k))  # fmt: skip
     if sampled:
         more = feats["train"].plus(Features(target, draft, sampled))
         score(f"hidden map, + {args.samples} samples at T = 0.8 per train prompt", "hidden map",

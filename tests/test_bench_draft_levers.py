@@ -24,13 +24,15 @@ def test_an_untrained_lever_is_the_draft_exactly(kind: str) -> None:
     assert mx.array_equal(lever(h, f), h).item()
 
 
-def test_features_split_and_join_by_position() -> None:
+def test_features_split_by_case_and_join() -> None:
     data = object.__new__(draft_levers.Features)
-    for i, name in enumerate(("hidden", "f1", "f2", "f3", "greedy")):
+    data.ends = [4, 4, 6]  # three cases: 4 positions, none (too short), 2
+    for i, name in enumerate(draft_levers.Features.FIELDS):
         setattr(data, name, mx.arange(6) + 10 * i)
-    head = data.head(4)
-    assert len(head) == 4 and head.f2.tolist() == [20, 21, 22, 23]
-    assert len(head.plus(data)) == 10
+    head = data.first_cases(2)
+    assert len(head) == 4 and head.f2.tolist() == [20, 21, 22, 23] and head.ends == [4, 4]
+    both = head.plus(data)
+    assert len(both) == 10 and both.ends == [4, 4, 8, 8, 10]
 
 
 @pytest.mark.slow
