@@ -154,7 +154,6 @@ class DraftVocab:
     _pending: int = field(default=0, init=False, repr=False)
     _ids: mx.array | None = field(default=None, init=False, repr=False)
     _head: tuple[mx.array, Any, mx.array] | None = field(default=None, init=False, repr=False)
-    head_bytes: int = field(default=0, init=False)  # the current head rows' size (Stats reads it)
 
     def __post_init__(self) -> None:
         # Tiny decreasing prior: breaks ties towards low ids and is outweighed by one real count.
@@ -189,8 +188,14 @@ class DraftVocab:
             assert sub is not None
             mx.eval(sub)
             self._head = (ids, weight, sub)
-            self.head_bytes = sub.nbytes
         return ids, self._head[2]
+
+    @property
+    def head_bytes(self) -> int:
+        """The current head rows' size (Stats reads it from its own thread: one attribute load
+        of an evaluated array's metadata)."""
+        head = self._head
+        return head[2].nbytes if head is not None else 0
 
     def coverage(self, tokens: Iterable[int]) -> float:
         """Fraction of `tokens` inside the current set (what bounds acceptance)."""
