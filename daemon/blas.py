@@ -78,6 +78,10 @@ def _before_loading(path: str) -> None:
         # same tokens every run (MKL's default may not: tiny models' outputs moved with it).
         # Costs ~15% of MKL's decoding speed, which stays ~1.3x OpenBLAS's.
         os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+        # MKL's per-thread buffer pool keeps the packing buffers it used: ~23 MiB of the
+        # embedded model's RSS after passes of each verify width, for no speed measured
+        # (bench/blas.py, "mkl, its own buffer pool"). MKL takes any value as "off".
+        os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
 
 _info: BlasInfo | None = None

@@ -71,7 +71,8 @@ def test_late_preload_reports_unknown_instead_of_pretending() -> None:
 
 
 @pytest.mark.skipif(blas_info().name != "mkl", reason="MKL is not the loaded BLAS here")
-def test_mkl_runs_in_its_reproducible_mode() -> None:
+def test_mkl_runs_reproducibly_and_without_its_buffer_pool() -> None:
     """Without it, MKL's results may depend on array alignment, and tiny models decoded to
     other tokens; the daemon sets it unless the user did."""
     assert os.environ.get("MKL_CBWR") == "AUTO,STRICT"
+    assert os.environ.get("MKL_DISABLE_FAST_MM") == "1"  # no buffer pool kept resident
