@@ -159,7 +159,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]], widths: tuple[int, ...]) ->
         }
     ratios = {
         f"{a} / {b}": {
-            str(w): spread([x["ms"][str(w)] / y["ms"][str(w)] for x, y in zip(runs[a], runs[b])])
+            str(w): spread(
+                [x["ms"][str(w)] / y["ms"][str(w)] for x, y in zip(runs[a], runs[b], strict=True)]
+            )
             for w in widths
         }
         for a, b in COMPARISONS
