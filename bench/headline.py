@@ -176,6 +176,14 @@ def daemon_rows(d: dict[str, Any]) -> Iterator[Row]:
         f"{_prompt_cache_part(m)})",
         "<= 1.25",
     )
+    if "memory_defaults" in d:  # (results from before it lack it)
+        md = d["memory_defaults"]
+        yield (
+            "daemon peak RSS / (weights + KV caches), the same clients with the defaults "
+            "(adaptive K, history proposals up to history.max_proposal)",
+            f"{_f(md['peak_rss_over_weights_plus_kv'])} ({md['peak_rss_bytes'] / mib:.0f} MiB)",
+            "<= 1.25",
+        )
     yield (
         "daemon RSS once idle after the clients / (weights + KV caches)",
         f"{_f(m['rss_over_weights_plus_kv'])} ({m['rss_bytes'] / mib:.0f} MiB)",
