@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import http.client
 import json
 import os
@@ -129,14 +130,14 @@ def chat_turns(hub: ModelHub, config: Config, max_tokens: int, k: int | None) ->
 
 
 def run_client(
-    address: str, prompts: list[str], max_tokens: int, k: int | None
+    address: str, prompts: list[str], max_tokens: int, k: int | None, record: bool = False
 ) -> tuple[int, float]:
     tokens = 0
     with SpecLoRAClient(address) as client:
         start = time.perf_counter()
         for prompt in prompts:
             for event in client.generate(
-                prompt, max_tokens=max_tokens, temperature=0.0, draft_tokens=k, record=False
+                prompt, max_tokens=max_tokens, temperature=0.0, draft_tokens=k, record=record
             ):
                 if isinstance(event, GenerationSummary):
                     tokens += event.completion_tokens
@@ -160,11 +161,16 @@ def concurrent(
     max_tokens: int,
     k: int | None,
     clients: int,
+    record: bool = False,
 ) -> Phase:
-    """`clients` threads at once, over gRPC (a socket address) or HTTP (a (host, port))."""
+    """`clients` threads at once, over gRPC (a socket address) or HTTP (a (host, port)).
+    `record` (gRPC only): the requests teach the daemon's history, as a client's do by default."""
     results: list[tuple[int, float]] = [(0, 0.0)] * clients
     barrier = threading.Barrier(clients + 1)
-    client = run_http_client if isinstance(address, tuple) else run_client
+    if isinstance(address, tuple):
+        client = run_http_client
+    else:
+        client = functools.partial(run_client, record=record)
 
     def one(i: int) -> None:
         rotated = prompts[i % len(prompts) :] + prompts[: i % len(prompts)]
@@ -342,12 +348,13 @@ def defaults_memory(
     clients: int,
     longest_prompt: int,
 ) -> dict:
-    """Peak RSS after the same clients with the daemon's defaults (adaptive K and the history
-    drafter) instead of a fixed K, twice: the second round's outputs are copies of the first's,
-    so the history proposes up to history.max_proposal tokens per row, and a batch's verify
-    logits are as wide as they get. (RSS peaks only rise: this one covers the run so far.)"""
+    """Peak RSS after the same clients with the daemon's defaults (adaptive K, the history
+    drafter, requests recorded) instead of a fixed K, twice: the second round's outputs are
+    copies of the first's, so the history proposes up to history.max_proposal tokens per row,
+    and a batch's verify logits are as wide as they get. (RSS peaks only rise: this one covers
+    the run so far.)"""
     for _ in range(2):
-        concurrent(address, prompts, args.max_tokens, None, clients)
+        concurrent(address, prompts, args.max_tokens, None, clients, record=True)
     return memory_report(address, hub, clients, longest_prompt + args.max_tokens)
 
 
