@@ -29,6 +29,11 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+# (Imports speclora.daemon.blas, which loads the BLAS SPECLORA_BLAS_PATH names: in a child,
+# the one it was started for.)
+from daemon import spread  # noqa: E402
+
 WIDTHS = (1, 2, 3, 5, 9, 17, 25)  # a plain step, K + 1 for K = 1, 2, 4, 8, 16, and 24 (history)
 CONTEXT_TOKENS = 256
 REPEATS = 5
@@ -138,11 +143,6 @@ def run_child(path: str, mkl_pool: bool, args: argparse.Namespace) -> dict[str, 
     if done.returncode != 0:
         raise SystemExit(f"child for {path} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1]}
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]], widths: tuple[int, ...]) -> dict[str, Any]:

@@ -344,9 +344,9 @@ def defaults_memory(
     address: str,
     hub: ModelHub,
     prompts: list[str],
-    args: argparse.Namespace,
+    max_tokens: int,
     clients: int,
-    longest_prompt: int,
+    context_tokens: int,
 ) -> dict:
     """Peak RSS after the same clients with the daemon's defaults (adaptive K, the history
     drafter, requests recorded) instead of a fixed K, twice: the second round's outputs are
@@ -354,8 +354,8 @@ def defaults_memory(
     and a batch's verify logits are as wide as they get. (RSS peaks only rise: this one covers
     the run so far.)"""
     for _ in range(2):
-        concurrent(address, prompts, args.max_tokens, None, clients, record=True)
-    return memory_report(address, hub, clients, longest_prompt + args.max_tokens)
+        concurrent(address, prompts, max_tokens, None, clients, record=True)
+    return memory_report(address, hub, clients, context_tokens)
 
 
 def http_address_from_log(log: Path) -> str:
@@ -557,8 +557,11 @@ def main() -> int:
             args.rounds,
         )
         longest_prompt = max(len(hub.tokenizer.encode(p)) for p in prompts) + 32  # + template
-        memory = memory_report(address, hub, counts[-1], longest_prompt + args.max_tokens)
-        memory_defaults = defaults_memory(address, hub, prompts, args, counts[-1], longest_prompt)
+        context = longest_prompt + args.max_tokens
+        memory = memory_report(address, hub, counts[-1], context)
+        memory_defaults = defaults_memory(
+            address, hub, prompts, args.max_tokens, counts[-1], context
+        )
     finally:
         for p in (proc, plain_proc):
             if p is not None:
