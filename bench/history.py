@@ -10,7 +10,7 @@ is held out. Then, at that size:
   propose (history)    SuffixIndex.propose on a context taken from a document in the history
                        (a copied span: long matches, many candidates) and from a held-out one
                        (novel text: short or no matches)
-  propose (request)    what the engine calls once per step: RequestHistory.propose over the
+  propose (request)    what the engine calls once per step: RequestHistory.proposals over the
                        request's own 2k-token prompt and output so far plus the shared index,
                        after extending it by the step's tokens
   add one request      SuffixIndex.add of one 512-token document (the recorder thread's
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def step(tokens: list[int]) -> Any:
         def call() -> None:
             request.extend(tokens)
-            request.propose(
+            request.proposals(
                 cfg.max_proposal, min_token_prob=cfg.min_token_prob, spec_factor=cfg.spec_factor
             )
 

@@ -254,7 +254,7 @@ class PromptLookup:
     def extend(self, tokens: Sequence[int]) -> None:
         self.seq.extend(tokens)
 
-    def propose(self, max_len: int, *, min_token_prob: float = 0.1, spec_factor: float = 1.0):
+    def proposals(self, max_len: int, *, min_token_prob: float = 0.1, spec_factor: float = 1.0):
         seq, end = self.seq, len(self.seq)
         for n in range(NGRAM_MAX, NGRAM_MIN - 1, -1):
             if end <= n:
@@ -264,9 +264,9 @@ class PromptLookup:
                 if seq[start : start + n] == tail:
                     tokens = seq[start + n : start + n + min(NGRAM_K, max_len)]
                     if tokens:
-                        return _Offer(tuple(tokens), (1.0,) * len(tokens), n)
+                        return [_Offer(tuple(tokens), (1.0,) * len(tokens), n)]
                     break
-        return None
+        return []
 
 
 # ------------------------------------------------------------------------------ runs

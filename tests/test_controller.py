@@ -15,10 +15,12 @@ import pytest
 from speclora.daemon.engine.adaptive import make_policy
 from speclora.daemon.engine.controller import (
     GRAMMAR_PRIOR,
+    PLAIN,
     FixedPlans,
     HistoryMemory,
     StepController,
     StepPlan,
+    within,
 )
 from speclora.daemon.engine.costs import StepPrices
 from speclora.shared.config import SpeculationConfig
@@ -69,9 +71,9 @@ class SimulatedHistory:
     def extend(self, tokens) -> None:
         pass
 
-    def propose(self, max_len: int, *, min_token_prob: float = 0.1, spec_factor: float = 1.0):
+    def proposals(self, max_len: int, *, min_token_prob: float = 0.1, spec_factor: float = 1.0):
         n = min(max_len, 24)
-        return Offer(tuple(range(n)), (1.0,) * n, 12) if n > 0 else None
+        return [Offer(tuple(range(n)), (1.0,) * n, 12)] if n > 0 else []
 
 
 class FixedHistoryLength:
@@ -171,7 +173,7 @@ def test_a_useless_history_costs_almost_nothing():
         )
         ratio = tokens_per_pass(controller, Process(0.0, 0.0, 0, seed), prices, tokens=400)
         memory.record(controller.history_accepted, controller.history_tested)
-        tried.append(sum(controller.history_tested))
+        tried.append(sum(sum(bands) for bands in controller.history_tested.values()))
         assert ratio >= 0.95
     assert tried[-1] <= tried[0]
 
@@ -198,9 +200,9 @@ class _Lukewarm:
     def extend(self, tokens) -> None:
         pass
 
-    def propose(self, max_len: int, *, min_token_prob: float = 0.1, spec_factor: float = 1.0):
+    def proposals(self, max_len: int, *, min_token_prob: float = 0.1, spec_factor: float = 1.0):
         n = min(max_len, 4)
-        return Offer(tuple(range(n)), (0.35,) * n, 1)
+        return [Offer(tuple(range(n)), (0.35,) * n, 1)]
 
 
 def test_a_request_in_a_wide_batch_speculates_where_alone_it_would_not():
@@ -269,9 +271,50 @@ def test_history_leaves_out_an_end_token_the_grammar_forces():
     prices = StepPrices(CPU, 0.3)
 
     class EndingHistory(SimulatedHistory):
-        def propose(self, max_len, *, min_token_prob=0.1, spec_factor=1.0):
-            return Offer((5, 6, 99), (1.0, 1.0, 1.0), 12)
+        def proposals(self, max_len, *, min_token_prob=0.1, spec_factor=1.0):
+            return [Offer((5, 6, 99), (1.0, 1.0, 1.0), 12)]
 
     controller = StepController(prices, history=EndingHistory(), grammar=ScriptedGrammar(end=99))
     plan = controller.plan(100)
     assert (plan.source, plan.tokens) == ("history", (5, 6))
+
+
+class TwoOrigins:
+    """A past request's match (first, as long) that is never accepted beside the request's own
+    that always is: the two must be priced apart."""
+
+    def extend(self, tokens) -> None:
+        pass
+
+    def proposals(self, max_len, *, min_token_prob=0.1, spec_factor=1.0):
+        n = min(max_len, 8)
+        return [
+            Offer(tuple(range(n)), (1.0,) * n, 12, "history"),
+            Offer(tuple(range(n)), (1.0,) * n, 12, "prompt"),
+        ]
+
+
+def test_each_origin_is_priced_by_its_own_acceptance():
+    controller = StepController(StepPrices(CPU, 0.3), history=TwoOrigins(), probe_interval=10**6)
+    origins, accepted_tokens = [], 0
+    for _ in range(40):
+        plan = controller.plan(100)
+        origins.append(plan.origin)
+        accepted = plan.k if plan.origin == "prompt" else 0
+        accepted_tokens += accepted
+        controller.update(plan, accepted)
+    assert origins[0] == "history"  # tried first: same match, same prior
+    assert origins[-20:] == ["prompt"] * 20, origins  # the failing origin alone went quiet
+    assert accepted_tokens >= 20 * 8
+    memory = HistoryMemory()
+    memory.record(controller.history_accepted, controller.history_tested)
+    calibration = memory.calibration()
+    assert calibration["history"][3] == 0.0 and calibration["prompt"][3] == 1.0
+
+
+def test_within_cuts_a_plan_to_a_rows_share():
+    plan = StepPlan("grammar", 5, tokens=(1, 2, 3, 4, 5), confidence=(1.0,) * 5, forced=4)
+    assert within(plan, 8) is plan
+    assert within(plan, 2) == StepPlan("grammar", 2, tokens=(1, 2), confidence=(1.0, 1.0), forced=2)
+    assert within(plan, 0) is PLAIN
+    assert within(StepPlan("draft", 6), 3) == StepPlan("draft", 3)

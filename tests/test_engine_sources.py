@@ -56,16 +56,16 @@ class ScriptedHistory:
     def extend(self, tokens: Sequence[int]) -> None:
         self.seen.extend(tokens)
 
-    def propose(self, max_len: int, *, min_token_prob: float = 0.1, spec_factor: float = 1.0):
+    def proposals(self, max_len: int, *, min_token_prob: float = 0.1, spec_factor: float = 1.0):
         self.calls += 1
         at = len(self.seen)
         if self.seen != self.script[:at]:  # diverged (T > 0): nothing to copy
-            return None
+            return []
         tokens = self.script[at : at + max_len]
         if not tokens:
-            return None
+            return []
         tokens = [t if self.rng.random() >= self.noise else self.rng.randrange(64) for t in tokens]
-        return Offer(tuple(tokens), tuple(1.0 for _ in tokens))
+        return [Offer(tuple(tokens), tuple(1.0 for _ in tokens))]
 
 
 class FixedHistory:
@@ -81,12 +81,12 @@ class FixedHistory:
     def extend(self, tokens: Sequence[int]) -> None:
         pass
 
-    def propose(self, max_len: int, *, min_token_prob: float = 0.1, spec_factor: float = 1.0):
+    def proposals(self, max_len: int, *, min_token_prob: float = 0.1, spec_factor: float = 1.0):
         self.calls += 1
         if self.calls % self.every:
-            return None
+            return []
         tokens = self.tokens[:max_len]
-        return Offer(tokens, tuple(self.confidence for _ in tokens)) if tokens else None
+        return [Offer(tokens, tuple(self.confidence for _ in tokens))] if tokens else []
 
 
 def _ids(tokenizer, prompt: str) -> list[int]:

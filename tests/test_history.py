@@ -194,36 +194,36 @@ def test_request_history_finds_copied_spans_in_its_prompt() -> None:
     passage = list(range(300, 340))
     prompt = [1, 2, *passage, 3, 4]
     request = RequestHistory(prompt, None)
-    assert request.propose(16) is None  # [3, 4] occurs nowhere else
+    assert request.proposals(16) == []  # [3, 4] occurs nowhere else
     request.extend([passage[0], passage[1]])  # the model starts quoting the passage
-    proposal = request.propose(16, spec_factor=8)
+    [proposal] = request.proposals(16, spec_factor=8)
     assert proposal.source == "prompt" and proposal.match_len == 2
     assert proposal.tokens == tuple(passage[2:18])
     request.extend(passage[2:12])
-    longer = request.propose(16, spec_factor=8)
+    [longer] = request.proposals(16, spec_factor=8)
     assert longer.match_len == 12 and longer.tokens == tuple(passage[12:28])
 
 
 def test_request_history_never_matches_its_own_suffix() -> None:
     request = RequestHistory([5, 6, 7], None)
-    assert request.propose(4) is None
+    assert request.proposals(4) == []
     request.extend([5, 6])
-    assert request.propose(4).tokens == (7, 5)
+    assert [p.tokens for p in request.proposals(4)] == [(7, 5)]
 
 
-def test_request_history_prefers_the_longer_match_then_the_surer_one() -> None:
+def test_request_history_offers_its_own_match_and_the_historys() -> None:
     index = index_of([[10, 11, 12, 13, 14, 15, 16]])
     request = RequestHistory([11, 12, 13, 99, 12, 13], index)
-    # The history matches [11?]: no, [12, 13] in both; the history continues surely (14, 15),
-    # the prompt continues with 99 (one candidate too): equal match and certainty, prompt wins.
-    tie = request.propose(2, spec_factor=4)
-    assert tie.source == "prompt" and tie.tokens == (99, 12)
-    request.extend([11, 12, 13])  # now [13, 11, 12, 13]... only the prompt has [11, 12, 13]
-    assert request.propose(2, spec_factor=4).source == "prompt"
-    other = RequestHistory([10, 11, 12, 13], index)  # the history holds the longer match
-    assert other.propose(3, spec_factor=4) == HistoryProposal(
-        (14, 15, 16), (1.0,) * 3, 4, "history"
-    )
+    # [12, 13] matches in both: the prompt continues with 99, the history with 14, 15; both
+    # are offered, the request's own first (the controller prices them apart).
+    own, past = request.proposals(2, spec_factor=4)
+    assert (own.source, own.tokens, own.match_len) == ("prompt", (99, 12), 2)
+    assert (past.source, past.tokens) == ("history", (14, 15))
+    other = RequestHistory([10, 11, 12, 13], index)  # only the history holds a match
+    assert other.proposals(3, spec_factor=4) == [
+        HistoryProposal((14, 15, 16), (1.0,) * 3, 4, "history")
+    ]
+    assert request.proposals(0) == []
 
 
 def test_clear_forgets_everything() -> None:
@@ -346,17 +346,11 @@ def test_request_history_matches_the_reference(
     for step in [[], *steps]:
         request.extend(step)
         seq += step
-        got = request.propose(max_len, spec_factor=spec_factor)
+        got = request.proposals(max_len, spec_factor=spec_factor)
         kw = dict(min_match=min_match, max_match=6, spec_factor=spec_factor)
         own = reference([seq], seq, max_len, source="prompt", **kw)
         other = reference(past, seq, max_len, **kw) if index is not None else None
-        if own is None or other is None:
-            want = own or other
-        elif (other.match_len, other.expected_accepted) > (own.match_len, own.expected_accepted):
-            want = other
-        else:
-            want = own
-        assert got == want, (seq, step)
+        assert got == [p for p in (own, other) if p is not None], (seq, step)
 
 
 def test_sorted_segment_on_a_large_random_corpus(block) -> None:

@@ -125,7 +125,7 @@ def test_a_recorded_request_counts_once_committed_and_proposes(history: History)
     assert history.stats().documents == 1 and history.stats().tokens == 35
     assert [r.completion_ids for r in history.store.records("target-a")] == [completion]
     request = history.for_request([9, 9, 3, 4, 5])
-    proposal = request.propose(24, spec_factor=8)
+    [proposal] = request.proposals(24, spec_factor=8)
     assert proposal.source == "history" and proposal.tokens == completion[:24]
 
 
@@ -227,8 +227,7 @@ def test_every_finished_request_is_recorded_and_counted_in_stats(
         # What is stored is what the target wrote, after its prompt: the index proposes it.
         [*_, last] = h.store.records(d.worker.hub.target_id)
         continuing = h.for_request(list(last.prompt_ids) + list(last.completion_ids[:2]))
-        proposal = continuing.propose(24, spec_factor=16)
-        assert proposal is not None
+        [proposal] = [p for p in continuing.proposals(24, spec_factor=16) if p.source == "history"]
         assert proposal.tokens[:4] == last.completion_ids[2:6]
     finally:
         d.close()

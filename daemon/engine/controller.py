@@ -12,9 +12,12 @@ Expected tokens. A model-draft step of k proposals at per-proposal acceptance a 
 proposal comes with each token's empirical confidence c_i (how often past text continued that
 way) and the length of the suffix match it continues; the step yields
 1 + sum_i prod_{j <= i} a_j with a_j = min(A_MAX, f * c_j), where the calibration f
-(acceptance per unit of confidence) is estimated per match-length band from the history steps
-seen, the same recent-vs-long-run way as the draft's a: a 2-token match is weak evidence, a
-16-token one is a copied span. A band's long-run figure changes only when it is tested, so a
+(acceptance per unit of confidence) is estimated per origin and match-length band from the
+history steps seen, the same recent-vs-long-run way as the draft's a: a 2-token match is weak
+evidence, a 16-token one is a copied span, and a match in the request's own prompt and output
+("prompt") is not as reliable as one of the same length in past requests ("history"): a long
+match into a past request of the same template often continues with another input's text.
+Both origins' proposals are priced each step and the better one is taken. A band's long-run figure changes only when it is tested, so a
 band that proposed garbage stays quiet (its recent evidence fades back to that figure between
 tests); while history has proposals that do not pay, a short probe now and then (backing off
 while probes leave it unpriced, as adaptive K's do) re-tests it, so a good source that had bad
@@ -42,8 +45,8 @@ gives the same tokens alone and in a batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from speclora.daemon.engine.adaptive import AcceptanceEstimate, AdaptiveK, KPolicy, expected_tokens
@@ -55,6 +58,7 @@ A_MAX = 0.98  # never price a history token as certain: past text is not the tar
 # a token at confidence 1 continuing a match of that length is accepted this often.
 MATCH_BANDS = (0, 3, 5, 9)
 BAND_PRIORS = (0.3, 0.5, 0.7, 0.85)
+ORIGINS = ("prompt", "history")  # the request's own tokens; past requests' (HistoryProposal)
 HISTORY_PROBE_TOKENS = 4  # a probe verifies this much of a proposal that did not pay
 MAX_PROBE_BACKOFF = 8
 GRAMMAR_PRIOR = 0.9  # a forced run's per-token acceptance before any evidence
@@ -70,14 +74,15 @@ class Proposal(Protocol):
     tokens: tuple[int, ...]
     confidence: tuple[float, ...]
     match_len: int
+    source: str  # one of ORIGINS
 
 
 class ProposalSource(Protocol):
     """The history drafter as the controller sees it (engine.history.RequestHistory)."""
 
-    def propose(
+    def proposals(
         self, max_len: int, *, min_token_prob: float = ..., spec_factor: float = ...
-    ) -> Proposal | None: ...
+    ) -> Sequence[Proposal]: ...
 
     def extend(self, tokens: Sequence[int]) -> None: ...
 
@@ -103,31 +108,62 @@ class StepPlan:
     probe: bool = False  # a model-draft step taken to re-test a draft that did not pay
     expected: float = 1.0  # the tokens it was expected to yield
     band: int = 0  # history: the match-length band it was priced in
+    origin: str = ""  # history: the proposal's origin (ORIGINS)
     forced: int = 0  # grammar: how many leading tokens are forced (the rest are guessed)
 
 
 PLAIN = StepPlan("target", 0)
 
 
+def within(plan: StepPlan, most: int) -> StepPlan:
+    """`plan` cut to at most `most` proposals (a row's share of a shared forward)."""
+    if plan.k <= most:
+        return plan
+    if most <= 0:
+        return PLAIN
+    return replace(
+        plan,
+        k=most,
+        tokens=plan.tokens[:most],
+        confidence=plan.confidence[:most],
+        forced=min(plan.forced, most),
+    )
+
+
+Calibration = Mapping[str, Sequence[float | None]]  # origin -> per band (None: no evidence)
+
+
+def _per_band() -> dict[str, list[float]]:
+    return {origin: [0.0] * len(MATCH_BANDS) for origin in ORIGINS}
+
+
 @dataclass
 class HistoryMemory:
-    """History's calibration per match band across requests (one per target, kept by the
-    worker), so a new request starts from what earlier ones saw. Seeded requests neither read
-    nor feed it."""
+    """History's calibration per origin and match band across requests (one per target, kept
+    by the worker), so a new request starts from what earlier ones saw. Seeded requests
+    neither read nor feed it."""
 
     decay: float = 0.5
-    _accepted: list[float] = field(default_factory=lambda: [0.0] * len(MATCH_BANDS))
-    _tested: list[float] = field(default_factory=lambda: [0.0] * len(MATCH_BANDS))
+    _accepted: dict[str, list[float]] = field(default_factory=_per_band)
+    _tested: dict[str, list[float]] = field(default_factory=_per_band)
 
-    def calibration(self) -> tuple[float | None, ...]:
-        return tuple(
-            a / t if t >= 1.0 else None for a, t in zip(self._accepted, self._tested, strict=True)
-        )
+    def calibration(self) -> dict[str, tuple[float | None, ...]]:
+        return {
+            origin: tuple(
+                a / t if t >= 1.0 else None
+                for a, t in zip(self._accepted[origin], self._tested[origin], strict=True)
+            )
+            for origin in ORIGINS
+        }
 
-    def record(self, accepted: Sequence[float], tested: Sequence[float]) -> None:
-        for band in range(len(MATCH_BANDS)):
-            self._accepted[band] = self._accepted[band] * self.decay + accepted[band]
-            self._tested[band] = self._tested[band] * self.decay + tested[band]
+    def record(
+        self, accepted: Mapping[str, Sequence[float]], tested: Mapping[str, Sequence[float]]
+    ) -> None:
+        for origin in ORIGINS:
+            for band in range(len(MATCH_BANDS)):
+                old_a, old_t = self._accepted[origin][band], self._tested[origin][band]
+                self._accepted[origin][band] = old_a * self.decay + accepted[origin][band]
+                self._tested[origin][band] = old_t * self.decay + tested[origin][band]
 
 
 def history_prefix(
@@ -173,7 +209,7 @@ class StepController:
         max_history: int = 24,
         min_token_prob: float = 0.1,
         spec_factor: float = 1.0,
-        calibration: Sequence[float | None] | None = None,
+        calibration: Calibration | None = None,
         probe_interval: int = 16,
         grammar: GrammarSource | None = None,
     ) -> None:
@@ -187,15 +223,22 @@ class StepController:
         self.max_history = max_history
         self.min_token_prob = min_token_prob
         self.spec_factor = spec_factor
-        seen = tuple(calibration) if calibration is not None else (None,) * len(MATCH_BANDS)
-        self.bands = [
-            AcceptanceEstimate(prior=default if old is None else (default + old) / 2, shrink=2.0)
-            for default, old in zip(BAND_PRIORS, seen, strict=True)
-        ]
-        # What this request's history steps yielded per band, against the confidence of the
-        # positions they tested (for HistoryMemory).
-        self.history_accepted = [0.0] * len(MATCH_BANDS)
-        self.history_tested = [0.0] * len(MATCH_BANDS)
+        calibration = calibration or {}
+        self.bands = {
+            origin: [
+                AcceptanceEstimate(
+                    prior=default if old is None else (default + old) / 2, shrink=2.0
+                )
+                for default, old in zip(
+                    BAND_PRIORS, calibration.get(origin, (None,) * len(MATCH_BANDS)), strict=True
+                )
+            ]
+            for origin in ORIGINS
+        }
+        # What this request's history steps yielded per origin and band, against the
+        # confidence of the positions they tested (for HistoryMemory).
+        self.history_accepted = _per_band()
+        self.history_tested = _per_band()
         self.probe_interval = probe_interval
         self._unpriced = 0  # steps since history last proposed, while it had proposals
         self._backoff = 1
@@ -227,40 +270,57 @@ class StepController:
         return StepPlan("draft", k, probe=probe, expected=expected)
 
     def _history_plan(self, budget: int) -> StepPlan:
+        """The best-priced prefix of the history's proposals (one per origin)."""
         if self.history is None or budget <= 0:
             return PLAIN
-        proposal = self.history.propose(
+        offers = self.history.proposals(
             min(self.max_history, budget),
             min_token_prob=self.min_token_prob,
             spec_factor=self.spec_factor,
         )
-        if proposal is None or not proposal.tokens:
-            return PLAIN
-        tokens, confidence = tuple(proposal.tokens), tuple(proposal.confidence)
-        if self.grammar is not None:  # only what the grammar allows can be accepted
-            legal = self.grammar.legal_prefix(tokens)
-            if legal and self.grammar.free_end(tokens[:legal]):
-                legal -= 1  # the engine emits that end token with no pass: not worth a row
-            tokens, confidence = tokens[:legal], confidence[:legal]
+        best: StepPlan | None = None
+        best_gain = 0.0
+        for offer in offers:
+            tokens, confidence = self._legal(tuple(offer.tokens), tuple(offer.confidence))
             if not tokens:
-                return PLAIN
-        band = match_band(proposal.match_len)
-        n, expected, _ = history_prefix(confidence, self.bands[band].value, self.prices)
-        probe = False
-        if n == 0:
+                continue
+            origin, band = offer.source, match_band(offer.match_len)
+            n, expected, gain = history_prefix(
+                confidence, self.bands[origin][band].value, self.prices
+            )
+            if best is None or gain > best_gain:
+                # n = 0 (nothing pays): kept as the probe candidate, at its full length
+                best_gain = gain
+                best = StepPlan(
+                    "history",
+                    n or len(tokens),
+                    tokens=tokens[: n or len(tokens)],
+                    confidence=confidence[: n or len(tokens)],
+                    expected=expected,
+                    band=band,
+                    origin=origin,
+                    probe=n == 0,
+                )
+        if best is None:
+            return PLAIN
+        if best.probe:
             self._unpriced += 1
             if self._unpriced < self.probe_interval * self._backoff:
                 return PLAIN
-            n, probe = min(HISTORY_PROBE_TOKENS, len(tokens)), True
-        return StepPlan(
-            "history",
-            n,
-            tokens=tokens[:n],
-            confidence=confidence[:n],
-            expected=expected,
-            band=band,
-            probe=probe,
-        )
+            n = min(HISTORY_PROBE_TOKENS, best.k)
+            best = replace(best, k=n, tokens=best.tokens[:n], confidence=best.confidence[:n])
+        return best
+
+    def _legal(
+        self, tokens: tuple[int, ...], confidence: tuple[float, ...]
+    ) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """A proposal cut to what the request's grammar allows (only that can be accepted)."""
+        if self.grammar is None:
+            return tokens, confidence
+        legal = self.grammar.legal_prefix(tokens)
+        if legal and self.grammar.free_end(tokens[:legal]):
+            legal -= 1  # the engine emits that end token with no pass: not worth a row
+        return tokens[:legal], confidence[:legal]
 
     def _grammar_plan(self, budget: int) -> StepPlan:
         """The grammar's forced run, then a guessed split of the fixed bytes after it (a
@@ -335,17 +395,19 @@ class StepController:
         else:
             self.grammar_estimate.fade()
             self.guess_estimate.fade()
-        for band, estimate in enumerate(self.bands):
-            if plan.source != "history" or band != plan.band:
-                estimate.fade()
+        tested_band = (plan.origin, plan.band) if plan.source == "history" else None
+        for origin, estimates in self.bands.items():
+            for band, estimate in enumerate(estimates):
+                if (origin, band) != tested_band:
+                    estimate.fade()
         if plan.source == "history":
             # Tested positions: the accepted ones and the first rejected one, if any.
             tested = sum(plan.confidence[: accepted + (1 if accepted < plan.k else 0)])
-            estimate = self.bands[plan.band]
+            estimate = self.bands[plan.origin][plan.band]
             estimate.decay()
             estimate.observe(accepted, tested)
-            self.history_accepted[plan.band] += accepted
-            self.history_tested[plan.band] += tested
+            self.history_accepted[plan.origin][plan.band] += accepted
+            self.history_tested[plan.origin][plan.band] += tested
             self._unpriced = 0
             if plan.probe:  # did it bring the band back? if not, wait longer next time
                 n, _, _ = history_prefix(plan.confidence, estimate.value, self.prices)
@@ -360,7 +422,7 @@ def make_controller(
     has_draft: bool,
     history: ProposalSource | None,
     draft_alpha: float | None,
-    history_calibration: Sequence[float | None] | None,
+    history_calibration: Calibration | None,
     history_config: object | None = None,
     grammar: GrammarSource | None = None,
 ) -> FixedPlans | StepController:

@@ -680,16 +680,18 @@ class RequestHistory:
         """Prompt plus output so far."""
         return self._own.end - 1
 
-    def propose(
+    def proposals(
         self, max_len: int, *, min_token_prob: float = 0.1, spec_factor: float = 1.0
-    ) -> HistoryProposal | None:
-        """The better of the request's own match and the history's: the longer match, then the
-        higher expected accepted length; the request's own wins a tie."""
+    ) -> list[HistoryProposal]:
+        """The request's own match's continuation (source "prompt"), then the history's
+        ("history"), each where there is one. The controller prices them apart: the two are
+        not equally reliable at the same match length (a long match into a past request of the
+        same template often continues with another topic's text)."""
         if max_len <= 0:
-            return None
+            return []
         width = max(self.max_match, self.index.max_match if self.index is not None else 0)
         rev = self._own.last(width)[::-1]
-        own = None
+        found = []
         if len(rev) >= self.min_match:
             match_len, cands = self._own.match(
                 rev[: self.max_match], self.min_match, self.max_candidates
@@ -699,14 +701,11 @@ class RequestHistory:
                     cands, match_len, max_len, min_token_prob, spec_factor
                 )
                 if tokens:
-                    own = HistoryProposal(tuple(tokens), tuple(confidence), match_len, "prompt")
-        past = (
-            self.index._propose_rev(rev, max_len, min_token_prob, spec_factor)
-            if self.index is not None
-            else None
-        )
-        if own is None or past is None:
-            return own or past
-        if (past.match_len, past.expected_accepted) > (own.match_len, own.expected_accepted):
-            return past
-        return own
+                    found.append(
+                        HistoryProposal(tuple(tokens), tuple(confidence), match_len, "prompt")
+                    )
+        if self.index is not None:
+            past = self.index._propose_rev(rev, max_len, min_token_prob, spec_factor)
+            if past is not None:
+                found.append(past)
+        return found
