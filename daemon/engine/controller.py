@@ -307,8 +307,7 @@ class StepController:
             self._unpriced += 1
             if self._unpriced < self.probe_interval * self._backoff:
                 return PLAIN
-            n = min(HISTORY_PROBE_TOKENS, best.k)
-            best = replace(best, k=n, tokens=best.tokens[:n], confidence=best.confidence[:n])
+            best = within(best, HISTORY_PROBE_TOKENS)
         return best
 
     def _legal(
