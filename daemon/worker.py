@@ -310,11 +310,6 @@ class Worker:
         self._queue_size = config.server.queue_size
         self._max_active = config.server.max_active
         self._batch_passes = config.server.batch_passes
-        if self._batch_passes:
-            from speclora.daemon.engine.batch import BatchWidth
-
-            # What the generations price and size their steps by (engine_generate hands it on).
-            hub.extras["batch_width"] = BatchWidth(max_tokens=config.server.max_batch_tokens)
         self._cond = threading.Condition()
         # Guarded by _cond:
         self._pending: deque[GenerateJob] = deque()
@@ -548,11 +543,8 @@ class Worker:
         """One event from every active generation. A generation that needs a model pass first
         hands it over (a ForwardPass) and waits; the waiting passes then run as one batched
         forward, their logits go back, and so on until every generation has its event."""
-        from speclora.daemon.engine.batch import run_passes
+        from speclora.daemon.engine.batch import BatchWidth, run_passes
 
-        width = self.hub.extras.get("batch_width")
-        if width is not None:
-            width.active = len(self._active)
         waiting: list[tuple[_Running, ForwardPass]] = []
         for running in list(self._active):
             self._step_generation(running, waiting)
@@ -569,7 +561,8 @@ class Worker:
                 continue
             self.stats.record_batch(forwards, len(batch), sum(p.width for _, p in batch))
             target = [p.width for _, p in batch if p.model is self.hub.target]
-            if target and width is not None:
+            if target and self._batch_passes:
+                width = self.hub.extras.setdefault("batch_width", BatchWidth())
                 width.tokens, width.rows = sum(target), len(target)
             for (running, _), logits in zip(batch, results, strict=True):
                 self._step_generation(running, waiting, logits=logits)

@@ -166,9 +166,6 @@ class ServerConfig:
     batch_passes: bool = _opt(
         True, doc="run the active generations' target passes of a round as one forward"
     )
-    max_batch_tokens: int = _opt(
-        128, lo=1, hi=1 << 20, doc="tokens one shared target forward verifies, all rows"
-    )
     shutdown_grace_s: float = _opt(10.0, lo=0.0, hi=3600.0)
     max_message_bytes: int = _opt(4 * 1024 * 1024, lo=1024, hi=1 << 30)
     log_level: str = _opt("info", choices=("debug", "info", "warning", "error"))

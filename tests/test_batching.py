@@ -108,14 +108,8 @@ def _hub(untied, draft: str, history: bool = True) -> ModelHub:
     return hub
 
 
-def _worker(
-    hub: ModelHub, max_active: int = 8, batch_passes: bool = True, max_batch_tokens: int = 128
-) -> Worker:
-    config = Config(
-        server=ServerConfig(
-            max_active=max_active, batch_passes=batch_passes, max_batch_tokens=max_batch_tokens
-        )
-    )
+def _worker(hub: ModelHub, max_active: int = 8, batch_passes: bool = True) -> Worker:
+    config = Config(server=ServerConfig(max_active=max_active, batch_passes=batch_passes))
     return Worker(hub, config, generate_fn=engine_generate(config.speculation)).start()
 
 
@@ -162,12 +156,10 @@ def _submit_together(worker: Worker, requests: list[GenerationRequest]):
     return jobs
 
 
-def _run_together(
-    hub: ModelHub, requests: list[GenerationRequest], batch_passes: bool = True, **server
-):
+def _run_together(hub: ModelHub, requests: list[GenerationRequest], batch_passes: bool = True):
     """Every request's (token ids, result) from a fresh worker that started them in one round,
     and that worker's counters afterwards."""
-    worker = _worker(hub, batch_passes=batch_passes, **server)
+    worker = _worker(hub, batch_passes=batch_passes)
     try:
         results = [_collect(job) for job in _submit_together(worker, requests)]
         return results, worker.stats.snapshot().counters
@@ -190,35 +182,6 @@ def test_every_request_in_a_batch_writes_what_it_writes_alone(untied_loaded, dra
     # They really shared forwards: more rows than forwards.
     forwards, rows = counters.model_forwards, counters.model_forward_rows
     assert forwards > 0 and rows > 1.5 * forwards  # (unbatched: rows == forwards)
-
-
-def test_max_batch_tokens_bounds_every_shared_forward(untied_loaded, monkeypatch):  # noqa: F811
-    """server.max_batch_tokens caps the tokens a shared target forward verifies (its logits are
-    the batch's largest buffer): each row proposes within its even share, a request joining
-    mid-round shrinks the others' planned steps, and every output is still what it is alone."""
-    from speclora.daemon.engine import batch
-
-    hub = _hub(untied_loaded, "self")
-    # Adaptive K with the history on: copies of the recorded prompts, long proposals.
-    requests = [replace(r, draft_tokens=None, use_history=True) for r in _requests()]
-    expected = [_alone(hub, r) for r in requests]
-    widths: list[int] = []
-    real = batch.run_passes
-
-    def recording(passes):
-        widths.append(sum(p.width for p in passes if p.model is hub.target))
-        return real(passes)
-
-    monkeypatch.setattr(batch, "run_passes", recording)
-    unbounded, _ = _run_together(hub, requests, max_batch_tokens=1 << 20)
-    widest = max(widths)
-    widths.clear()
-    bound = 10  # 8 active rows: one token each (no proposals); 5 or fewer: two or more
-    assert widest > bound  # (without the bound the batch is wider: the test tests something)
-    results, _ = _run_together(hub, requests, max_batch_tokens=bound)
-    assert [ids for ids, _ in results] == expected == [ids for ids, _ in unbounded]
-    assert 0 < max(widths) <= bound, widths
-    assert hub.extras["batch_width"].max_tokens == bound
 
 
 def test_seeded_sampling_gives_the_same_tokens_alone_and_in_a_batch(untied_loaded):  # noqa: F811

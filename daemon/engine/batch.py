@@ -49,26 +49,15 @@ _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "
 
 @dataclass
 class BatchWidth:
-    """How wide the worker's last shared target forward was, and how wide the next may be
-    (the worker writes it; the generations read it to price and size their steps:
-    controller.price_for_batch, `max_proposals`)."""
+    """How wide the worker's last shared target forward was (the worker writes it, the
+    generations read it to price their steps: controller.price_for_batch)."""
 
     tokens: int = 0  # every row's tokens
     rows: int = 0
-    max_tokens: int = 1 << 20  # server.max_batch_tokens
-    active: int = 1  # generations in the worker this round (each is one row of the next pass)
 
     def others(self, own: int) -> int:
         """Tokens of the other rows, for a request whose own row had `own` tokens."""
         return max(0, self.tokens - own) if self.rows > 1 else 0
-
-    def max_proposals(self) -> int:
-        """The most proposals one row may bring to the next shared forward: its even share of
-        `max_tokens`, less the token every row verifies anyway. The forward's logits (tokens x
-        vocabulary x 4 bytes: 8 rows of 25 tokens over 151k tokens is 115 MiB) are its largest
-        buffer, so this bounds the batch's peak memory; a new generation prefills before it
-        verifies, so it is counted in `active` a round before its first row."""
-        return max(0, self.max_tokens // max(1, self.active) - 1)
 
 
 def batchable(model: Any) -> bool:

@@ -116,7 +116,7 @@ PLAIN = StepPlan("target", 0)
 
 
 def within(plan: StepPlan, most: int) -> StepPlan:
-    """`plan` cut to at most `most` proposals (a row's share of a shared forward)."""
+    """`plan` cut to at most `most` proposals (a probe's length)."""
     if plan.k <= most:
         return plan
     if most <= 0:

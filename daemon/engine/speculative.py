@@ -46,7 +46,6 @@ from speclora.daemon.engine.controller import (
     StepController,
     StepPlan,
     make_controller,
-    within,
 )
 from speclora.daemon.engine.costs import StepPrices, default_prices
 from speclora.daemon.engine.draft_vocab import DraftHead, DraftVocab, model_parts
@@ -538,13 +537,7 @@ def detailed_steps(
         if tracker.remaining <= 0:
             tracker.finish("length")
 
-        def budget() -> int:
-            """Proposals the next step may make: the tokens left, and in a shared forward the
-            row's share of server.max_batch_tokens."""
-            left = tracker.remaining - 1
-            return left if batch_width is None else min(left, batch_width.max_proposals())
-
-        plan: StepPlan = controller.plan(budget()) if speculate else PLAIN
+        plan: StepPlan = controller.plan(tracker.remaining - 1) if speculate else PLAIN
         while not tracker.finished:
             before = len(tracker.ids)
             if grammar is not None and grammar.dead():  # no token can continue
@@ -560,8 +553,6 @@ def detailed_steps(
                     chunk=text, trace=StepTrace(1, eos, (1.0,), (1.0,), 1, eos, None, "grammar")
                 )
                 continue
-            if batch_width is not None:  # a request joined since the plan: its share shrank
-                plan = within(plan, batch_width.max_proposals())
             if plan.k <= 0:
                 # Queue the next pass now: whatever the next step is, it uses it.
                 token = yield from decoder.plain_step(pipeline_next=tracker.remaining > 1)
@@ -599,7 +590,7 @@ def detailed_steps(
             if not tracker.finished:
                 if batch_width is not None and isinstance(controller, StepController):
                     controller.price_for_batch(batch_width.others(decoder.last_width))
-                plan = controller.plan(budget()) if speculate else PLAIN
+                plan = controller.plan(tracker.remaining - 1) if speculate else PLAIN
             yield StepEvent(chunk=text, trace=trace)
         decoder.drop_lookahead()
         if grammar is not None and tracker.finish_reason == "length" and not grammar.accepting():
