@@ -15,12 +15,10 @@ import pytest
 from speclora.daemon.engine.adaptive import make_policy
 from speclora.daemon.engine.controller import (
     GRAMMAR_PRIOR,
-    PLAIN,
     FixedPlans,
     HistoryMemory,
     StepController,
     StepPlan,
-    within,
 )
 from speclora.daemon.engine.costs import StepPrices
 from speclora.shared.config import SpeculationConfig
@@ -310,11 +308,3 @@ def test_each_origin_is_priced_by_its_own_acceptance():
     memory.record(controller.history_accepted, controller.history_tested)
     calibration = memory.calibration()
     assert calibration["history"][3] == 0.0 and calibration["prompt"][3] == 1.0
-
-
-def test_within_cuts_a_plan_to_a_rows_share():
-    plan = StepPlan("grammar", 5, tokens=(1, 2, 3, 4, 5), confidence=(1.0,) * 5, forced=4)
-    assert within(plan, 8) is plan
-    assert within(plan, 2) == StepPlan("grammar", 2, tokens=(1, 2), confidence=(1.0, 1.0), forced=2)
-    assert within(plan, 0) is PLAIN
-    assert within(StepPlan("draft", 6), 3) == StepPlan("draft", 3)

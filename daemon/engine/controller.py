@@ -14,11 +14,11 @@ way) and the length of the suffix match it continues; the step yields
 1 + sum_i prod_{j <= i} a_j with a_j = min(A_MAX, f * c_j), where the calibration f
 (acceptance per unit of confidence) is estimated per origin and match-length band from the
 history steps seen, the same recent-vs-long-run way as the draft's a: a 2-token match is weak
-evidence, a 16-token one is a copied span, and a match in the request's own prompt and output
-("prompt") is not as reliable as one of the same length in past requests ("history"): a long
-match into a past request of the same template often continues with another input's text.
-Both origins' proposals are priced each step and the better one is taken. A band's long-run figure changes only when it is tested, so a
-band that proposed garbage stays quiet (its recent evidence fades back to that figure between
+evidence, a 16-token one is a copied span, and a match into past requests ("history") is not
+as reliable as one of the same length in the request's own prompt and output ("prompt"): a
+long match into a past request of the same template often continues with another input's
+text. Both origins' proposals are priced each step and the better one is taken. A band's
+long-run figure changes only when it is tested, so a band that proposed garbage stays quiet (its recent evidence fades back to that figure between
 tests); while history has proposals that do not pay, a short probe now and then (backing off
 while probes leave it unpriced, as adaptive K's do) re-tests it, so a good source that had bad
 luck comes back. Each request starts from what earlier ones saw (HistoryMemory), blended
@@ -46,7 +46,7 @@ gives the same tokens alone and in a batch.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from speclora.daemon.engine.adaptive import AcceptanceEstimate, AdaptiveK, KPolicy, expected_tokens
@@ -113,21 +113,6 @@ class StepPlan:
 
 
 PLAIN = StepPlan("target", 0)
-
-
-def within(plan: StepPlan, most: int) -> StepPlan:
-    """`plan` cut to at most `most` proposals (a probe's length)."""
-    if plan.k <= most:
-        return plan
-    if most <= 0:
-        return PLAIN
-    return replace(
-        plan,
-        k=most,
-        tokens=plan.tokens[:most],
-        confidence=plan.confidence[:most],
-        forced=min(plan.forced, most),
-    )
 
 
 Calibration = Mapping[str, Sequence[float | None]]  # origin -> per band (None: no evidence)
@@ -289,13 +274,14 @@ class StepController:
                 confidence, self.bands[origin][band].value, self.prices
             )
             if best is None or gain > best_gain:
-                # n = 0 (nothing pays): kept as the probe candidate, at its full length
+                # n = 0 (nothing pays): kept as the probe candidate, a probe's length
                 best_gain = gain
+                k = n or min(HISTORY_PROBE_TOKENS, len(tokens))
                 best = StepPlan(
                     "history",
-                    n or len(tokens),
-                    tokens=tokens[: n or len(tokens)],
-                    confidence=confidence[: n or len(tokens)],
+                    k,
+                    tokens=tokens[:k],
+                    confidence=confidence[:k],
                     expected=expected,
                     band=band,
                     origin=origin,
@@ -307,7 +293,6 @@ class StepController:
             self._unpriced += 1
             if self._unpriced < self.probe_interval * self._backoff:
                 return PLAIN
-            best = within(best, HISTORY_PROBE_TOKENS)
         return best
 
     def _legal(
