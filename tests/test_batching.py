@@ -17,11 +17,14 @@ from speclora.daemon.engine import (
     PromptCache,
     SamplingParams,
     build_prompt_tokens,
+    draft_vocab,
 )
 from speclora.daemon.engine.batch import BatchWidth, batchable, batched_forward, run_passes
 from speclora.daemon.engine.events import ForwardPass
+from speclora.daemon.engine.sampling import greedy_rows
 from speclora.daemon.learning.history_recorder import History
 from speclora.daemon.state import ModelHub
+from speclora.daemon.tiny import TinyModelSpec, write_tiny_model
 from speclora.daemon.worker import GenerationResult, Worker, engine_generate
 from speclora.shared.config import Config, HistoryConfig, ServerConfig, SpeculationConfig
 from test_engine_helpers import untied_loaded  # noqa: F401  (fixture)
@@ -84,6 +87,77 @@ def test_a_model_it_does_not_know_runs_each_pass_alone(untied_loaded):  # noqa: 
     ]
     out, forwards = run_passes(passes)
     assert model.calls == forwards == 3 and [o.shape[0] for o in out] == [2, 2, 2]
+
+
+@pytest.fixture
+def sliced_head(monkeypatch):
+    """T = 0 verify heads run in 32-token vocabulary slices (the tiny models' 384 make 12)."""
+    monkeypatch.setattr(draft_vocab, "HEAD_SLICE_BYTES", 1)
+    monkeypatch.setattr(draft_vocab, "HEAD_SLICE_ALIGN", 32)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_sliced_greedy_head_reads_what_the_whole_head_does(
+    tmp_path,
+    untied_loaded,  # noqa: F811
+    sliced_head,
+    tied,
+):
+    if tied:  # the embedding read as the head, as in SmolLM2
+        from mlx_lm import load
+
+        path = write_tiny_model(tmp_path / "tied", TinyModelSpec(tie_embeddings=True))
+        model = load(str(path))[0]
+    else:
+        model = untied_loaded[0]
+    parts = draft_vocab.model_parts(model)
+    layer = parts.head_layer()
+    assert layer is not None and (layer is model.model.embed_tokens) == tied
+    weight = layer.weight
+    rng = np.random.default_rng(1)
+    hidden = mx.array(rng.normal(size=(12, weight.shape[1])), weight.dtype)
+    # Two rows whose maximum sits on two equal vocabulary rows in different slices: the first
+    # one wins, as in mx.argmax over the whole row.
+    layer.weight = mx.concatenate([weight[:200], weight[5:6], weight[201:]])
+    try:
+        hidden = mx.concatenate([hidden, 50 * layer.weight[5:7]])
+        following = mx.array(rng.integers(0, weight.shape[0], hidden.shape[0]), mx.uint32)
+        want = greedy_rows(parts.head(hidden[None])[0], following)
+        got = parts.greedy_rows(hidden, following)
+        assert got.choice.tolist() == want.choice.tolist()
+        assert got.choice[-2].item() == 5
+        assert mx.allclose(got.next_logp, want.next_logp, atol=1e-4).item()
+        logits = parts.head(hidden[None])[0]
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        assert mx.allclose(got.next_logp, logp[mx.arange(len(following)), following]).item()
+    finally:
+        layer.weight = weight
+
+
+def test_a_wide_greedy_verify_never_holds_its_whole_logits(untied_loaded, monkeypatch):  # noqa: F811
+    """Memory: 2048 rows x 384 logits are 3 MiB; in 256 KiB slices the head's peak is a few
+    slices, whatever the batch's width (a 151k vocabulary makes that the batch's largest
+    buffer)."""
+    target = untied_loaded[0]
+    parts = draft_vocab.model_parts(target)
+    rows, vocab = 2048, parts.vocab_rows()
+    hidden = mx.random.normal((rows, target.args.hidden_size), key=mx.random.key(0))
+    following = mx.zeros((rows,), mx.uint32)
+    mx.eval(hidden)
+    whole = rows * vocab * 4
+
+    def peak() -> int:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_memory_usage() if hasattr(mx, "get_memory_usage") else mx.get_active_memory()
+        out = parts.greedy_rows(hidden, following)
+        mx.eval(out.choice, out.next_logp)
+        return mx.get_peak_memory() - base
+
+    assert peak() >= whole  # one product: the logits exist whole
+    monkeypatch.setattr(draft_vocab, "HEAD_SLICE_BYTES", 256 << 10)
+    monkeypatch.setattr(draft_vocab, "HEAD_SLICE_ALIGN", 32)
+    assert peak() < whole / 3
 
 
 # ---------------------------------------------------------------------------- the worker
@@ -167,8 +241,17 @@ def _run_together(hub: ModelHub, requests: list[GenerationRequest], batch_passes
         worker.stop()
 
 
-@pytest.mark.parametrize("draft", ["self", "random"])
-def test_every_request_in_a_batch_writes_what_it_writes_alone(untied_loaded, draft):  # noqa: F811
+@pytest.mark.parametrize(
+    ("draft", "slices"), [("self", False), ("random", False), ("self", True), ("random", True)]
+)
+def test_every_request_in_a_batch_writes_what_it_writes_alone(
+    untied_loaded,  # noqa: F811
+    draft,
+    slices,
+    request,
+):
+    if slices:  # T = 0 verify heads in vocabulary slices, alone and shared
+        request.getfixturevalue("sliced_head")
     hub = _hub(untied_loaded, draft)
     requests = _requests()
     expected = [_alone(hub, r) for r in requests]

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from speclora.daemon.engine.draft_vocab import model_parts
+from speclora.daemon.engine.draft_vocab import GreedyHead, model_parts
 from speclora.daemon.engine.events import ForwardPass
 
 T = TypeVar("T")
@@ -129,7 +129,20 @@ def batched_forward(model: Any, passes: Sequence[ForwardPass]) -> list[mx.array]
     hidden = inner.norm(h)[0]
     rows = [hidden[s : s + w] for s, w in zip(starts, widths, strict=False)]
     plain = [i for i, p in enumerate(passes) if p.head is None]
-    out = [p.head(row) if p.head is not None else None for p, row in zip(passes, rows, strict=True)]
+    greedy = [i for i, p in enumerate(passes) if isinstance(p.head, GreedyHead)]
+    out: list[Any] = [
+        p.head(row) if p.head is not None and i not in greedy else None
+        for i, (p, row) in enumerate(zip(passes, rows, strict=True))
+    ]
+    if greedy:  # T = 0 verify passes: one (sliced) head product over all their rows
+        both = mx.concatenate([rows[i] for i in greedy])
+        scores = model_parts(model).greedy_rows(
+            both, mx.concatenate([passes[i].head.next_tokens for i in greedy])
+        )
+        at = 0
+        for i in greedy:
+            out[i] = scores[at : at + widths[i]]
+            at += widths[i]
     if plain:  # the model's own head, one product over every row that wants it
         both = hidden if len(plain) == len(passes) else mx.concatenate([rows[i] for i in plain])
         logits = model_parts(model).head(both[None])[0]

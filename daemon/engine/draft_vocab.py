@@ -22,12 +22,18 @@ import mlx.nn as nn
 import numpy as np
 import structlog
 from mlx.utils import tree_flatten
+from speclora.daemon.engine.sampling import GreedyRows, greedy_rows
 
 log = structlog.get_logger(__name__)
 
 # Model classes whose __call__ is exactly `head(self.model(inputs, cache))`, checked against
 # mlx-lm's sources; anything else goes through the model's own __call__.
 _SPLITTABLE = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+# A T = 0 verify pass's head runs in vocabulary slices whose logits stay under this many bytes
+# (GreedyHead): 8 rows verifying 25 tokens each would hold 37.5 MiB of logits on a 49k vocabulary
+# and 115 MiB on a 151k one. Smaller products than this run whole, as before.
+HEAD_SLICE_BYTES = 8 << 20
+HEAD_SLICE_ALIGN = 1024
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,41 @@ class ModelParts:
             return m.model.embed_tokens.as_linear(hidden)
         return m.lm_head(hidden)
 
+    def greedy_rows(self, hidden: mx.array, next_tokens: mx.array) -> GreedyRows:
+        """The head's GreedyRows for (n, D) hidden states without (n, V) logits at once: when
+        they would pass HEAD_SLICE_BYTES the head runs a slice of the vocabulary at a time and
+        each slice is reduced (argmax, its logit, logsumexp, the next token's logit) before the next.
+        Each logit is the full product's (same inputs, same BLAS call per slice), and argmax
+        keeps the first of equal maxima, as mx.argmax does."""
+        layer = self.head_layer()
+        if layer is None:
+            return greedy_rows(self.head(hidden[None])[0], next_tokens)
+        vocab = int(layer.weight.shape[0])
+        n = max(1, int(hidden.shape[0]))
+        width = HEAD_SLICE_BYTES // (n * hidden.dtype.size) // HEAD_SLICE_ALIGN * HEAD_SLICE_ALIGN
+        if width >= vocab:
+            return greedy_rows(self.head(hidden[None])[0], next_tokens)
+        width = max(width, HEAD_SLICE_ALIGN)
+        maxima, choices, lses, picked = [], [], [], mx.zeros((n,), mx.float32)
+        for start in range(0, vocab, width):
+            stop = min(vocab, start + width)
+            logits = _head_slice(layer, hidden, start, stop)
+            choice = mx.argmax(logits, axis=-1)
+            top = mx.take_along_axis(logits, choice[:, None], axis=-1)[:, 0]
+            inside = (next_tokens >= start) & (next_tokens < stop)
+            at = mx.clip(next_tokens.astype(mx.int32) - start, 0, stop - start - 1)
+            here = mx.take_along_axis(logits, at[:, None], axis=-1)[:, 0]
+            picked = mx.where(inside, here.astype(mx.float32), picked)
+            step = [top, choice + start, mx.logsumexp(logits.astype(mx.float32), axis=-1), picked]
+            mx.eval(step)  # reduce this slice before the next slice's product exists
+            maxima.append(step[0])
+            choices.append(step[1])
+            lses.append(step[2])
+        best = mx.argmax(mx.stack(maxima, axis=-1), axis=-1)  # the first slice with the maximum
+        choice = mx.take_along_axis(mx.stack(choices, axis=-1), best[:, None], axis=-1)[:, 0]
+        lse = mx.logsumexp(mx.stack(lses, axis=-1), axis=-1)
+        return GreedyRows(choice.astype(mx.uint32), picked - lse)
+
     def is_prefix_of(self, other: ModelParts) -> bool:
         """True when this model's whole trunk is `other`'s embedding and first layers, array for
         array, under the same settings (an unadapted self-draft). Its keys and values at every
@@ -116,6 +157,40 @@ class ModelParts:
                 hidden = hidden[:, -1:, :]
             return self.head(hidden)[0, -1]
         return self.model(tokens[None], cache=cache)[0, -1]
+
+
+def _head_slice(layer: Any, hidden: mx.array, start: int, stop: int) -> mx.array:
+    """Logits of vocabulary rows start..stop: the head layer's own product on those rows."""
+    if isinstance(layer, nn.QuantizedEmbedding | nn.QuantizedLinear):
+        biases = layer.get("biases")
+        out = mx.quantized_matmul(
+            hidden,
+            layer["weight"][start:stop],
+            scales=layer["scales"][start:stop],
+            biases=None if biases is None else biases[start:stop],
+            transpose=True,
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
+        return out + layer["bias"][start:stop] if "bias" in layer else out
+    weight = layer["weight"][start:stop]
+    if "bias" in layer:
+        return mx.addmm(layer["bias"][start:stop], hidden, weight.T)
+    return hidden @ weight.T
+
+
+@dataclass(frozen=True)
+class GreedyHead:
+    """A target pass's head at T = 0: it answers with GreedyRows (sampling.py), not logits.
+    Row i's next token is the pass's token i + 1; batched passes share one head product
+    (batch.py)."""
+
+    parts: ModelParts
+    next_tokens: mx.array
+
+    def __call__(self, hidden: mx.array) -> GreedyRows:
+        return self.parts.greedy_rows(hidden, self.next_tokens)
 
 
 def model_parts(model: Any) -> ModelParts:

@@ -106,21 +106,44 @@ def _leading_true(flags: mx.array) -> mx.array:
     return mx.sum(mx.cumprod(flags.astype(mx.int32), axis=-1), axis=-1)
 
 
-def greedy_verdict(target_logits: mx.array, proposals: mx.array, draft_probs: mx.array) -> Verdict:
+@dataclass(frozen=True)
+class GreedyRows:
+    """What T = 0 verification reads from each row of target logits: the argmax, and the
+    log-probability of the row's next token (the proposal it verifies; the untempered softmax,
+    traced as a confidence). Each is (n,), so a batch's (n, V) logits need not outlive the
+    pass (draft_vocab.GreedyHead computes them a vocabulary slice at a time)."""
+
+    choice: mx.array
+    next_logp: mx.array
+
+    def __getitem__(self, rows: slice) -> GreedyRows:
+        return GreedyRows(self.choice[rows], self.next_logp[rows])
+
+
+def greedy_rows(logits: mx.array, next_tokens: mx.array) -> GreedyRows:
+    """GreedyRows of (n, V) logits; next_tokens: (n,) (any id for a row with no next token)."""
+    rows = logits.astype(mx.float32)
+    logp = token_probs(rows, next_tokens) - mx.logsumexp(rows, axis=-1)
+    return GreedyRows(mx.argmax(logits, axis=-1), logp)
+
+
+def join_rows(parts: list[GreedyRows]) -> GreedyRows:
+    return GreedyRows(
+        mx.concatenate([r.choice for r in parts]), mx.concatenate([r.next_logp for r in parts])
+    )
+
+
+def greedy_verdict(target: GreedyRows, proposals: mx.array, draft_probs: mx.array) -> Verdict:
     """T = 0: accept while the proposal equals the target's argmax; then the target's argmax.
 
-    target_logits: (K+1, V); proposals: (K,); draft_probs: (K,) q(x_i) for the trace. The
-    traced target probabilities are the untempered softmax, a confidence measure.
+    target: the K + 1 rows after seq[-1] and after each proposal; proposals: (K,);
+    draft_probs: (K,) q(x_i) for the trace. The traced target probabilities are the untempered
+    softmax's p(x_i), a confidence measure (no (K, V) softmax is materialised for them).
     """
     k = proposals.shape[0]
-    target_choice = mx.argmax(target_logits, axis=-1)
-    accepted = _leading_true(target_choice[:k] == proposals)
-    next_token = target_choice[accepted]
-    # p(x) = exp(logit(x) - logsumexp(row)): only p(x) is traced, so no (K, V) softmax is
-    # materialised (4.7 MiB for a 24-token history proposal on a 49k vocabulary).
-    rows = target_logits[:k].astype(mx.float32)
-    p = mx.exp(token_probs(rows, proposals) - mx.logsumexp(rows, axis=-1))
-    return Verdict(accepted, next_token, p, draft_probs)
+    accepted = _leading_true(target.choice[:k] == proposals)
+    next_token = target.choice[accepted]
+    return Verdict(accepted, next_token, mx.exp(target.next_logp[:k]), draft_probs)
 
 
 def residual(p: mx.array, q: mx.array) -> mx.array:

@@ -48,7 +48,7 @@ from speclora.daemon.engine.controller import (
     make_controller,
 )
 from speclora.daemon.engine.costs import StepPrices, default_prices
-from speclora.daemon.engine.draft_vocab import DraftHead, DraftVocab, model_parts
+from speclora.daemon.engine.draft_vocab import DraftHead, DraftVocab, GreedyHead, model_parts
 from speclora.daemon.engine.events import (
     EngineEvent,
     ForwardPass,
@@ -62,8 +62,11 @@ from speclora.daemon.engine.grammar import GrammarState
 from speclora.daemon.engine.output import CompletionTracker
 from speclora.daemon.engine.prompt_cache import PromptCache, Reused
 from speclora.daemon.engine.sampling import (
+    GreedyRows,
     filtered_logits,
+    greedy_rows,
     greedy_verdict,
+    join_rows,
     make_key,
     point_mass_verdict,
     sample,
@@ -332,15 +335,30 @@ class _Decoder:
             masks=np.stack(masks) if grammar is not None else None,
         )
 
-    def _verify_logits(self, proposals: mx.array) -> Generator[ForwardPass, mx.array, mx.array]:
-        """(K + 1, V) target logits after seq[-1] and after each proposal, in one pass. A queued
-        plain pass already holds the row after seq[-1]; the pass then covers the proposals."""
+    def _verify_rows(
+        self, proposals: mx.array, greedy: bool
+    ) -> Generator[ForwardPass, Any, mx.array | GreedyRows]:
+        """The target's K + 1 rows after seq[-1] and after each proposal, in one pass: its
+        (K + 1, V) logits, or with `greedy` (T = 0, no grammar) their GreedyRows, so that no
+        (K + 1, V) logits are kept. A queued plain pass already holds the row after seq[-1];
+        the pass then covers the proposals."""
+        first = None
         if self.lookahead is not None:
-            (row, _), self.lookahead = self.lookahead, None
-            rest = yield from self._target_pass(proposals)
-            return mx.concatenate([row[None], rest], axis=0)
-        verify_in = mx.concatenate([mx.array([self.seq[-1]], mx.uint32), proposals])
-        return (yield from self._target_pass(verify_in))
+            (first, _), self.lookahead = self.lookahead, None
+            verify_in = proposals
+        else:
+            verify_in = mx.concatenate([mx.array([self.seq[-1]], mx.uint32), proposals])
+        if not greedy:
+            rest = yield from self._target_pass(verify_in)
+            return rest if first is None else mx.concatenate([first[None], rest], axis=0)
+        following = mx.concatenate([verify_in[1:], mx.zeros((1,), mx.uint32)])
+        head = GreedyHead(self.target_parts, following)
+        rest = yield from self._forward(
+            ForwardPass(self.target, verify_in, self.target_cache, head)
+        )
+        if first is None:
+            return rest
+        return join_rows([greedy_rows(first[None], proposals[:1]), rest])
 
     def _verify(
         self,
@@ -349,17 +367,22 @@ class _Decoder:
         q: mx.array | None,
         point_mass: bool,
         masks: np.ndarray | None = None,
-    ) -> Generator[ForwardPass, mx.array, tuple[list[int], int, list[int], Any]]:
+    ) -> Generator[ForwardPass, Any, tuple[list[int], int, list[int], Any]]:
         """Verify k proposals; the target cache keeps seq through the accepted ones. Returns
         (proposed, accepted, emitted, verdict). `masks`: the grammar's mask of each row."""
         k = proposals.shape[0]
-        logits = yield from self._verify_logits(proposals)
+        greedy = self.params.greedy
+        sliced = greedy and masks is None and self.target_parts.head_layer() is not None
+        rows = yield from self._verify_rows(proposals, sliced)
         if masks is not None:
-            logits = _masked(logits, masks)
-        if self.params.greedy:
-            verdict = greedy_verdict(logits, proposals, confidence)
+            rows = _masked(rows, masks)
+        if greedy:
+            if not sliced:
+                following = mx.concatenate([proposals, mx.zeros((1,), mx.uint32)])
+                rows = greedy_rows(rows, following)
+            verdict = greedy_verdict(rows, proposals, confidence)
         else:
-            p = mx.softmax(filtered_logits(logits, self.params), axis=-1)
+            p = mx.softmax(filtered_logits(rows, self.params), axis=-1)
             if point_mass:
                 verdict = point_mass_verdict(p, proposals, self._next_key())
             else:
