@@ -20,7 +20,7 @@ from speclora.daemon.engine import (
     draft_vocab,
 )
 from speclora.daemon.engine.batch import BatchWidth, batchable, batched_forward, run_passes
-from speclora.daemon.engine.events import ForwardPass
+from speclora.daemon.engine.events import ForwardPass, StepEvent
 from speclora.daemon.engine.sampling import greedy_rows
 from speclora.daemon.learning.history_recorder import History
 from speclora.daemon.state import ModelHub
@@ -132,6 +132,38 @@ def test_a_sliced_greedy_head_reads_what_the_whole_head_does(
         assert mx.allclose(got.next_logp, logp[mx.arange(len(following)), following]).item()
     finally:
         layer.weight = weight
+
+
+@pytest.mark.parametrize("slices", [False, True])
+def test_a_greedy_trace_carries_the_targets_probability_of_each_proposal(
+    untied_loaded,  # noqa: F811
+    slices,
+    request,
+):
+    """p(x_i) in a T = 0 step's trace is the target's softmax at the row that verified x_i,
+    after a queued plain pass (whose row is the step's first) and without one."""
+    if slices:
+        request.getfixturevalue("sliced_head")
+    after_plain = 0
+    for draft, draft_tokens in (("random", None), ("self", 3)):
+        hub = _hub(untied_loaded, draft)  # (a random draft's steps are plain or history's)
+        target, tokenizer = hub.target, hub.tokenizer
+        req = GenerationRequest(prompt=PROMPTS[2], max_tokens=40, draft_tokens=draft_tokens)
+        events = list(engine_generate(SpeculationConfig())(hub, req, None))
+        prompt = build_prompt_tokens(tokenizer, req)
+        completion = list(events[-1].completion_token_ids)
+        logits = target(mx.array(prompt + completion, mx.uint32)[None])[0]
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        traces = [e.trace for e in events if isinstance(e, StepEvent)]
+        done = 0
+        for before, trace in zip([None, *traces], traces, strict=False):
+            for i, x in enumerate(trace.proposed[: trace.accepted + 1]):
+                row = len(prompt) + done + i - 1
+                want = float(mx.exp(logp[row, x]).item())
+                assert trace.target_probs[i] == pytest.approx(want, rel=1e-3, abs=1e-6)
+            after_plain += bool(trace.k and before is not None and before.k == 0)
+            done += len(trace.emitted)
+    assert after_plain > 0  # (steps that verified against a queued plain pass's row)
 
 
 def test_a_wide_greedy_verify_never_holds_its_whole_logits(untied_loaded, monkeypatch):  # noqa: F811

@@ -34,6 +34,8 @@ _SPLITTABLE = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 # and 115 MiB on a 151k one. Smaller products than this run whole, as before.
 HEAD_SLICE_BYTES = 8 << 20
 HEAD_SLICE_ALIGN = 1024
+# The head layers whose product _head_slice reproduces on a slice of their rows.
+_SLICEABLE_HEADS = (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class ModelParts:
         Each logit is the full product's (same inputs, same BLAS call per slice), and argmax
         keeps the first of equal maxima, as mx.argmax does."""
         layer = self.head_layer()
-        if layer is None:
+        if not isinstance(layer, _SLICEABLE_HEADS):  # (a head whose product is not known here)
             return greedy_rows(self.head(hidden[None])[0], next_tokens)
         vocab = int(layer.weight.shape[0])
         n = max(1, int(hidden.shape[0]))
