@@ -131,26 +131,27 @@ def batched_forward(model: Any, passes: Sequence[ForwardPass]) -> list[mx.array]
     plain = [i for i, p in enumerate(passes) if p.head is None]
     greedy = [i for i, p in enumerate(passes) if isinstance(p.head, GreedyHead)]
     out: list[Any] = [
-        p.head(row) if p.head is not None and i not in greedy else None
-        for i, (p, row) in enumerate(zip(passes, rows, strict=True))
+        None if p.head is None or isinstance(p.head, GreedyHead) else p.head(row)
+        for p, row in zip(passes, rows, strict=True)
     ]
+    parts = model_parts(model)
     if greedy:  # T = 0 verify passes: one (sliced) head product over all their rows
-        both = mx.concatenate([rows[i] for i in greedy])
-        scores = model_parts(model).greedy_rows(
-            both, mx.concatenate([passes[i].head.next_tokens for i in greedy])
-        )
-        at = 0
-        for i in greedy:
-            out[i] = scores[at : at + widths[i]]
-            at += widths[i]
+        following = mx.concatenate([passes[i].head.next_tokens for i in greedy])
+        scores = parts.greedy_rows(mx.concatenate([rows[i] for i in greedy]), following)
+        _hand_out(scores, greedy, widths, out)
     if plain:  # the model's own head, one product over every row that wants it
         both = hidden if len(plain) == len(passes) else mx.concatenate([rows[i] for i in plain])
-        logits = model_parts(model).head(both[None])[0]
-        at = 0
-        for i in plain:
-            out[i] = logits[at : at + widths[i]]
-            at += widths[i]
+        _hand_out(parts.head(both[None])[0], plain, widths, out)
     return out
+
+
+def _hand_out(answer: Any, members: list[int], widths: list[int], out: list[Any]) -> None:
+    """Split one head product over `members`' rows (concatenated in that order) back into
+    `out`, each its own `widths[i]` rows."""
+    at = 0
+    for i in members:
+        out[i] = answer[at : at + widths[i]]
+        at += widths[i]
 
 
 def _attention(

@@ -92,17 +92,16 @@ class ModelParts:
     def greedy_rows(self, hidden: mx.array, next_tokens: mx.array) -> GreedyRows:
         """The head's GreedyRows for (n, D) hidden states without (n, V) logits at once: when
         they would pass HEAD_SLICE_BYTES the head runs a slice of the vocabulary at a time and
-        each slice is reduced (argmax, its logit, logsumexp, the next token's logit) before the next.
-        Each logit is the full product's (same inputs, same BLAS call per slice), and argmax
-        keeps the first of equal maxima, as mx.argmax does."""
+        each slice is reduced (argmax, its logit, logsumexp, the next token's logit) before the
+        next. A slice is the same product on fewer output rows (BLAS may sum it in another order
+        in the last bits, as in a wider batch); argmax keeps the first of equal maxima, as
+        mx.argmax does. A head it cannot slice, or a product under the limit, runs whole."""
         layer = self.head_layer()
-        if not isinstance(layer, _SLICEABLE_HEADS):  # (a head whose product is not known here)
-            return greedy_rows(self.head(hidden[None])[0], next_tokens)
-        vocab = int(layer.weight.shape[0])
         n = max(1, int(hidden.shape[0]))
         width = HEAD_SLICE_BYTES // (n * hidden.dtype.size) // HEAD_SLICE_ALIGN * HEAD_SLICE_ALIGN
-        if width >= vocab:
+        if not isinstance(layer, _SLICEABLE_HEADS) or width >= int(layer.weight.shape[0]):
             return greedy_rows(self.head(hidden[None])[0], next_tokens)
+        vocab = int(layer.weight.shape[0])
         width = max(width, HEAD_SLICE_ALIGN)
         maxima, choices, lses, picked = [], [], [], mx.zeros((n,), mx.float32)
         for start in range(0, vocab, width):

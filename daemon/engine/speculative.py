@@ -336,29 +336,28 @@ class _Decoder:
         )
 
     def _verify_rows(
-        self, proposals: mx.array, greedy: bool
+        self, proposals: mx.array, following: mx.array | None
     ) -> Generator[ForwardPass, Any, mx.array | GreedyRows]:
         """The target's K + 1 rows after seq[-1] and after each proposal, in one pass: its
-        (K + 1, V) logits, or with `greedy` (T = 0, no grammar) their GreedyRows, so that no
-        (K + 1, V) logits are kept. A queued plain pass already holds the row after seq[-1];
-        the pass then covers the proposals."""
+        (K + 1, V) logits, or, given each row's next token (`following`: T = 0, no grammar),
+        their GreedyRows, so that no (K + 1, V) logits are kept. A queued plain pass already
+        holds the row after seq[-1]; the pass then covers the proposals."""
         first = None
         if self.lookahead is not None:
             (first, _), self.lookahead = self.lookahead, None
             verify_in = proposals
         else:
             verify_in = mx.concatenate([mx.array([self.seq[-1]], mx.uint32), proposals])
-        if not greedy:
+        if following is None:
             rest = yield from self._target_pass(verify_in)
             return rest if first is None else mx.concatenate([first[None], rest], axis=0)
-        following = mx.concatenate([verify_in[1:], mx.zeros((1,), mx.uint32)])
-        head = GreedyHead(self.target_parts, following)
+        head = GreedyHead(self.target_parts, following[-verify_in.shape[0] :])
         rest = yield from self._forward(
             ForwardPass(self.target, verify_in, self.target_cache, head)
         )
         if first is None:
             return rest
-        return join_rows([greedy_rows(first[None], proposals[:1]), rest])
+        return join_rows([greedy_rows(first[None], following[:1]), rest])
 
     def _verify(
         self,
@@ -372,13 +371,15 @@ class _Decoder:
         (proposed, accepted, emitted, verdict). `masks`: the grammar's mask of each row."""
         k = proposals.shape[0]
         greedy = self.params.greedy
-        sliced = greedy and masks is None and self.target_parts.head_layer() is not None
-        rows = yield from self._verify_rows(proposals, sliced)
+        # Each verified row's next token: proposal i follows row i (the last row has none).
+        following = mx.concatenate([proposals, mx.zeros((1,), mx.uint32)]) if greedy else None
+        # The pass answers with GreedyRows where the trunk can run alone and no mask applies.
+        reduced = greedy and masks is None and self.target_parts.splittable
+        rows = yield from self._verify_rows(proposals, following if reduced else None)
         if masks is not None:
             rows = _masked(rows, masks)
         if greedy:
-            if not sliced:
-                following = mx.concatenate([proposals, mx.zeros((1,), mx.uint32)])
+            if not reduced:
                 rows = greedy_rows(rows, following)
             verdict = greedy_verdict(rows, proposals, confidence)
         else:
