@@ -87,7 +87,7 @@ def convert_in_child(spec: str | None) -> None:
 
 def build_hub(config: Config) -> ModelHub:
     """Load the configured model pair (downloading or converting on first use)."""
-    from speclora.daemon.memory import limit_buffer_cache
+    from speclora.daemon.memory import limit_buffer_cache, release_free_memory
     from speclora.daemon.models import load_pair
 
     m = config.models
@@ -140,7 +140,11 @@ def build_hub(config: Config) -> ModelHub:
     from speclora.daemon.engine import PromptCache
 
     prompt_cache = PromptCache(spec.prompt_cache_entries, spec.prompt_cache_mb << 20)
-    return ModelHub.from_loaded(target, draft, m.draft, extras=extras, prompt_cache=prompt_cache)
+    hub = ModelHub.from_loaded(target, draft, m.draft, extras=extras, prompt_cache=prompt_cache)
+    # Loading frees what it parsed and cast (tokenizer.json's JSON tree alone is ~15 MiB on a
+    # 49k vocabulary) into glibc's heap, where it would stay resident: hand it back now.
+    release_free_memory()
+    return hub
 
 
 class AutoTrainer:
