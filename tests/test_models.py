@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,54 @@ def test_hf_download_failure_is_a_model_error(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(models.ModelNotFoundError, match="cannot download"):
         models.materialize(models.resolve_model_source("nobody-here/no-such-model-xyz"))
+
+
+def fake_hub_download(cache: Path, repo_id: str, model: Path, shards: bool = False) -> Path:
+    """`model`'s files laid out as huggingface_hub caches a download of `repo_id`."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / "0123abcd"
+    shutil.copytree(model, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    if shards:
+        (snapshot / "model.safetensors").rename(snapshot / "model-00001-of-00002.safetensors")
+        (snapshot / "model.safetensors.index.json").write_text(
+            json.dumps(
+                {
+                    "weight_map": {
+                        "a": "model-00001-of-00002.safetensors",
+                        "b": "model-00002-of-00002.safetensors",
+                    }
+                }
+            )  # fmt: skip
+        )
+    return snapshot
+
+
+def test_a_downloaded_repo_is_used_without_the_hub_client(
+    tiny_target_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshot = fake_hub_download(tmp_path / "hub", "someone/tiny", tiny_target_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # importing it would raise
+    source = models.resolve_model_source("someone/tiny")
+    assert models.materialize(source) == snapshot
+    loaded = models.load_model("someone/tiny")
+    assert loaded.path == snapshot and loaded.num_layers == 4
+
+
+def test_a_download_cut_short_is_downloaded_again(
+    tiny_target_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_hub_download(tmp_path / "hub", "someone/tiny", tiny_target_path, shards=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert models.downloaded_snapshot("someone/tiny") is None  # shard 2 of 2 is missing
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(models.ModelNotFoundError, match="cannot download"):
+        models.materialize(models.resolve_model_source("someone/tiny"))
+    assert models.downloaded_snapshot("someone/else") is None
 
 
 # --------------------------------------------------------------------------- loading

@@ -65,7 +65,7 @@ def pull(spec: str) -> None:
             source = models.resolve_model_source(spec)
         progress = _TensorProgress(f"Converting {source.name} to f32")
         try:
-            path = models.materialize(source, progress=progress)
+            path = models.materialize(source, progress=progress, refresh=True)
         finally:
             progress.close()
     except models.ModelError as e:

@@ -17,11 +17,11 @@ would stall every other stream for that long.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Generator
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 from speclora.daemon.engine.draft_vocab import model_parts
 from speclora.daemon.engine.events import (
@@ -46,6 +46,23 @@ def seeded_sampler(params: SamplingParams) -> Any:
         return sample(logprobs, params, sub)
 
     return sampler
+
+
+_wrapped: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def mlx_tokenizer(tokenizer: Any) -> Any:
+    """mlx-lm's TokenizerWrapper over `tokenizer`, built once per tokenizer (~50 ms):
+    stream_generate detokenizes and watches for EOS with it."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    if isinstance(tokenizer, TokenizerWrapper):
+        return tokenizer
+    wrapped = _wrapped.get(tokenizer)
+    if wrapped is None:
+        wrapped = TokenizerWrapper(tokenizer, eos_token_ids=tokenizer.eos_token_ids)
+        _wrapped[tokenizer] = wrapped
+    return wrapped
 
 
 def fast_draft_tokens(request: GenerationRequest, spec: Any) -> int:
@@ -92,9 +109,12 @@ def fast_steps(
     }
     if speculate:
         kwargs["num_draft_tokens"] = k
+    # mlx-lm's generate module imports transformers: fast mode pays that, detailed mode not.
+    from mlx_lm import stream_generate
+
     responses = stream_generate(
         target,
-        tokenizer,
+        mlx_tokenizer(tokenizer),
         mx.array(prompt[body:], mx.uint32),
         draft_model=draft if speculate else None,
         **kwargs,

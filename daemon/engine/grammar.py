@@ -85,17 +85,25 @@ _tokenizers: dict[tuple[int, int], tuple[Any, Any]] = {}
 
 
 def ll_tokenizer(tokenizer: Any, vocab: int) -> Any:
-    """llguidance's tokenizer for an mlx-lm tokenizer and a logits width, built once (~0.7 s
-    for a 49k vocabulary). The grammar's only end token is the tokenizer's `eos_token_id`."""
-    import llguidance.hf
+    """llguidance's tokenizer for a tokenizer (ours, or mlx-lm's over transformers) and a
+    logits width, built once (~0.7 s for a 49k vocabulary). The grammar's only end token is
+    the tokenizer's `eos_token_id`."""
+    import llguidance
 
     key = (id(tokenizer), vocab)
     with _lock:
         hit = _tokenizers.get(key)
         if hit is not None and hit[0] is tokenizer:
             return hit[1]
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    built = llguidance.hf.from_tokenizer(hf, n_vocab=vocab, eos_token=eos_token(tokenizer))
+    if hasattr(tokenizer, "to_json"):  # speclora.daemon.tokenizer.Tokenizer
+        built = llguidance.LLTokenizer(
+            tokenizer.to_json(), n_vocab=vocab, eos_token=eos_token(tokenizer)
+        )
+    else:
+        import llguidance.hf  # imports transformers, which such a tokenizer has loaded already
+
+        hf = getattr(tokenizer, "_tokenizer", tokenizer)
+        built = llguidance.hf.from_tokenizer(hf, n_vocab=vocab, eos_token=eos_token(tokenizer))
     with _lock:
         if len(_tokenizers) >= 8:
             _tokenizers.clear()

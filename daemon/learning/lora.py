@@ -16,7 +16,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
-from mlx_lm.tuner.utils import linear_to_lora_layers, remove_lora_layers
 from speclora.daemon.errors import AdapterError
 
 LORA_LEAVES = ("lora_a", "lora_b")
@@ -93,7 +92,7 @@ def attach(model: nn.Module, config: dict[str, Any], seed: int | None = None) ->
     if current_config(model) == config:
         return False
     strip(model)
-    linear_to_lora_layers(model, config["num_layers"], dict(config["lora_parameters"]))
+    _to_lora_layers(model, config["num_layers"], dict(config["lora_parameters"]))
     if seed is not None:
         key = mx.random.key(seed)
         for _, module in model.named_modules():
@@ -104,9 +103,41 @@ def attach(model: nn.Module, config: dict[str, Any], seed: int | None = None) ->
     return True
 
 
+def _to_lora_layers(model: nn.Module, num_layers: int, params: dict[str, Any]) -> None:
+    """Wrap every linear of the last `num_layers` layers with LoRA, as mlx-lm's
+    `linear_to_lora_layers` does for a model whose layers hold only plain or quantized linears.
+    Its module (mlx_lm.tuner.utils) imports mlx_lm.utils and with it transformers, so it is
+    used only for layers it alone handles (mixture-of-experts, embeddings, custom `to_lora`)."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    linears = (nn.Linear, nn.QuantizedLinear)
+    others = (nn.Embedding, nn.QuantizedEmbedding, SwitchLinear, QuantizedSwitchLinear)
+    modules = [m for layer in model.layers for _, m in layer.named_modules()]
+    if any(hasattr(m, "to_lora") or isinstance(m, others) for m in modules):
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        linear_to_lora_layers(model, num_layers, params)
+        return
+    for layer in model.layers[-max(num_layers, 0) :]:
+        wrapped = [
+            (
+                name,
+                LoRALinear.from_base(
+                    m, r=params["rank"], scale=params["scale"], dropout=params["dropout"]
+                ),
+            )  # fmt: skip
+            for name, m in layer.named_modules()
+            if isinstance(m, linears)
+        ]
+        if wrapped:
+            layer.update_modules(tree_unflatten(wrapped))
+
+
 def strip(model: nn.Module) -> None:
     """Remove LoRA wrappers, leaving the base linears (shared arrays untouched)."""
-    remove_lora_layers(model)
+    unwrapped = [(name, m.linear) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if unwrapped:
+        model.update_modules(tree_unflatten(unwrapped))
 
 
 def final_norm_path(model: nn.Module) -> str | None:
