@@ -6,7 +6,8 @@ Per round, on the same prompts at T = 0 (identical work each time):
   a. in-process: the engine driven directly in this process (no gRPC, no worker), bound to
      the hub as the daemon binds it (prompt cache, acceptance memory);
   b. daemon, 1 client: a `speclora serve` subprocess, prompts one after another; the same on
-     the unbatched daemon;
+     the unbatched daemon. a and b run prompt by prompt: each prompt on the three in turn, the
+     order rotating, and their ratios come with the spread of these per-prompt pairs;
   c. daemon, N clients (each N of --clients): N threads each sending every prompt (rotated
      order) at once; the first N also on the unbatched daemon.
 Rounds alternate the phases so load drift on a shared machine hits all of them alike. The
@@ -129,19 +130,59 @@ def chat_turns(hub: ModelHub, config: Config, max_tokens: int, k: int | None) ->
     return rows
 
 
+def client_phase(
+    client: SpecLoRAClient, prompts: list[str], max_tokens: int, k: int | None, record: bool
+) -> Phase:
+    phase = Phase()
+    start = time.perf_counter()
+    for prompt in prompts:
+        for event in client.generate(
+            prompt, max_tokens=max_tokens, temperature=0.0, draft_tokens=k, record=record
+        ):
+            if isinstance(event, GenerationSummary):
+                phase.tokens += event.completion_tokens
+    phase.seconds = time.perf_counter() - start
+    return phase
+
+
 def run_client(
     address: str, prompts: list[str], max_tokens: int, k: int | None, record: bool = False
 ) -> tuple[int, float]:
-    tokens = 0
     with SpecLoRAClient(address) as client:
-        start = time.perf_counter()
-        for prompt in prompts:
-            for event in client.generate(
-                prompt, max_tokens=max_tokens, temperature=0.0, draft_tokens=k, record=record
-            ):
-                if isinstance(event, GenerationSummary):
-                    tokens += event.completion_tokens
-        return tokens, time.perf_counter() - start
+        phase = client_phase(client, prompts, max_tokens, k, record)
+        return phase.tokens, phase.seconds
+
+
+def single_streams(
+    hub: ModelHub,
+    config: Config,
+    addresses: dict[str, str],
+    prompts: list[str],
+    max_tokens: int,
+    k: int | None,
+    round_index: int,
+) -> dict[str, list[Phase]]:
+    """One stream at a time, prompt by prompt: the in-process engine and each daemon
+    (`addresses`: phase name -> address) run the same prompt in turn, the order rotating from
+    one prompt to the next, so a burst of load on this shared machine lands on one pair of
+    prompts, not on one side of a ratio. Returns one Phase per prompt for each name."""
+    names = ["in_process", *addresses]
+    runs: dict[str, list[Phase]] = {name: [] for name in names}
+    clients = {name: SpecLoRAClient(address) for name, address in addresses.items()}
+    try:
+        for i, prompt in enumerate(prompts):
+            shift = (round_index * len(prompts) + i) % len(names)
+            for name in names[shift:] + names[:shift]:
+                if name == "in_process":
+                    runs[name].append(in_process(hub, config, [prompt], max_tokens, k))
+                else:
+                    runs[name].append(
+                        client_phase(clients[name], [prompt], max_tokens, k, record=False)
+                    )
+    finally:
+        for client in clients.values():
+            client.close()
+    return runs
 
 
 def run_http_client(
@@ -526,14 +567,19 @@ def main() -> int:
         run_client(address, prompts[:1], 8, k)  # warm up the daemon
         host, port = http_address_from_log(work / "home" / "daemon.log").rsplit(":", 1)
         http = (host.strip("[]"), int(port))
-        phases: dict[str, list[Phase]] = {"in_process": [], "daemon": []}
-        for _ in range(args.rounds):
-            phases["in_process"].append(in_process(hub, config, prompts, args.max_tokens, k))
-            phases["daemon"].append(Phase(*run_client(address, prompts, args.max_tokens, k)))
-            if plain_address is not None:
-                phases.setdefault("unbatched", []).append(
-                    Phase(*run_client(plain_address, prompts, args.max_tokens, k))
+        phases: dict[str, list[Phase]] = {}
+        singles: dict[str, list[Phase]] = {}  # per prompt, paired across the names
+        streams = {"daemon": address}
+        if plain_address is not None:
+            streams["unbatched"] = plain_address
+        for r in range(args.rounds):
+            runs = single_streams(hub, config, streams, prompts, args.max_tokens, k, r)
+            for name, per_prompt in runs.items():
+                singles.setdefault(name, []).extend(per_prompt)
+                phases.setdefault(name, []).append(
+                    Phase(sum(p.tokens for p in per_prompt), sum(p.seconds for p in per_prompt))
                 )
+            if plain_address is not None:
                 phases.setdefault(f"unbatched_{counts[0]}", []).append(
                     concurrent(plain_address, prompts, args.max_tokens, k, counts[0])
                 )
@@ -580,6 +626,10 @@ def main() -> int:
         """Per round: phase `name`'s rate over phase `over`'s (paired, so drift cancels)."""
         return [a.rate / b.rate for a, b in zip(phases[name], phases[over], strict=True)]
 
+    def paired(name: str, over: str) -> dict[str, float]:
+        """The spread of `name`'s rate over `over`'s, prompt by prompt (run one after the other)."""
+        return spread([a.rate / b.rate for a, b in zip(singles[name], singles[over], strict=True)])
+
     inproc, single = total("in_process"), total("daemon")
     clients = {}
     for n in counts:
@@ -601,6 +651,7 @@ def main() -> int:
             "single_tokens_per_s": total("unbatched").rate,
             "batched_single_over_unbatched_single": single.rate / total("unbatched").rate,
             "batched_single_over_unbatched_single_per_round": ratios("daemon", "unbatched"),
+            "batched_single_over_unbatched_single_per_prompt": paired("daemon", "unbatched"),
             f"unbatched_{n}_clients_vs_single": total(f"unbatched_{n}").rate
             / total("unbatched").rate,
             f"batched_{n}_over_unbatched_{n}_clients": total(f"concurrent_{n}").rate
@@ -632,6 +683,7 @@ def main() -> int:
         "in_process_tokens_per_s": inproc.rate,
         "daemon_tokens_per_s": single.rate,
         "daemon_vs_in_process": single.rate / inproc.rate,
+        "daemon_vs_in_process_per_prompt": paired("daemon", "in_process"),
         "concurrent": clients,
         "unbatched": unbatched,
         "http_concurrent": http_clients,
@@ -668,8 +720,12 @@ def main() -> int:
     print("| measure | tokens/s | ratio | target |")
     print("|---|---:|---:|---:|")
     print(f"| in-process engine | {inproc.rate:.1f} | 1.00 | |")
+    def pairs_text(p: dict[str, float]) -> str:
+        return f"prompt pairs {p['min']:.2f} .. {p['max']:.2f}, median {p['median']:.2f}"
+
     print(
-        f"| daemon, 1 client | {single.rate:.1f} | {results['daemon_vs_in_process']:.3f} | >= 0.95 |"
+        f"| daemon, 1 client | {single.rate:.1f} | {results['daemon_vs_in_process']:.3f} "
+        f"({pairs_text(results['daemon_vs_in_process_per_prompt'])}) | >= 0.95 |"
     )
     goals = results["targets"]["concurrent_vs_single"]
     for n, c in clients.items():
@@ -694,11 +750,11 @@ def main() -> int:
     )
     if unbatched:
         n = counts[0]
-        rounds = unbatched["batched_single_over_unbatched_single_per_round"]
         print(
             f"| unbatched daemon, 1 client | {unbatched['single_tokens_per_s']:.1f} | batched "
-            f"1 client / this {unbatched['batched_single_over_unbatched_single']:.3f} (rounds "
-            f"{min(rounds):.2f} .. {max(rounds):.2f}) | >= 0.97 |"
+            f"1 client / this {unbatched['batched_single_over_unbatched_single']:.3f} "
+            f"({pairs_text(unbatched['batched_single_over_unbatched_single_per_prompt'])}) "
+            "| >= 0.97 |"
         )
         rounds = unbatched[f"batched_{n}_over_unbatched_{n}_per_round"]
         print(
