@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,13 @@ OPENBLAS_CANDIDATES = (
 # The `mkl` wheel puts its libraries in the environment's lib/ (it finds its threading layer and
 # libiomp5 there by itself).
 MKL_NAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2")
+# OpenBLAS's threaded level-3 driver (driver/level3/level3_thread.c) mallocs, and frees again,
+# a job table of MAX_THREADS x MAX_THREADS x 128 bytes (CACHE_LINE_SIZE 8 x DIVIDE_RATE 2
+# longs) inside every product it splits across threads: 512 KiB in Debian's build
+# (MAX_THREADS=64), hundreds of times per decoding step.
+OPENBLAS_JOB_BYTES_PER_THREAD_PAIR = 128
+# Distributions' NUM_THREADS, for an OpenBLAS whose config string does not say.
+OPENBLAS_DEFAULT_MAX_THREADS = 64
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,30 @@ def preload_blas() -> BlasInfo:
 
 def blas_info() -> BlasInfo:
     return preload_blas()
+
+
+def openblas_max_threads(config: str) -> int:
+    """MAX_THREADS from openblas_get_config()'s string ("OpenBLAS 0.3.21 ... MAX_THREADS=64")."""
+    match = re.search(r"MAX_THREADS=(\d+)", config)
+    return int(match.group(1)) if match else OPENBLAS_DEFAULT_MAX_THREADS
+
+
+def per_product_scratch_bytes() -> int:
+    """The largest buffer the loaded BLAS mallocs and frees inside each matrix product, so that
+    the C heap can keep it (memory.tune_malloc); 0 where none is known (MKL and Accelerate
+    reuse their own buffers)."""
+    info = preload_blas()
+    if info.name != "openblas" or _handle is None:
+        return 0
+    try:
+        get_config = _handle.openblas_get_config
+    except AttributeError:
+        config = ""
+    else:
+        get_config.restype = ctypes.c_char_p
+        config = (get_config() or b"").decode(errors="replace")
+    threads = openblas_max_threads(config)
+    return threads * threads * OPENBLAS_JOB_BYTES_PER_THREAD_PAIR
 
 
 def log_blas() -> BlasInfo:

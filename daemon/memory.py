@@ -16,6 +16,14 @@ freed are kept resident. On the embedded pair that was ~60 MiB of RSS after a fe
 (788 MiB resident for 567 MiB of live MLX arrays) and ~20 MiB of the peak; a serving thread's
 arena alone held 63 MiB. `tune_malloc` pins the threshold at glibc's own starting value and caps
 the arenas, once, at daemon start, before any model is loaded or any thread starts.
+
+One buffer must stay on the heap all the same: OpenBLAS's threaded driver mallocs and frees a
+512 KiB job table inside every product it splits across threads (daemon/blas.py), hundreds of
+times per decoding step. Mapped, each was an mmap and a munmap (a TLB shootdown across the BLAS
+threads): the daemon decoded ~9% slower than the same engine in a process with glibc's defaults.
+So the threshold sits just above that table, and the trim threshold at twice it (glibc's own
+rule when it raises the threshold), so a table freed at the heap's top is not handed back to
+the OS at every product either.
 """
 
 from __future__ import annotations
@@ -35,12 +43,16 @@ IDLE_RELEASE_S = 60.0
 # Below this fraction of the machine's memory available, the cache is emptied after each burst.
 PRESSURE_AVAILABLE_FRACTION = 0.10
 # glibc mallopt parameters (malloc.h) and the values the daemon sets (tune_malloc).
+M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 # glibc's initial mmap threshold; setting it explicitly turns the dynamic raise off. A buffer
 # this size or larger (a KV-cache layer grown by 256 tokens, one verify pass's logits) gets its
 # own mapping, returned on free; MLX's buffer cache still reuses recent ones without a syscall.
 MMAP_THRESHOLD_BYTES = 128 << 10
+# The most glibc accepts (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit).
+MMAP_THRESHOLD_MAX_BYTES = 32 << 20
+PAGE_BYTES = 4096  # room for malloc's chunk header above a buffer that must stay on the heap
 # Threads that allocate share this many arenas (the main heap included). Python's threads take
 # the GIL to allocate anyway; MLX's large buffers are mapped, not taken from an arena.
 ARENA_MAX = 2
@@ -87,19 +99,30 @@ def _mallopt() -> Callable[[int, int], int] | None:
     return fn
 
 
-def tune_malloc(env: Mapping[str, str] | None = None) -> dict[str, int]:
+def mmap_threshold(heap_buffer_bytes: int = 0) -> int:
+    """The threshold tune_malloc sets: glibc's starting value, or just above a buffer that is
+    allocated and freed too often to map (`heap_buffer_bytes`), within glibc's ceiling."""
+    wanted = heap_buffer_bytes + PAGE_BYTES if heap_buffer_bytes > 0 else 0
+    return min(max(MMAP_THRESHOLD_BYTES, wanted), MMAP_THRESHOLD_MAX_BYTES)
+
+
+def tune_malloc(env: Mapping[str, str] | None = None, heap_buffer_bytes: int = 0) -> dict[str, int]:
     """Keep freed buffers from staying resident (glibc only; see the module docstring).
 
-    Call once, first thing at daemon start. A parameter the user set through glibc's own
-    environment variables (MALLOC_MMAP_THRESHOLD_, MALLOC_ARENA_MAX) is left as they set it.
-    Returns what was set, by parameter name; empty where the C library is not glibc."""
+    Call once, first thing at daemon start. `heap_buffer_bytes`: a buffer allocated and freed
+    in every matrix product (blas.per_product_scratch_bytes()), kept on the heap. A parameter
+    the user set through glibc's own environment variables (MALLOC_MMAP_THRESHOLD_,
+    MALLOC_TRIM_THRESHOLD_, MALLOC_ARENA_MAX) is left as they set it. Returns what was set, by
+    parameter name; empty where the C library is not glibc."""
     mallopt = _mallopt()
     if mallopt is None:
         return {}
     env = os.environ if env is None else env
+    threshold = mmap_threshold(heap_buffer_bytes)
     done: dict[str, int] = {}
     for name, param, value, variable in (
-        ("mmap_threshold", M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES, "MALLOC_MMAP_THRESHOLD_"),
+        ("mmap_threshold", M_MMAP_THRESHOLD, threshold, "MALLOC_MMAP_THRESHOLD_"),
+        ("trim_threshold", M_TRIM_THRESHOLD, 2 * threshold, "MALLOC_TRIM_THRESHOLD_"),
         ("arena_max", M_ARENA_MAX, ARENA_MAX, "MALLOC_ARENA_MAX"),
     ):
         if variable in env:

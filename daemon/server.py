@@ -524,10 +524,11 @@ def _create_grpc_server(
 
 def serve(config: Config, paths: Paths | None = None) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT; the process exit code."""
-    from speclora.daemon.blas import log_blas  # before anything imports mlx
+    from speclora.daemon.blas import log_blas, per_product_scratch_bytes  # before mlx
     from speclora.daemon.memory import tune_malloc
 
-    malloc = tune_malloc()  # before any model is loaded or any thread starts
+    # Before any model is loaded or any thread starts.
+    malloc = tune_malloc(heap_buffer_bytes=per_product_scratch_bytes())
     paths = paths or resolve_paths()
     log.info("daemon_starting", version=speclora.__version__, pid=os.getpid(), malloc=malloc)
     lock = InstanceLock(paths.lock_file).acquire()

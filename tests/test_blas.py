@@ -8,7 +8,13 @@ import sys
 import time
 
 import pytest
-from speclora.daemon.blas import OPENBLAS_CANDIDATES, blas_info, candidates, cpu_vendor
+from speclora.daemon.blas import (
+    OPENBLAS_CANDIDATES,
+    blas_info,
+    candidates,
+    cpu_vendor,
+    openblas_max_threads,
+)
 
 
 def _interleaved_min_seconds(rows: tuple[int, ...], trials: int = 40, repeats: int = 5):
@@ -76,3 +82,12 @@ def test_mkl_runs_reproducibly_and_without_its_buffer_pool() -> None:
     other tokens; the daemon sets it unless the user did."""
     assert os.environ.get("MKL_CBWR") == "AUTO,STRICT"
     assert os.environ.get("MKL_DISABLE_FAST_MM") == "1"  # no buffer pool kept resident
+
+
+def test_openblas_max_threads_comes_from_its_config_string() -> None:
+    assert (
+        openblas_max_threads("OpenBLAS 0.3.21 DYNAMIC_ARCH NO_AFFINITY Haswell MAX_THREADS=64")
+        == 64
+    )
+    assert openblas_max_threads("OpenBLAS 0.3.26 MAX_THREADS=128") == 128
+    assert openblas_max_threads("OpenBLAS 0.2.20 Haswell") == 64  # distributions' default

@@ -20,7 +20,7 @@ from speclora.client.stub import (
     SpecLoRAClient,
     TextChunk,
 )
-from speclora.daemon import memory
+from speclora.daemon import blas, memory
 
 pytestmark = pytest.mark.slow
 
@@ -109,8 +109,10 @@ def test_daemon_tunes_malloc_and_loads_no_grammar_engine_until_asked(daemon: Pro
     requests: only a request with a grammar needs it."""
     (start,) = log_events(daemon.log, "daemon_starting")
     if memory._mallopt() is not None:
+        threshold = memory.mmap_threshold(blas.per_product_scratch_bytes())
         assert start["malloc"] == {
-            "mmap_threshold": memory.MMAP_THRESHOLD_BYTES,
+            "mmap_threshold": threshold,
+            "trim_threshold": 2 * threshold,
             "arena_max": memory.ARENA_MAX,
         }
     with daemon.client() as client:
