@@ -11,14 +11,16 @@ ids mlx-lm settles on, and the chat template itself.
 process when the caller has not imported it already) and checks, on probe texts and
 conversations, that `Tokenizer` encodes, decodes and renders them exactly as mlx-lm's wrapper
 does. The snapshot is cached by the tokenizer files' contents and the library versions.
-`Tokenizer` then needs only `tokenizers` and jinja2. A tokenizer that fails a check (a chat
+`Tokenizer` then needs only `tokenizers` and jinja2. Streamed text is the decode of the ids so
+far, whichever tokenizer (`StreamingDetokenizer`): a completion of a raw prompt keeps its
+leading space, as OpenAI's and llama.cpp's servers return it (mlx-lm's BPE streaming
+detokenizer drops it). A tokenizer that fails a check (a chat
 renderer written in Python, a template this module renders differently) is recorded as such,
 and `models.load_model` loads it through mlx-lm as before.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import importlib.metadata
@@ -36,9 +38,10 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 # What decides how a tokenizer behaves: its files (config.json and generation_config.json
-# carry the EOS ids mlx-lm adds) and the libraries that interpret them.
+# carry the EOS ids mlx-lm adds; the vocabulary files build a tokenizer without
+# tokenizer.json) and the libraries that interpret them.
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -48,7 +51,14 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
     "config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
 )
+TOKENIZER_FILE_PATTERNS = ("*.tiktoken",)
+# Reading a tokenizer through transformers takes seconds; a child still at it after this is stuck.
+SNAPSHOT_CHILD_TIMEOUT_S = 600.0
 LIBRARIES = ("transformers", "mlx-lm", "tokenizers", "jinja2")
 # Probes for the equivalence check: scripts, whitespace runs, digits, code, control tokens
 # written as text, and bytes that split inside a UTF-8 character.
@@ -64,6 +74,7 @@ PROBE_TEXTS = (
     "   multiple    spaces     and\u00a0nbsp\u200bzero-width",
     "<|im_start|>user\nhi<|im_end|> <s></s> [INST] <|endoftext|> <|eot_id|>",
     "A" * 300,
+    "Hello , world . It 's fine , isn 't it ? Yes ! I 'm sure ; they 're here : ok",
     '{"key": [1, 2, {"nested": "value"}], "ok": true}',
 )
 PROBE_CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
@@ -198,14 +209,15 @@ def render_chat(
 
 class StreamingDetokenizer:
     """Text as tokens arrive: each `add_token` makes `last_segment` the new text, holding back
-    a partial UTF-8 character (shown as U+FFFD until its last byte comes).
+    a partial UTF-8 character (shown as U+FFFD until its last byte comes). The text streamed is
+    always `tokenizer.decode` of the ids so far; any tokenizer with a `decode` will do.
 
     It decodes a short window of recent tokens, twice (with and without the newest ones), and
     emits the difference: decoding from the same start token both times keeps a decoder's
     first-token rules (SentencePiece's dropped leading space) out of the difference. The
     window is a few tokens, so each call costs microseconds whatever the vocabulary."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Any) -> None:
         self._decode = tokenizer.decode
         self.reset()
 
@@ -243,6 +255,9 @@ class Tokenizer:
         from tokenizers import Tokenizer as Backend
 
         self.backend = Backend.from_str(snapshot["tokenizer"])
+        # transformers turns these off inside each encode call; a tokenizer.json may set them.
+        self.backend.no_truncation()
+        self.backend.no_padding()
         self.bos_token: str | None = snapshot["bos_token"]
         self.eos_token: str | None = snapshot["eos_token"]
         self.eos_token_id: int | None = snapshot["eos_token_id"]
@@ -284,10 +299,7 @@ class Tokenizer:
     def to_json(self) -> str:
         """The backend tokenizer as tokenizer.json text, without padding or truncation (what
         llguidance builds its own tokenizer from, as `llguidance.hf` does)."""
-        backend = copy.copy(self.backend)
-        backend.no_padding()
-        backend.no_truncation()
-        return str(backend.to_str())
+        return str(self.backend.to_str())
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -302,7 +314,10 @@ def snapshot_key(model_dir: Path) -> str:
         except importlib.metadata.PackageNotFoundError:
             version = "-"
         h.update(f"{name} {version}\n".encode())
-    for name in TOKENIZER_FILES:
+    patterns = sorted(
+        p.name for pattern in TOKENIZER_FILE_PATTERNS for p in model_dir.glob(pattern)
+    )
+    for name in (*TOKENIZER_FILES, *patterns):
         path = model_dir / name
         h.update(f"{name}\n".encode())
         if path.is_file():
@@ -432,17 +447,7 @@ def ensure_snapshot(model_dir: Path, models_dir: Path, eos_token_ids: Any = None
         snapshot = take_snapshot(model_dir, eos_token_ids)
         write_snapshot(path, snapshot)
     else:
-        cmd = [sys.executable, "-m", "speclora.daemon.tokenizer", str(model_dir), str(path)]
-        if eos_token_ids is not None:
-            cmd.append(json.dumps(eos_token_ids))
-        result = subprocess.run(
-            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
-        )
-        snapshot = read_snapshot(path) if result.returncode == 0 else None
-        if snapshot is None:  # recorded too, so a tokenizer that breaks the child is tried once
-            detail = (result.stderr or "").strip().splitlines()[-1:] or [""]
-            snapshot = {"format": SNAPSHOT_FORMAT, "ok": False, "reason": f"child: {detail[0]}"}
-            write_snapshot(path, snapshot)
+        snapshot = _snapshot_in_child(model_dir, path, eos_token_ids)
     log.info(
         "tokenizer_snapshot_taken",
         model_dir=str(model_dir),
@@ -450,6 +455,33 @@ def ensure_snapshot(model_dir: Path, models_dir: Path, eos_token_ids: Any = None
         reason=snapshot["reason"] or None,
     )
     return snapshot
+
+
+def _snapshot_in_child(model_dir: Path, path: Path, eos_token_ids: Any) -> dict[str, Any]:
+    """Take the snapshot in a child process, which writes it to `path`. A child that fails
+    (killed, out of memory, timed out) leaves nothing recorded, so the next load tries again
+    rather than going through transformers for good; only a finished check is recorded."""
+    cmd = [sys.executable, "-m", "speclora.daemon.tokenizer", str(model_dir), str(path)]
+    if eos_token_ids is not None:
+        cmd.append(json.dumps(eos_token_ids))
+    try:
+        result = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=SNAPSHOT_CHILD_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        reason = f"child: no snapshot after {SNAPSHOT_CHILD_TIMEOUT_S:.0f} s"
+    else:
+        snapshot = read_snapshot(path) if result.returncode == 0 else None
+        if snapshot is not None:
+            return snapshot
+        detail = (result.stderr or "").strip().splitlines()[-1:] or [f"exit {result.returncode}"]
+        reason = f"child: {detail[0]}"
+    return {"format": SNAPSHOT_FORMAT, "ok": False, "reason": reason}
 
 
 def main(argv: Sequence[str]) -> int:

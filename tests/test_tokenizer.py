@@ -111,6 +111,38 @@ def test_streamed_text_is_the_decoded_text_and_never_splits_a_character(snapshot
         assert whole == ours.decode(ids) == "".join(segments)
 
 
+def test_a_completion_keeps_its_leading_space_over_either_tokenizer(snapshot: dict, reference):
+    """The engine's text is decode(ids) over the snapshot and over mlx-lm's wrapper alike (whose
+    own BPE streaming detokenizer would drop a completion's leading space)."""
+    from speclora.daemon.engine.events import GenerationRequest
+    from speclora.daemon.engine.output import CompletionTracker
+
+    ids = reference.encode(" Paris, and then  more text", add_special_tokens=False)
+    assert reference.decode(ids).startswith(" Paris")
+    texts = []
+    for tokenizer in (tok.Tokenizer(snapshot), reference):
+        tracker = CompletionTracker(tokenizer, GenerationRequest(prompt="x", max_tokens=64), [1])
+        chunks = [tracker.add([t]) for t in ids]
+        final = tracker.finish("length")
+        texts.append("".join(c.text for c in [*chunks, final] if c is not None))
+    assert texts == [reference.decode(ids)] * 2
+
+
+def test_truncation_set_in_tokenizer_json_does_not_cut_prompts(snapshot: dict, reference):
+    """transformers turns a tokenizer.json's truncation and padding off inside every encode;
+    the snapshot's backend must too, or a long prompt is silently cut."""
+    backend = json.loads(snapshot["tokenizer"])
+    backend["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst",
+                             "stride": 0}  # fmt: skip
+    backend["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of":
+                          None, "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"}  # fmt: skip
+    ours = tok.Tokenizer({**snapshot, "tokenizer": json.dumps(backend)})
+    text = "a long prompt " * 20
+    assert len(reference.encode(text)) > 8
+    assert ours.encode(text) == reference.encode(text)
+    assert ours.encode("hi") == reference.encode("hi")  # no padding either
+
+
 def sentencepiece_style(tmp_path: Path) -> tok.Tokenizer:
     """A Llama-style tokenizer: Metaspace pieces, byte fallback, a decoder that drops the first
     piece's space (the case a naive window decode gets wrong)."""
@@ -206,11 +238,18 @@ def test_the_snapshot_key_follows_the_tokenizer_files(tiny_target_path: Path, tm
     config["chat_template"] = "{{ messages[0]['content'] }}"
     (copy / "tokenizer_config.json").write_text(json.dumps(config))
     assert tok.snapshot_key(copy) != key
+    key = tok.snapshot_key(copy)
+    (copy / "merges.txt").write_text("#version: 0.2\n")  # a vocabulary file, and a tiktoken one
+    assert tok.snapshot_key(copy) != key
+    key = tok.snapshot_key(copy)
+    (copy / "o200k.tiktoken").write_text("")
+    assert tok.snapshot_key(copy) != key
 
 
 def test_a_tokenizer_that_fails_the_check_loads_through_mlx_lm(
     tiny_target_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import transformers  # noqa: F401  (so the snapshot is taken here, where the patch reaches)
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     monkeypatch.setattr(tok, "first_mismatch", lambda reference, ours: "decode of 'x'")
@@ -219,6 +258,23 @@ def test_a_tokenizer_that_fails_the_check_loads_through_mlx_lm(
     (cached,) = (tmp_path / "tokenizers").glob("*.json")
     recorded = json.loads(cached.read_text())
     assert recorded == {"format": tok.SNAPSHOT_FORMAT, "ok": False, "reason": "decode of 'x'"}
+
+
+def test_a_child_that_dies_leaves_nothing_recorded(
+    tiny_target_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed child (out of memory, say) says nothing about the tokenizer: the next load
+    tries again instead of going through transformers for good."""
+    monkeypatch.delitem(sys.modules, "transformers", raising=False)  # the child's path
+    killed = subprocess.CompletedProcess([], -9, stdout="", stderr="Killed")
+    monkeypatch.setattr(tok.subprocess, "run", lambda *a, **k: killed)
+    failed = tok.ensure_snapshot(tiny_target_path, tmp_path)
+    assert failed == {"format": tok.SNAPSHOT_FORMAT, "ok": False, "reason": "child: Killed"}
+    assert not list(tmp_path.glob("tokenizers/*.json"))
+    monkeypatch.undo()
+    monkeypatch.delitem(sys.modules, "transformers", raising=False)
+    assert tok.ensure_snapshot(tiny_target_path, tmp_path)["ok"]
+    assert len(list(tmp_path.glob("tokenizers/*.json"))) == 1
 
 
 def test_a_daemon_process_never_imports_transformers(tiny_target_path: Path, tmp_path: Path):

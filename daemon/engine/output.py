@@ -1,8 +1,10 @@
 """Completion bookkeeping shared by both modes: stop conditions, safe text, the summary.
 
 Tokens go in as the engine emits them; text chunks come out that never split a UTF-8
-character (mlx-lm's streaming detokenizer holds incomplete bytes back) and never contain any
+character (the streaming detokenizer holds incomplete bytes back) and never contain any
 part of a stop string (a tail that could still grow into one is held back until it cannot).
+The text is the tokenizer's decode of the ids, with either kind of tokenizer (the snapshot's or
+mlx-lm's wrapper), so a completion's leading space is kept the same way on both.
 Concatenating every chunk's text and token ids gives exactly the completion text and ids.
 """
 
@@ -21,6 +23,7 @@ from speclora.daemon.engine.events import (
     Source,
     TextChunk,
 )
+from speclora.daemon.tokenizer import StreamingDetokenizer
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -51,7 +54,7 @@ class CompletionTracker:
         self.eos_ids = frozenset(int(t) for t in tokenizer.eos_token_ids)
         self.stops = tuple(s for s in request.stop if s)
         self._max_stop = max((len(s) for s in self.stops), default=0)
-        self._detok = tokenizer.detokenizer
+        self._detok = StreamingDetokenizer(tokenizer)
         self.ids: list[int] = []
         self.from_draft: list[bool] = []
         self.from_history: list[bool] = []
