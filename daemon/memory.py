@@ -23,7 +23,10 @@ times per decoding step. Mapped, each was an mmap and a munmap (a TLB shootdown 
 threads): the daemon decoded ~9% slower than the same engine in a process with glibc's defaults.
 So the threshold sits just above that table, and the trim threshold at twice it (glibc's own
 rule when it raises the threshold), so a table freed at the heap's top is not handed back to
-the OS at every product either.
+the OS at every product either. Buffers between 128 KiB and the table's size then come from
+the heap too, and the worker trims it after every round of steps (`trim_heap`), which kept the
+daemon's peak RSS where the 128 KiB threshold had it (790-791 MiB against 795-796 without the
+trim, 8 clients) at no measurable cost in speed.
 """
 
 from __future__ import annotations
@@ -169,11 +172,18 @@ def under_memory_pressure(threshold: float = PRESSURE_AVAILABLE_FRACTION) -> boo
     return fraction is not None and fraction < threshold
 
 
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
+    The worker calls it after every round of steps, so the holes that freed buffers below the
+    mmap threshold leave never pile up past one round's."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def release_free_memory() -> None:
     """Return MLX's cached buffers and the heap's free pages to the OS (e.g. when idle)."""
     mx = sys.modules.get("mlx.core")
     if mx is not None:
         mx.clear_cache()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    trim_heap()

@@ -43,7 +43,12 @@ from speclora.daemon.errors import (
     ShuttingDownError,
     SpecLoRAError,
 )
-from speclora.daemon.memory import IDLE_RELEASE_S, release_free_memory, under_memory_pressure
+from speclora.daemon.memory import (
+    IDLE_RELEASE_S,
+    release_free_memory,
+    trim_heap,
+    under_memory_pressure,
+)
 from speclora.daemon.state import ModelHub
 from speclora.daemon.stats import DraftSteps, StatsTracker
 from speclora.shared.config import Config, SpeculationConfig
@@ -500,6 +505,7 @@ class Worker:
             self._set_active_count()
         if self._active:
             self._step_generations()
+            trim_heap()  # this round's heap holes (memory.py)
         elif self._tasks:
             self._step_task(self._tasks[0])
             self._tasks.rotate(-1)

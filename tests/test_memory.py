@@ -121,6 +121,44 @@ def test_the_threshold_sits_just_above_a_buffer_kept_on_the_heap():
     assert memory.mmap_threshold(1 << 30) == memory.MMAP_THRESHOLD_MAX_BYTES  # glibc's ceiling
 
 
+# A subprocess under the daemon's threshold for Debian's OpenBLAS (516 KiB) that allocates,
+# touches and frees 64 chunks of 256 KiB under a live block, then trims the heap as the worker
+# does after each round; it prints the RSS the chunks leave before and after the trim.
+_TRIM = r"""
+import ctypes, ctypes.util, json
+from speclora.daemon import memory
+
+memory.tune_malloc({}, heap_buffer_bytes=512 << 10)
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+before = rss_mib()
+chunks = [libc.malloc(256 << 10) for _ in range(64)]
+for c in chunks:
+    ctypes.memset(c, 1, 256 << 10)
+pin = libc.malloc(300 << 10)
+for c in chunks:
+    libc.free(c)
+held = rss_mib() - before
+memory.trim_heap()
+print(json.dumps({"held_mib": held, "left_mib": rss_mib() - before}))
+"""
+
+
+@pytest.mark.skipif(memory._mallopt() is None, reason="glibc's allocator only")
+def test_trim_heap_returns_the_holes_of_buffers_below_the_threshold():
+    out = subprocess.run([sys.executable, "-c", _TRIM], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["held_mib"] > 12, result  # 16 MiB freed on the heap stay resident...
+    assert result["left_mib"] < 4, result  # ...until the trim
+
+
 # A subprocess that tunes malloc as the daemon does (or with the BLAS's per-product buffer left
 # out), then counts the minor page faults of 200 threaded matrix products after a warm-up: a
 # buffer mapped anew in each product faults its pages in every time.

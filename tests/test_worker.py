@@ -114,6 +114,21 @@ def test_stream_ends_with_result_and_stats(engine: ScriptedEngine) -> None:
     worker.stop()
 
 
+def test_the_heap_is_trimmed_after_every_round_of_steps(
+    engine: ScriptedEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Buffers below the mmap threshold leave heap holes; each round's go back (memory.py)."""
+    from speclora.daemon import worker as worker_module
+
+    rounds: list[int] = []
+    monkeypatch.setattr(worker_module, "trim_heap", lambda: rounds.append(len(engine.order)))
+    worker = _worker(engine)
+    list(worker.submit_generation(_request("a", 3)))
+    worker.stop()
+    # One trim per round: the prefill's, each of the three tokens', the summary's.
+    assert rounds == [0, 1, 2, 3, 3]
+
+
 def test_active_generations_interleave_round_robin(engine: ScriptedEngine) -> None:
     engine.gate.clear()  # hold the worker until both are queued
     worker = _worker(engine, max_active=4)
