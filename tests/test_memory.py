@@ -50,14 +50,11 @@ def test_release_free_memory_empties_the_cache():
     assert mx.get_cache_memory() == 0
 
 
-# A subprocess that frees a mapped 8 MiB chunk (as loading weights does, which raises glibc's
-# dynamic mmap threshold to 8 MiB), then allocates, touches and frees 64 chunks of 1 MiB under
-# a live block (so the heap cannot shrink from its top), and prints the RSS they leave.
-_HOLES = r"""
+# What both malloc subprocesses below run first: libc's malloc and free, and their own RSS.
+_LIBC = r"""
 import ctypes, ctypes.util, json, sys
 from speclora.daemon import memory
 
-tuned = memory.tune_malloc({}) if sys.argv[1] == "tuned" else {}
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -66,6 +63,13 @@ def rss_mib():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
+"""
+
+# A subprocess that frees a mapped 8 MiB chunk (as loading weights does, which raises glibc's
+# dynamic mmap threshold to 8 MiB), then allocates, touches and frees 64 chunks of 1 MiB under
+# a live block (so the heap cannot shrink from its top), and prints the RSS they leave.
+_HOLES = r"""
+tuned = memory.tune_malloc({}) if sys.argv[1] == "tuned" else {}
 
 big = libc.malloc(8 << 20)
 ctypes.memset(big, 1, 8 << 20)
@@ -83,7 +87,7 @@ print(json.dumps({"tuned": tuned, "left_mib": rss_mib() - before}))
 
 def _holes(mode: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", _HOLES, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _LIBC + _HOLES, mode], capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout)
 
@@ -125,18 +129,7 @@ def test_the_threshold_sits_just_above_a_buffer_kept_on_the_heap():
 # touches and frees 64 chunks of 256 KiB under a live block, then trims the heap as the worker
 # does after each round; it prints the RSS the chunks leave before and after the trim.
 _TRIM = r"""
-import ctypes, ctypes.util, json
-from speclora.daemon import memory
-
 memory.tune_malloc({}, heap_buffer_bytes=512 << 10)
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-
-def rss_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
 
 before = rss_mib()
 chunks = [libc.malloc(256 << 10) for _ in range(64)]
@@ -153,7 +146,9 @@ print(json.dumps({"held_mib": held, "left_mib": rss_mib() - before}))
 
 @pytest.mark.skipif(memory._mallopt() is None, reason="glibc's allocator only")
 def test_trim_heap_returns_the_holes_of_buffers_below_the_threshold():
-    out = subprocess.run([sys.executable, "-c", _TRIM], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _LIBC + _TRIM], capture_output=True, text=True, check=True
+    )
     result = json.loads(out.stdout)
     assert result["held_mib"] > 12, result  # 16 MiB freed on the heap stay resident...
     assert result["left_mib"] < 4, result  # ...until the trim
