@@ -14,9 +14,9 @@ does. The snapshot is cached by the tokenizer files' contents and the library ve
 `Tokenizer` then needs only `tokenizers` and jinja2. Streamed text is the decode of the ids so
 far, whichever tokenizer (`StreamingDetokenizer`): a completion of a raw prompt keeps its
 leading space, as OpenAI's and llama.cpp's servers return it (mlx-lm's BPE streaming
-detokenizer drops it). A tokenizer that fails a check (a chat
-renderer written in Python, a template this module renders differently) is recorded as such,
-and `models.load_model` loads it through mlx-lm as before.
+detokenizer drops it). A tokenizer that fails a check (a chat renderer written in Python, a
+template this module renders differently) is recorded as such, and `models.load_model` loads
+it through mlx-lm as before.
 """
 
 from __future__ import annotations
