@@ -50,8 +50,9 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 # glibc's initial mmap threshold; setting it explicitly turns the dynamic raise off. A buffer
-# this size or larger (a KV-cache layer grown by 256 tokens, one verify pass's logits) gets its
-# own mapping, returned on free; MLX's buffer cache still reuses recent ones without a syscall.
+# at least the threshold (this, or just above the BLAS's per-product buffer: mmap_threshold)
+# gets its own mapping, returned on free; MLX's buffer cache still reuses recent ones without a
+# syscall.
 MMAP_THRESHOLD_BYTES = 128 << 10
 # The most glibc accepts (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit).
 MMAP_THRESHOLD_MAX_BYTES = 32 << 20
@@ -105,8 +106,7 @@ def _mallopt() -> Callable[[int, int], int] | None:
 def mmap_threshold(heap_buffer_bytes: int = 0) -> int:
     """The threshold tune_malloc sets: glibc's starting value, or just above a buffer that is
     allocated and freed too often to map (`heap_buffer_bytes`), within glibc's ceiling."""
-    wanted = heap_buffer_bytes + PAGE_BYTES if heap_buffer_bytes > 0 else 0
-    return min(max(MMAP_THRESHOLD_BYTES, wanted), MMAP_THRESHOLD_MAX_BYTES)
+    return min(max(MMAP_THRESHOLD_BYTES, heap_buffer_bytes + PAGE_BYTES), MMAP_THRESHOLD_MAX_BYTES)
 
 
 def tune_malloc(env: Mapping[str, str] | None = None, heap_buffer_bytes: int = 0) -> dict[str, int]:
