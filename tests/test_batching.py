@@ -141,7 +141,7 @@ def test_a_greedy_trace_carries_the_targets_probability_of_each_proposal(
     request,
 ):
     """p(x_i) in a T = 0 step's trace is the target's softmax at the row that verified x_i,
-    after a queued plain pass (whose row is the step's first) and without one."""
+    right after a plain step and after a speculative one."""
     if slices:
         request.getfixturevalue("sliced_head")
     after_plain = 0
@@ -163,7 +163,7 @@ def test_a_greedy_trace_carries_the_targets_probability_of_each_proposal(
                 assert trace.target_probs[i] == pytest.approx(want, rel=1e-3, abs=1e-6)
             after_plain += bool(trace.k and before is not None and before.k == 0)
             done += len(trace.emitted)
-    assert after_plain > 0  # (steps that verified against a queued plain pass's row)
+    assert after_plain > 0  # (speculative steps right after a plain one)
 
 
 def test_a_wide_greedy_verify_never_holds_its_whole_logits(untied_loaded, monkeypatch):  # noqa: F811

@@ -101,7 +101,9 @@ def test_plain_steps_then_probe_catch_the_draft_up(untied_loaded):  # noqa: F811
     decoder = _Decoder(target, self_draft, SamplingParams(), prompt, None)
     decoder.prefill(len(prompt) - 1, chunk=1024)
     for i in range(6):
-        run_alone(decoder.plain_step(pipeline_next=i < 5))
+        run_alone(decoder.plain_step())
+        if i < 5:
+            run_alone(decoder.queue_plain())
     decoder.drop_lookahead()
     assert decoder.draft_len == len(prompt) - 1  # the draft fell behind during plain steps
     run_alone(decoder.speculative_step(2))

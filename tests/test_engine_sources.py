@@ -220,3 +220,50 @@ def test_sampled_output_with_history_is_distributed_as_target(spread_pair, which
     assert _p_value(pairs, joint) > 1e-3
     assert by_history > 300  # the rule under test was exercised ...
     assert (by_draft > 300) == (which == "mixed")  # ... beside the draft's, when mixed
+
+
+class NowAndThenHistory(ScriptedHistory):
+    """Right proposals on one call in three: plain steps in between."""
+
+    def proposals(self, max_len: int, **kw):
+        offers = super().proposals(max_len, **kw)
+        return offers if self.calls % 3 == 0 else []
+
+
+@pytest.mark.parametrize("draft_name", ["none", "self"])
+def test_a_speculative_step_verifies_in_one_pass_even_right_after_a_plain_one(
+    untied_loaded,  # noqa: F811
+    references,  # noqa: F811
+    draft_name,
+    monkeypatch,
+):
+    """On a CPU a pass over seq[-1] and K proposals costs far less than a one-token pass and a
+    second K-token pass, so no plain pass is queued ahead of a speculative step: each step's
+    verify is one target pass of K + 1 tokens, and each plain step is one pass of 1."""
+    from speclora.daemon.engine import events
+
+    target, _, self_draft, tokenizer = untied_loaded
+    draft = self_draft if draft_name == "self" else None
+    widths: list[int] = []
+    run_pass = events.ForwardPass.run
+
+    def recorded(self):
+        if self.model is target:
+            widths.append(self.width)
+        return run_pass(self)
+
+    monkeypatch.setattr(events.ForwardPass, "run", recorded)
+    prompt = PROMPTS[0]
+    ids = _ids(tokenizer, prompt)
+    history = NowAndThenHistory(ids, references[prompt], noise=0.0)
+    request = GenerationRequest(prompt=prompt, max_tokens=40, draft_tokens=None)
+    events_, summary = run(
+        target, draft, tokenizer, request, prompt_tokens=ids, prices=PRICES, history=history
+    )
+    assert list(summary.completion_token_ids) == references[prompt][:40]
+    traces = [e.trace for e in events_ if isinstance(e, StepEvent) and e.trace]
+    decode = widths[len(widths) - len(traces) :]  # the passes after the prefill, one per step
+    assert len(widths) - len(decode) <= 1 and len(decode) == len(traces)
+    assert decode == [t.k + 1 for t in traces]
+    after_plain = [b.k == 0 and t.k > 0 for b, t in zip(traces, traces[1:], strict=False)]
+    assert any(after_plain)

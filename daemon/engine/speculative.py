@@ -2,9 +2,11 @@
 
 One `next()` does one prefill chunk or one step. A step with K > 0 drafts K tokens, verifies
 all K + 1 positions with one target forward, decides acceptance on device (sampling.py) and
-syncs with the host once. A step with K = 0 is a plain target pass; consecutive plain steps
-are pipelined like mlx-lm's generate_step (the next pass is queued with mx.async_eval before
-the current token is read).
+syncs with the host once. A step with K = 0 is a plain target pass. Each step's plan is made
+as soon as its tokens are known; when the next step is plain, its pass is queued then
+(mx.async_eval) and computes while the event goes out, as mlx-lm's generate_step overlaps its
+steps. A speculative step is never preceded by a queued pass: its verify runs seq[-1] and the
+proposals in one pass (two passes, 1 and K tokens, cost ~1 pass more on a CPU).
 
 Cache bookkeeping. With `seq` the prompt plus every emitted token, the target cache always
 holds seq[:-1] (the last token is the next step's input). The draft cache holds seq[:draft_len]
@@ -21,8 +23,8 @@ and top-p, so the output is exactly the constrained target's, greedy or sampled;
 rows are masked the same way (through its restricted head's ids), so its proposals are legal,
 and it stops proposing where its head has no legal token or after an end token. History's and
 the grammar's own proposals (the run it forces) are verified as point masses. The matcher runs
-ahead over a step's proposals for their masks, comes back, and consumes what was emitted. Plain
-steps are not pipelined then (the next row's mask needs this step's token), and where the
+ahead over a step's proposals for their masks, comes back, and consumes what was emitted (before
+the next plain pass is queued: its row's mask needs this step's tokens), and where the
 grammar is complete and allows only the end token, that token is emitted without a pass.
 """
 
@@ -66,7 +68,6 @@ from speclora.daemon.engine.sampling import (
     filtered_logits,
     greedy_rows,
     greedy_verdict,
-    join_rows,
     make_key,
     point_mass_verdict,
     sample,
@@ -241,20 +242,29 @@ class _Decoder:
             logits = _masked(logits, self.grammar.allowed())
         return logits, sample(logits, self.params, self._next_key())
 
-    def plain_step(self, pipeline_next: bool) -> Generator[ForwardPass, mx.array, int]:
-        """One target pass, one token. With `pipeline_next` the following pass is queued
-        before this token is read, so graph building overlaps compute."""
+    def plain_step(self) -> Generator[ForwardPass, mx.array, int]:
+        """One target pass, one token: the queued one (queue_plain) if there is one."""
         if self.lookahead is not None:
             (_, token), self.lookahead = self.lookahead, None
         else:
             _, token = yield from self._plain_pass(mx.array([self.seq[-1]], mx.uint32))
-        if pipeline_next and self.grammar is None:
-            self.lookahead = yield from self._plain_pass(token)
-            mx.async_eval(self.lookahead[1])
         value = int(token.item())
         self.seq.append(value)
-        self.target_len = len(self.seq) - 1  # (a queued pass holds one more until dropped)
+        self.target_len = len(self.seq) - 1
         return value
+
+    def queue_plain(self) -> Generator[ForwardPass, mx.array, None]:
+        """Queue the next step's pass (mx.async_eval) once the plan says it is a plain one, so
+        that it computes while this step's event goes out. Only then: a speculative step's
+        verify covers seq[-1] and its proposals in one pass, which on a CPU costs far less
+        than a queued pass over seq[-1] and a second one over the proposals. The cache then
+        holds one more position than target_len until the pass is used or dropped."""
+        grammar = self.grammar
+        if grammar is not None and (grammar.dead() or grammar.only() == grammar.eos):
+            return  # the next step needs no pass
+        if self.lookahead is None:
+            self.lookahead = yield from self._plain_pass(mx.array([self.seq[-1]], mx.uint32))
+            mx.async_eval(self.lookahead[1])
 
     def drop_lookahead(self) -> None:
         """Undo a queued plain pass that will not be used (the generation is ending)."""
@@ -267,10 +277,7 @@ class _Decoder:
     def _propose(self, k: int) -> Generator[ForwardPass, mx.array, _Proposal]:
         assert self.head is not None and self.draft_cache is not None
         greedy = self.params.greedy
-        queued = self.lookahead is not None  # the target (and shared layers) then hold seq
         if self.shares_cache:
-            if queued:
-                trim_prompt_cache(self.draft_cache, 1)  # the draft recomputes seq[-1] itself
             feed = mx.array(self.seq[-1:], mx.uint32)  # the shared layers hold seq[:-1]
         else:
             feed = mx.array(self.seq[self.draft_len :], mx.uint32)
@@ -319,9 +326,8 @@ class _Decoder:
             if i < k - 1:
                 feed = token.reshape(1)
         if self.shares_cache:
-            # The verify pass writes these positions of the shared layers again, its own way
-            # (all k, or all but seq[-1] when a queued pass already verifies its position).
-            trim_prompt_cache(self.draft_cache, runs - 1 if queued else runs)
+            # The verify pass writes these positions of the shared layers again, its own way.
+            trim_prompt_cache(self.draft_cache, runs)
         if grammar is not None:
             masks.append(grammar.allowed())
             grammar.pop(len(tokens))
@@ -340,24 +346,16 @@ class _Decoder:
     ) -> Generator[ForwardPass, Any, mx.array | GreedyRows]:
         """The target's K + 1 rows after seq[-1] and after each proposal, in one pass: its
         (K + 1, V) logits, or, given each row's next token (`following`: T = 0, no grammar),
-        their GreedyRows, so that no (K + 1, V) logits are kept. A queued plain pass already
-        holds the row after seq[-1]; the pass then covers the proposals."""
-        first = None
-        if self.lookahead is not None:
-            (first, _), self.lookahead = self.lookahead, None
-            verify_in = proposals
-        else:
-            verify_in = mx.concatenate([mx.array([self.seq[-1]], mx.uint32), proposals])
+        their GreedyRows, so that no (K + 1, V) logits are kept. (No plain pass is queued
+        before a speculative step: queue_plain runs only when the next step is plain.)"""
+        assert self.lookahead is None
+        verify_in = mx.concatenate([mx.array([self.seq[-1]], mx.uint32), proposals])
         if following is None:
-            rest = yield from self._target_pass(verify_in)
-            return rest if first is None else mx.concatenate([first[None], rest], axis=0)
-        head = GreedyHead(self.target_parts, following[-verify_in.shape[0] :])
-        rest = yield from self._forward(
-            ForwardPass(self.target, verify_in, self.target_cache, head)
+            return (yield from self._target_pass(verify_in))
+        head = GreedyHead(self.target_parts, following)
+        return (
+            yield from self._forward(ForwardPass(self.target, verify_in, self.target_cache, head))
         )
-        if first is None:
-            return rest
-        return join_rows([greedy_rows(first[None], following[:1]), rest])
 
     def _verify(
         self,
@@ -405,7 +403,7 @@ class _Decoder:
         proposal = yield from self._propose(k)
         k = proposal.tokens.shape[0]
         if k == 0:
-            token = yield from self.plain_step(pipeline_next=False)
+            token = yield from self.plain_step()
             return _StepResult(
                 proposed=[], accepted=0, emitted=[token], target_probs=[], draft_probs=[]
             )
@@ -579,7 +577,7 @@ def detailed_steps(
                 continue
             if plan.k <= 0:
                 # Queue the next pass now: whatever the next step is, it uses it.
-                token = yield from decoder.plain_step(pipeline_next=tracker.remaining > 1)
+                token = yield from decoder.plain_step()
                 emitted, accepted = [token], 0
                 trace = StepTrace(0, (), (), (), 0, (token,), None, source="target")
             else:
@@ -615,6 +613,8 @@ def detailed_steps(
                 if batch_width is not None and isinstance(controller, StepController):
                     controller.price_for_batch(batch_width.others(decoder.last_width))
                 plan = controller.plan(tracker.remaining - 1) if speculate else PLAIN
+                if plan.k <= 0:
+                    yield from decoder.queue_plain()
             yield StepEvent(chunk=text, trace=trace)
         decoder.drop_lookahead()
         if grammar is not None and tracker.finish_reason == "length" and not grammar.accepting():
