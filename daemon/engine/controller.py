@@ -4,8 +4,8 @@ The sources: the model draft (K proposals for K draft passes), the history draft
 match's continuation over the request's own tokens and past requests' outputs: no draft pass
 at all), or nobody (K = 0, a plain target pass). Each candidate is scored as expected tokens
 per unit of measured cost (costs.StepPrices: a wider verify is not free on a CPU), and the best
-wins; a plain pass scores 1. A useless source therefore costs nothing but the occasional probe,
-and a good one is used as far as it pays.
+wins; a plain pass scores 1. A useless source therefore costs nothing but the occasional probe
+(history's cost nothing at all, see below), and a good one is used as far as it pays.
 
 Expected tokens. A model-draft step of k proposals at per-proposal acceptance a yields
 (1 - a^(k+1)) / (1 - a) (Leviathan et al. 2023), with a from adaptive K's estimate. A history
@@ -18,10 +18,14 @@ evidence, a 16-token one is a copied span, and a match into past requests ("hist
 as reliable as one of the same length in the request's own prompt and output ("prompt"): a
 long match into a past request of the same template often continues with another input's
 text. Both origins' proposals are priced each step and the better one is taken. A band's
-long-run figure changes only when it is tested, so a band that proposed garbage stays quiet (its recent evidence fades back to that figure between
-tests); while history has proposals that do not pay, a short probe now and then (backing off
-while probes leave it unpriced, as adaptive K's do) re-tests it, so a good source that had bad
-luck comes back. Each request starts from what earlier ones saw (HistoryMemory), blended
+long-run figure changes only when it is tested, so a band that proposed garbage stays quiet (its
+recent evidence fades back to that figure between tests). An offer that is not verified is
+still tested, for free: it is kept as a shadow and checked against the tokens the target emits
+next, the same evidence its verify would have given (at T > 0 the target emits x with
+probability p(x), the point mass's acceptance), so a good source that had bad luck comes back
+without a probe and a useless one costs no pass at all (one shadow open at a time: successive
+offers of one match would count the same tokens again). Each request starts from what earlier
+ones saw (HistoryMemory), blended
 with the band's default so that no band is shut for good. The history step takes the prefix of
 the proposal with the best tokens per cost.
 
@@ -59,8 +63,6 @@ A_MAX = 0.98  # never price a history token as certain: past text is not the tar
 MATCH_BANDS = (0, 3, 5, 9)
 BAND_PRIORS = (0.3, 0.5, 0.7, 0.85)
 ORIGINS = ("prompt", "history")  # the request's own tokens; past requests' (HistoryProposal)
-HISTORY_PROBE_TOKENS = 4  # a probe verifies this much of a proposal that did not pay
-MAX_PROBE_BACKOFF = 8
 GRAMMAR_PRIOR = 0.9  # a forced run's per-token acceptance before any evidence
 GUESS_PRIOR = 0.6  # ... and that of a guessed split of the fixed bytes after it
 MAX_FORCED = 32  # the longest forced run one step proposes
@@ -113,6 +115,34 @@ class StepPlan:
 
 
 PLAIN = StepPlan("target", 0)
+
+
+@dataclass
+class Shadow:
+    """A history offer no step verified, checked against what the target emits instead."""
+
+    tokens: tuple[int, ...]
+    confidence: tuple[float, ...]
+    origin: str
+    band: int
+    matched: int = 0
+
+    def check(self, emitted: Sequence[int]) -> bool:
+        """Compare the next emitted tokens; True once the offer is decided (a mismatch, or
+        every token matched)."""
+        for token in emitted:
+            if token != self.tokens[self.matched]:
+                return True
+            self.matched += 1
+            if self.matched == len(self.tokens):
+                return True
+        return False
+
+    def evidence(self, decided: bool) -> tuple[int, float]:
+        """(accepted, tested confidence), counted as a verify counts them; undecided (cut
+        short by a verify of history itself): the matched tokens, with no failure seen."""
+        failed = decided and self.matched < len(self.tokens)
+        return self.matched, sum(self.confidence[: self.matched + failed])
 
 
 Calibration = Mapping[str, Sequence[float | None]]  # origin -> per band (None: no evidence)
@@ -178,7 +208,7 @@ class FixedPlans:
         k = min(self.k, budget)
         return StepPlan("draft", k) if k > 0 else PLAIN
 
-    def update(self, plan: StepPlan, accepted: int) -> None:
+    def update(self, plan: StepPlan, accepted: int, emitted: Sequence[int] = ()) -> None:
         pass
 
 
@@ -195,7 +225,6 @@ class StepController:
         min_token_prob: float = 0.1,
         spec_factor: float = 1.0,
         calibration: Calibration | None = None,
-        probe_interval: int = 16,
         grammar: GrammarSource | None = None,
     ) -> None:
         self.prices = self.alone_prices = prices
@@ -224,9 +253,8 @@ class StepController:
         # confidence of the positions they tested (for HistoryMemory).
         self.history_accepted = _per_band()
         self.history_tested = _per_band()
-        self.probe_interval = probe_interval
-        self._unpriced = 0  # steps since history last proposed, while it had proposals
-        self._backoff = 1
+        self._offer: Shadow | None = None  # this step's best history offer, paying or not
+        self.shadow: Shadow | None = None  # an offer not verified, checked as tokens come
 
     def price_for_batch(self, others: int) -> None:
         """Price the next steps as a row of a shared forward that carries `others` tokens of
@@ -255,7 +283,9 @@ class StepController:
         return StepPlan("draft", k, probe=probe, expected=expected)
 
     def _history_plan(self, budget: int) -> StepPlan:
-        """The best-priced prefix of the history's proposals (one per origin)."""
+        """The best-priced prefix of the history's proposals (one per origin); PLAIN when no
+        prefix pays (the best offer is still kept in `_offer`, for a shadow)."""
+        self._offer = None
         if self.history is None or budget <= 0:
             return PLAIN
         offers = self.history.proposals(
@@ -263,7 +293,7 @@ class StepController:
             min_token_prob=self.min_token_prob,
             spec_factor=self.spec_factor,
         )
-        best: StepPlan | None = None
+        best = PLAIN
         best_gain = 0.0
         for offer in offers:
             tokens, confidence = self._legal(tuple(offer.tokens), tuple(offer.confidence))
@@ -273,27 +303,19 @@ class StepController:
             n, expected, gain = history_prefix(
                 confidence, self.bands[origin][band].value, self.prices
             )
-            if best is None or gain > best_gain:
-                # n = 0 (nothing pays): kept as the probe candidate, a probe's length
+            if self._offer is None or gain > best_gain:
                 best_gain = gain
-                k = n or min(HISTORY_PROBE_TOKENS, len(tokens))
+                self._offer = Shadow(tokens, confidence, origin, band)
                 best = StepPlan(
                     "history",
-                    k,
-                    tokens=tokens[:k],
-                    confidence=confidence[:k],
+                    n,
+                    tokens=tokens[:n],
+                    confidence=confidence[:n],
                     expected=expected,
                     band=band,
                     origin=origin,
-                    probe=n == 0,
                 )
-        if best is None:
-            return PLAIN
-        if best.probe:
-            self._unpriced += 1
-            if self._unpriced < self.probe_interval * self._backoff:
-                return PLAIN
-        return best
+        return best if best.k else PLAIN
 
     def _legal(
         self, tokens: tuple[int, ...], confidence: tuple[float, ...]
@@ -341,7 +363,14 @@ class StepController:
         return 1.0
 
     def plan(self, budget: int) -> StepPlan:
-        """The step to take; `budget` = proposals the request can still use (tokens left - 1)."""
+        """The step to take; `budget` = proposals the request can still use (tokens left - 1).
+        A history offer it does not verify becomes the shadow, unless one is open."""
+        plan = self._choose(budget)
+        if plan.source != "history" and self.shadow is None and self._offer is not None:
+            self.shadow = self._offer
+        return plan
+
+    def _choose(self, budget: int) -> StepPlan:
         grammar = self._grammar_plan(budget)
         if grammar.k:
             # A forced run is the cheapest proposal there is; it wins unless a source prices
@@ -350,7 +379,7 @@ class StepController:
             candidates = [self._history_plan(budget)]
             if not grammar.forced:
                 candidates.append(self._draft_plan(budget))
-            others = [p for p in candidates if p.k and not p.probe]
+            others = [p for p in candidates if p.k and not p.probe]  # (a draft's probe)
             best = max(others, key=self._gain, default=None)
             if best is not None and self._gain(best) > self._gain(grammar):
                 return best
@@ -361,9 +390,11 @@ class StepController:
             return history
         if draft.k and (draft.probe or self._gain(draft) >= 1.0):
             return draft
-        return history if history.probe else PLAIN
+        return PLAIN
 
-    def update(self, plan: StepPlan, accepted: int) -> None:
+    def update(self, plan: StepPlan, accepted: int, emitted: Sequence[int] = ()) -> None:
+        """What the step did: `accepted` of its proposals, `emitted` the target's tokens (which
+        decide the shadow, if one is open)."""
         if self.draft_policy is not None:
             # A history step did not test the draft: for adaptive K it is an idle step.
             self.draft_policy.update(plan.k if plan.source == "draft" else 0, accepted)
@@ -379,23 +410,29 @@ class StepController:
         else:
             self.grammar_estimate.fade()
             self.guess_estimate.fade()
-        tested_band = (plan.origin, plan.band) if plan.source == "history" else None
-        for origin, estimates in self.bands.items():
-            for band, estimate in enumerate(estimates):
-                if (origin, band) != tested_band:
-                    estimate.fade()
+        tests: list[tuple[str, int, int, float]] = []  # (origin, band, accepted, tested)
         if plan.source == "history":
             # Tested positions: the accepted ones and the first rejected one, if any.
             tested = sum(plan.confidence[: accepted + (1 if accepted < plan.k else 0)])
-            estimate = self.bands[plan.origin][plan.band]
-            estimate.decay()
-            estimate.observe(accepted, tested)
-            self.history_accepted[plan.origin][plan.band] += accepted
-            self.history_tested[plan.origin][plan.band] += tested
-            self._unpriced = 0
-            if plan.probe:  # did it bring the band back? if not, wait longer next time
-                n, _, _ = history_prefix(plan.confidence, estimate.value, self.prices)
-                self._backoff = min(self._backoff * 2, MAX_PROBE_BACKOFF) if n == 0 else 1
+            tests.append((plan.origin, plan.band, accepted, tested))
+        shadow = self.shadow
+        if shadow is not None:
+            decided = plan.source != "history" and shadow.check(emitted)
+            if decided or plan.source == "history":  # (a verify of history supersedes it)
+                self.shadow = None
+                if decided or shadow.matched:
+                    tests.append((shadow.origin, shadow.band, *shadow.evidence(decided)))
+        tested_bands = {(origin, band) for origin, band, _, _ in tests}
+        for origin, estimates in self.bands.items():
+            for band, estimate in enumerate(estimates):
+                if (origin, band) in tested_bands:
+                    estimate.decay()
+                else:
+                    estimate.fade()
+        for origin, band, n, tested in tests:
+            self.bands[origin][band].observe(n, tested)
+            self.history_accepted[origin][band] += n
+            self.history_tested[origin][band] += tested
 
 
 def make_controller(
@@ -432,7 +469,6 @@ def make_controller(
         draft_policy=policy,
         history=history,
         calibration=history_calibration,
-        probe_interval=spec.probe_interval,  # type: ignore[attr-defined]
         grammar=grammar,
         **options,
     )

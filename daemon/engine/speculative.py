@@ -598,7 +598,7 @@ def detailed_steps(
                     first_rejection=accepted if accepted < plan.k else None,
                     source=plan.source if plan.k else "target",
                 )
-            controller.update(plan, accepted)
+            controller.update(plan, accepted, emitted)
             if history is not None:
                 history.extend(emitted)
             tracker.count_step(plan.source, plan.k, accepted)
