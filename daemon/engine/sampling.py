@@ -127,12 +127,6 @@ def greedy_rows(logits: mx.array, next_tokens: mx.array) -> GreedyRows:
     return GreedyRows(mx.argmax(logits, axis=-1), logp)
 
 
-def join_rows(parts: list[GreedyRows]) -> GreedyRows:
-    return GreedyRows(
-        mx.concatenate([r.choice for r in parts]), mx.concatenate([r.next_logp for r in parts])
-    )
-
-
 def greedy_verdict(target: GreedyRows, proposals: mx.array, draft_probs: mx.array) -> Verdict:
     """T = 0: accept while the proposal equals the target's argmax; then the target's argmax.
 

@@ -576,7 +576,7 @@ def detailed_steps(
                 )
                 continue
             if plan.k <= 0:
-                # Queue the next pass now: whatever the next step is, it uses it.
+                # The pass queue_plain queued after the last plan, if any, else one now.
                 token = yield from decoder.plain_step()
                 emitted, accepted = [token], 0
                 trace = StepTrace(0, (), (), (), 0, (token,), None, source="target")
