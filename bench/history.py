@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     grown = rss_bytes()
     return {
         "pair": pair,
-        "blas": blas_info().name,
+        "blas": blas_info().label,
         "target_pass_ms": pass_s * 1e3,
         "history_tokens": index.tokens,
         "bound_tokens": args.tokens,

@@ -522,7 +522,7 @@ def main() -> int:
         },
         "good_draft": good,
         "wall_seconds": time.perf_counter() - started,
-        "blas": speclora.daemon.blas.blas_info().name,
+        "blas": speclora.daemon.blas.blas_info().label,
     }
     h, u, t = report["heldout"], report["unrelated"], report["training"]
     k = args.k

@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload = {k: v for k, v in result.items() if k != "rows"}
         payload["rows"] = records
-        payload["blas"] = speclora.daemon.blas.blas_info().name
+        payload["blas"] = speclora.daemon.blas.blas_info().label
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
     return 0

@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
                     "prices": {"verify": prices.verify, "draft": prices.draft},
                     "workloads": names,
                     "rows": rows,
-                    "blas": blas_info().name,
+                    "blas": blas_info().label,
                     "prompts": args.prompts,
                     "max_tokens": args.max_tokens,
                     "repeats": args.repeats,

@@ -175,6 +175,7 @@ class StatsSnapshot:
     blas: str
     version: str
     default_mode: str
+    blas_skinny_rows: int = 0  # products of up to this many rows in the skinny kernel; 0: off
     # By source since start (acceptance_* above count both), and the history drafter's size.
     draft_proposed: int = 0
     draft_accepted: int = 0

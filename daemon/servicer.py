@@ -434,6 +434,7 @@ def snapshot_to_pb(snap: StatsSnapshot) -> pb.StatsSnapshot:
         prompt_cache_bytes=snap.prompt_cache_bytes,
         blas=_BLAS_TO_PB.get(snap.blas, pb.BLAS_UNSPECIFIED),
         blas_name=snap.blas,
+        blas_skinny_rows=snap.blas_skinny_rows,
         version=snap.version,
         default_mode=_MODE_TO_PB[snap.default_mode],
         draft_proposed=snap.sources.draft_proposed,

@@ -215,6 +215,7 @@ class StatsSnapshot:
     blas: str
     version: str
     default_mode: Mode
+    blas_skinny_rows: int = 0
     counters: Counters = field(default_factory=Counters)  # not in the proto (yet); /metrics
     sources: SourceCounts = field(default_factory=lambda: SourceCounts())
     history: HistoryCounts = field(default_factory=lambda: HistoryCounts())
@@ -473,6 +474,7 @@ def daemon_snapshot(
         weight_bytes=hub.resident_weight_bytes(),
         prompt_cache_bytes=hub.prompt_cache.stats().bytes if hub.prompt_cache else 0,
         blas=blas.blas_info().name,
+        blas_skinny_rows=blas.blas_info().skinny_rows,
         version=speclora.__version__,
         default_mode=default_mode,
         counters=serving.counters,

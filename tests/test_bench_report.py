@@ -49,7 +49,7 @@ def test_every_benchmark_ran_on_the_fast_blas(report: tuple[dict[str, Any], str]
     times slower, and every number it prints is wrong; this once happened unnoticed."""
     from speclora.daemon.blas import blas_info
 
-    expected = blas_info().name  # conftest preloads it the right way
+    expected = blas_info().label  # conftest preloads it the right way
     benches = report[0]["benchmarks"]
     found = {name: b["blas"] for name, b in benches.items()}
     found["daemon (server process)"] = benches["daemon"]["daemon_blas"]

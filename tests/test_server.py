@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers.daemons import LocalDaemon, local_daemon, wait_until
+from speclora.daemon.blas import blas_info
 from speclora.daemon.errors import InvalidRequestError
 from speclora.daemon.server import (
     SERVICE_NAME,
@@ -179,6 +180,7 @@ def test_stats_reports_models_counters_and_memory(daemon: LocalDaemon) -> None:
     assert snap.weight_bytes > 0 and snap.uptime_s > 0
     assert snap.blas in (pb.BLAS_MKL, pb.BLAS_OPENBLAS, pb.BLAS_ACCELERATE, pb.BLAS_REFERENCE)
     assert snap.blas_name in ("mkl", "openblas", "accelerate", "reference")
+    assert snap.blas_skinny_rows == blas_info().skinny_rows  # the kernel, where it is built
     assert snap.version and snap.default_mode == pb.MODE_DETAILED
     assert snap.training_state == pb.TRAINING_STATE_IDLE
     assert snap.training_state_name == "idle"  # the deprecated string keeps its field

@@ -84,6 +84,7 @@ def stats_json(snap: StatsSnapshot) -> dict[str, Any]:
         "weight_bytes": snap.weight_bytes,
         "prompt_cache_bytes": snap.prompt_cache_bytes,
         "blas": snap.blas,
+        "blas_skinny_rows": snap.blas_skinny_rows,
         "version": snap.version,
         "default_mode": snap.default_mode,
         "pid": os.getpid(),

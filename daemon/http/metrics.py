@@ -130,6 +130,7 @@ class _SnapshotCollector(Collector):
                 "target": s.target_model,
                 "draft": s.draft_model,
                 "blas": s.blas,
+                "blas_skinny_rows": str(s.blas_skinny_rows),
                 "version": s.version,
             },
         )

@@ -439,7 +439,7 @@ function drawNow(s) {
     ["draft", s.draft_model || "none"],
     ["adapter", s.adapter_version || "base draft"],
     ["device", `${d.device || "?"} · ${d.cpu_count || "?"} CPUs`],
-    ["BLAS", s.blas],
+    ["BLAS", s.blas_skinny_rows ? `${s.blas} + skinny sgemm (up to ${s.blas_skinny_rows} rows)` : s.blas],
     ["mode", s.default_mode],
     ["memory", `${bytes(s.rss_bytes)} resident (peak ${bytes(s.peak_rss_bytes)})`],
     ["weights", bytes(s.weight_bytes)],

@@ -1,0 +1,188 @@
+// A cblas_sgemm for decoding's skinny products, loaded in front of the system BLAS (see
+// daemon/blas.py): C = A * B^T with A a few rows (the tokens of one pass) and B a weight matrix
+// (row-major, out x in). Each weight row is read from memory once for all rows of A (OpenBLAS
+// packs all of B for every product), and the work is split over threads by weight rows; the
+// helper threads spin briefly between products, since a pass issues them back to back.
+// Everything else goes to the BLAS's own cblas_sgemm. Only the kernel is AVX2/FMA code, so the
+// library loads anywhere and skinny_supported() says whether to enable it.
+#define _GNU_SOURCE
+#include <immintrin.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stddef.h>
+
+enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
+enum {
+    MAX_ROWS = 64,          // skinny_enable caps what it is given at this
+    PREFETCH_AHEAD = 256,   // floats of a weight row fetched ahead (1 KiB)
+    MAX_THREADS = 16,
+    MIN_WEIGHTS = 65536,    // smaller products (attention's) are not worth waking threads for
+    SPIN = 20000,           // pauses (~0.3 ms) a helper waits awake for the next product
+};
+#define KERNEL __attribute__((target("avx2,fma")))
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int,
+                         const float *, int, float, float *, int);
+
+static sgemm_fn fallback;
+static int max_rows;        // 0 until skinny_enable: every call goes to the fallback
+static int n_threads = 1;
+static atomic_long fast_calls, fallback_calls;
+
+long skinny_fast_calls(void) { return fast_calls; }
+long skinny_fallback_calls(void) { return fallback_calls; }
+int skinny_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+KERNEL static inline float hsum(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_hadd_ps(lo, lo);
+    lo = _mm_hadd_ps(lo, lo);
+    return _mm_cvtss_f32(lo);
+}
+
+typedef struct {
+    int M, N, K, lda, ldb, ldc;
+    const float *A, *B;
+    float *C;
+} Job;
+
+// Rows [n0, n1) of B, for rows [m0, m0 + mc) of A (mc <= 8). Each (m, n) sums over k in one
+// fixed order that depends on K alone, so a row of A gets the same result whatever the other
+// rows, the split or the thread count are.
+KERNEL static inline __attribute__((always_inline)) void dot_rows(const Job *j, const float *b, int n,
+                                                           int m0, int mc) {
+    const int K = j->K;
+    __m256 acc[8][2];
+    for (int m = 0; m < mc; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        _mm_prefetch((const char *)(b + k + PREFETCH_AHEAD), _MM_HINT_T0);
+        __m256 b0 = _mm256_loadu_ps(b + k), b1 = _mm256_loadu_ps(b + k + 8);
+        for (int m = 0; m < mc; m++) {
+            const float *a = j->A + (size_t)(m0 + m) * j->lda + k;
+            acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(a), b0, acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(a + 8), b1, acc[m][1]);
+        }
+    }
+    for (int m = 0; m < mc; m++) {
+        float s = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+        const float *a = j->A + (size_t)(m0 + m) * j->lda;
+        for (int kk = k; kk < K; kk++) s += a[kk] * b[kk];
+        j->C[(size_t)(m0 + m) * j->ldc + n] = s;
+    }
+}
+
+// Chunks of 8 rows of A share each row of B while it is in L1: B is read from memory once.
+KERNEL static void run_rows(const Job *j, int n0, int n1) {
+    for (int n = n0; n < n1; n++) {
+        const float *b = j->B + (size_t)n * j->ldb;
+        for (int m0 = 0; m0 < j->M; m0 += 8) dot_rows(j, b, n, m0, j->M - m0 < 8 ? j->M - m0 : 8);
+    }
+}
+
+KERNEL static void run_part(const Job *j, int part, int parts) {
+    // Split on multiples of 8 rows so no two threads write the same cache line of C.
+    int chunk = ((j->N + parts - 1) / parts + 7) & ~7;
+    int n0 = part * chunk, n1 = n0 + chunk < j->N ? n0 + chunk : j->N;
+    if (n0 < n1) run_rows(j, n0, n1);
+}
+
+// Helpers wait for a new generation of the job: spinning a little first, since a pass issues
+// its products back to back, then asleep on the condition variable.
+static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;   // one product at a time
+static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static const Job *current;
+static atomic_long generation;
+static atomic_int remaining, sleepers;
+static int helpers_started;
+static long start_generation;  // the generation helpers are started at
+
+static void *helper_main(void *arg) {
+    const int part = (int)(size_t)arg;
+    long seen = start_generation;
+    for (;;) {
+        long gen;
+        for (int spin = 0; (gen = atomic_load(&generation)) == seen && spin < SPIN; spin++)
+            _mm_pause();
+        if (gen == seen) {
+            pthread_mutex_lock(&wake_lock);
+            atomic_fetch_add(&sleepers, 1);
+            while ((gen = atomic_load(&generation)) == seen) pthread_cond_wait(&wake, &wake_lock);
+            atomic_fetch_sub(&sleepers, 1);
+            pthread_mutex_unlock(&wake_lock);
+        }
+        seen = gen;
+        run_part(current, part, n_threads);
+        atomic_fetch_sub(&remaining, 1);
+    }
+    return NULL;
+}
+
+static void forget_helpers(void) {  // a forked child has none of the parent's threads
+    helpers_started = 0;
+    pthread_mutex_init(&job_lock, NULL);
+    pthread_mutex_init(&wake_lock, NULL);
+    pthread_cond_init(&wake, NULL);
+}
+
+static int start_helpers(void) {
+    start_generation = atomic_load(&generation);
+    for (int t = 1; t < n_threads; t++) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, helper_main, (void *)(size_t)t) != 0) return 0;
+        pthread_detach(thread);
+    }
+    return 1;
+}
+
+static void run_job(const Job *j) {
+    if (n_threads == 1 || pthread_mutex_trylock(&job_lock) != 0) {
+        run_rows(j, 0, j->N);  // single-threaded, or another thread's product is running
+        return;
+    }
+    if (!helpers_started) {
+        helpers_started = 1;
+        if (!start_helpers()) n_threads = 1;
+    }
+    current = j;
+    atomic_store(&remaining, n_threads - 1);
+    atomic_fetch_add(&generation, 1);
+    if (atomic_load(&sleepers) > 0) {
+        pthread_mutex_lock(&wake_lock);
+        pthread_cond_broadcast(&wake);
+        pthread_mutex_unlock(&wake_lock);
+    }
+    run_part(j, 0, n_threads);
+    while (atomic_load(&remaining) > 0) _mm_pause();
+    pthread_mutex_unlock(&job_lock);
+}
+
+// Take products of up to `rows` rows from now on; the rest go to `fn` (the loaded BLAS's
+// cblas_sgemm), which runs them with its own threads.
+void skinny_enable(void *fn, int rows, int threads) {
+    static int registered;
+    if (!registered) {
+        registered = 1;
+        pthread_atfork(NULL, NULL, forget_helpers);
+    }
+    fallback = (sgemm_fn)fn;
+    n_threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    max_rows = rows > MAX_ROWS ? MAX_ROWS : rows;
+}
+
+void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A,
+                 int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    if (order == RowMajor && ta == NoTrans && tb == Trans && alpha == 1.0f && beta == 0.0f &&
+        M >= 1 && M <= max_rows && K >= 1 && (long)N * K >= MIN_WEIGHTS) {
+        Job j = {M, N, K, lda, ldb, ldc, A, B, C};
+        atomic_fetch_add(&fast_calls, 1);
+        run_job(&j);
+        return;
+    }
+    atomic_fetch_add(&fallback_calls, 1);
+    fallback(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
