@@ -83,64 +83,80 @@ KERNEL static void run_rows(const Job *j, int n0, int n1) {
     }
 }
 
-KERNEL static void run_part(const Job *j, int part, int parts) {
-    // Split on multiples of 8 rows so no two threads write the same cache line of C.
-    int chunk = ((j->N + parts - 1) / parts + 7) & ~7;
-    int n0 = part * chunk, n1 = n0 + chunk < j->N ? n0 + chunk : j->N;
-    if (n0 < n1) run_rows(j, n0, n1);
-}
-
-// Helpers wait for a new generation of the job: spinning a little first, since a pass issues
-// its products back to back, then asleep on the condition variable.
-static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;   // one product at a time
+// One product at a time is shared out (job_lock; a second thread's product runs on that thread
+// alone). Its weight rows are cut into chunks that every thread, the caller included, claims
+// from one counter, so a helper the OS has not scheduled only means the others do more: the
+// caller never waits for a thread that is not running, only for chunks being computed. The
+// counter carries the product's generation in its high half, so a helper that wakes late finds
+// its product gone and cannot claim a chunk of the next one.
+enum { CHUNK_ROWS = 32, YIELD_EVERY = 256 };
+static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
-static const Job *current;
-static atomic_long generation;
-static atomic_int remaining, sleepers;
+static Job job;                   // written only while no chunk of it is unclaimed or running
+static int n_chunks;
+static _Atomic unsigned long ticket;  // generation << 32 | next chunk
+static atomic_int chunks_done, sleepers;
 static int helpers_started;
-static long start_generation;  // the generation helpers are started at
 
+static void work(unsigned long generation) {
+    unsigned long t = atomic_load(&ticket);
+    while ((t >> 32) == generation && (long)(t & 0xffffffffUL) < n_chunks) {
+        if (!atomic_compare_exchange_weak(&ticket, &t, t + 1)) continue;  // t reloaded
+        int n0 = (int)(t & 0xffffffffUL) * CHUNK_ROWS;
+        run_rows(&job, n0, n0 + CHUNK_ROWS < job.N ? n0 + CHUNK_ROWS : job.N);
+        atomic_fetch_add(&chunks_done, 1);
+        t = atomic_load(&ticket);
+    }
+}
+
+static inline void relax(int spin) {
+    if (spin % YIELD_EVERY == YIELD_EVERY - 1)
+        sched_yield();  // an oversubscribed CPU: let the thread we wait on run
+    else
+        _mm_pause();
+}
+
+// Helpers spin a little after each product, since a pass issues them back to back, then sleep.
 static void *helper_main(void *arg) {
-    const int part = (int)(size_t)arg;
-    long seen = start_generation;
+    unsigned long seen = (unsigned long)arg;
     for (;;) {
-        long gen;
-        for (int spin = 0; (gen = atomic_load(&generation)) == seen && spin < SPIN; spin++)
-            _mm_pause();
+        unsigned long gen;
+        for (int spin = 0; (gen = atomic_load(&ticket) >> 32) == seen && spin < SPIN; spin++)
+            relax(spin);
         if (gen == seen) {
             pthread_mutex_lock(&wake_lock);
             atomic_fetch_add(&sleepers, 1);
-            while ((gen = atomic_load(&generation)) == seen) pthread_cond_wait(&wake, &wake_lock);
+            while ((gen = atomic_load(&ticket) >> 32) == seen) pthread_cond_wait(&wake, &wake_lock);
             atomic_fetch_sub(&sleepers, 1);
             pthread_mutex_unlock(&wake_lock);
         }
         seen = gen;
-        run_part(current, part, n_threads);
-        atomic_fetch_sub(&remaining, 1);
+        work(gen);
     }
     return NULL;
 }
 
 static void forget_helpers(void) {  // a forked child has none of the parent's threads
     helpers_started = 0;
+    atomic_store(&sleepers, 0);
     pthread_mutex_init(&job_lock, NULL);
     pthread_mutex_init(&wake_lock, NULL);
     pthread_cond_init(&wake, NULL);
 }
 
 static int start_helpers(void) {
-    start_generation = atomic_load(&generation);
+    unsigned long gen = atomic_load(&ticket) >> 32;
     for (int t = 1; t < n_threads; t++) {
         pthread_t thread;
-        if (pthread_create(&thread, NULL, helper_main, (void *)(size_t)t) != 0) return 0;
+        if (pthread_create(&thread, NULL, helper_main, (void *)gen) != 0) return t > 1;
         pthread_detach(thread);
     }
     return 1;
 }
 
 static void run_job(const Job *j) {
-    if (n_threads == 1 || pthread_mutex_trylock(&job_lock) != 0) {
+    if (n_threads == 1 || j->N <= CHUNK_ROWS || pthread_mutex_trylock(&job_lock) != 0) {
         run_rows(j, 0, j->N);  // single-threaded, or another thread's product is running
         return;
     }
@@ -148,16 +164,18 @@ static void run_job(const Job *j) {
         helpers_started = 1;
         if (!start_helpers()) n_threads = 1;
     }
-    current = j;
-    atomic_store(&remaining, n_threads - 1);
-    atomic_fetch_add(&generation, 1);
+    job = *j;
+    n_chunks = (j->N + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    atomic_store(&chunks_done, 0);
+    unsigned long gen = (atomic_load(&ticket) >> 32) + 1;
+    atomic_store(&ticket, gen << 32);  // publishes job and n_chunks
     if (atomic_load(&sleepers) > 0) {
         pthread_mutex_lock(&wake_lock);
         pthread_cond_broadcast(&wake);
         pthread_mutex_unlock(&wake_lock);
     }
-    run_part(j, 0, n_threads);
-    while (atomic_load(&remaining) > 0) _mm_pause();
+    work(gen);
+    for (int spin = 0; atomic_load(&chunks_done) < n_chunks; spin++) relax(spin);
     pthread_mutex_unlock(&job_lock);
 }
 

@@ -177,3 +177,29 @@ def test_mlx_linear_layers_run_in_the_kernel() -> None:
     assert _counts()[0] == fast_before + 1
     want = np.array(x, np.float64)[0] @ np.array(layer.weight, np.float64).T
     np.testing.assert_allclose(np.array(y)[0], want, rtol=1e-4, atol=1e-3)
+
+
+def test_more_helper_threads_than_cores_still_finish_every_product() -> None:
+    """The BLAS's thread count can exceed the cores the daemon gets (a busy machine, a CPU
+    quota): helpers the OS does not schedule must not hold a product up or lose its rows."""
+    import subprocess
+    import time
+
+    code = (
+        "import numpy as np, speclora.daemon.blas as b, mlx.core as mx\n"
+        "assert b.blas_info().skinny_rows\n"
+        "rng = np.random.default_rng(5)\n"
+        "w = rng.standard_normal((4096, 576), dtype=np.float32)\n"
+        "for m in (1, 3, 5, 8, 10) * 20:\n"
+        "    x = rng.standard_normal((m, 576), dtype=np.float32)\n"
+        "    y = np.array(mx.array(x) @ mx.array(w).T)\n"
+        "    assert np.allclose(y, x.astype(np.float64) @ w.T.astype(np.float64), atol=1e-2), m\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(4 * (os.cpu_count() or 1))}
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert time.monotonic() - start < 60
