@@ -49,37 +49,60 @@ typedef struct {
     float *C;
 } Job;
 
-// Rows [n0, n1) of B, for rows [m0, m0 + mc) of A (mc <= 8). Each (m, n) sums over k in one
-// fixed order that depends on K alone, so a row of A gets the same result whatever the other
-// rows, the split or the thread count are.
-KERNEL static inline __attribute__((always_inline)) void dot_rows(const Job *j, const float *b, int n,
-                                                           int m0, int mc) {
+// A tile: rows [m0, m0 + MC) of A against rows [n0, n0 + TILE_N) of B (only the first nb are
+// real and stored), one 8-lane accumulator per (m, n), so each load of A feeds TILE_N FMAs and
+// each load of B feeds MC. Every (m, n) sums in one order fixed by K alone (lane by lane over k,
+// the lanes' fixed reduction, then the tail), so a row of A gets the same bits whatever the
+// other rows, the tiling, the split or the thread count are.
+// 3 x 3: the best of 2x4, 3x2, 3x3, 4x2 and 4x3 on the embedded model's shapes at 1-32 rows
+// (bigger tiles leave the compiler too few of the 16 vector registers).
+enum { TILE_M = 3, TILE_N = 3 };
+KERNEL static inline __attribute__((always_inline)) void tile(const Job *j, int m0, const int MC,
+                                                              int n0, int nb) {
     const int K = j->K;
-    __m256 acc[8][2];
-    for (int m = 0; m < mc; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    const float *a[TILE_M], *b[TILE_N];
+    __m256 acc[TILE_M][TILE_N];
+    for (int m = 0; m < MC; m++) a[m] = j->A + (size_t)(m0 + m) * j->lda;
+    for (int n = 0; n < TILE_N; n++) b[n] = j->B + (size_t)(n0 + (n < nb ? n : 0)) * j->ldb;
+    for (int m = 0; m < MC; m++)
+        for (int n = 0; n < TILE_N; n++) acc[m][n] = _mm256_setzero_ps();
+#define STEP(kk)                                                                  \
+    do {                                                                          \
+        __m256 bv[TILE_N];                                                        \
+        for (int n = 0; n < TILE_N; n++) bv[n] = _mm256_loadu_ps(b[n] + (kk));    \
+        for (int m = 0; m < MC; m++) {                                            \
+            __m256 av = _mm256_loadu_ps(a[m] + (kk));                             \
+            for (int n = 0; n < TILE_N; n++)                                      \
+                acc[m][n] = _mm256_fmadd_ps(av, bv[n], acc[m][n]);                \
+        }                                                                         \
+    } while (0)
     int k = 0;
-    for (; k + 16 <= K; k += 16) {
-        _mm_prefetch((const char *)(b + k + PREFETCH_AHEAD), _MM_HINT_T0);
-        __m256 b0 = _mm256_loadu_ps(b + k), b1 = _mm256_loadu_ps(b + k + 8);
-        for (int m = 0; m < mc; m++) {
-            const float *a = j->A + (size_t)(m0 + m) * j->lda + k;
-            acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(a), b0, acc[m][0]);
-            acc[m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(a + 8), b1, acc[m][1]);
+    for (; k + 16 <= K; k += 16) {  // a cache line of each B row per iteration
+        for (int n = 0; n < TILE_N; n++)
+            _mm_prefetch((const char *)(b[n] + k + PREFETCH_AHEAD), _MM_HINT_T0);
+        STEP(k);
+        STEP(k + 8);
+    }
+    for (; k + 8 <= K; k += 8) STEP(k);
+#undef STEP
+    for (int m = 0; m < MC; m++)
+        for (int n = 0; n < nb; n++) {
+            float s = hsum(acc[m][n]);
+            for (int kk = k; kk < K; kk++) s += a[m][kk] * b[n][kk];
+            j->C[(size_t)(m0 + m) * j->ldc + n0 + n] = s;
         }
-    }
-    for (int m = 0; m < mc; m++) {
-        float s = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
-        const float *a = j->A + (size_t)(m0 + m) * j->lda;
-        for (int kk = k; kk < K; kk++) s += a[kk] * b[kk];
-        j->C[(size_t)(m0 + m) * j->ldc + n] = s;
-    }
 }
 
-// Chunks of 8 rows of A share each row of B while it is in L1: B is read from memory once.
 KERNEL static void run_rows(const Job *j, int n0, int n1) {
-    for (int n = n0; n < n1; n++) {
-        const float *b = j->B + (size_t)n * j->ldb;
-        for (int m0 = 0; m0 < j->M; m0 += 8) dot_rows(j, b, n, m0, j->M - m0 < 8 ? j->M - m0 : 8);
+    for (int n = n0; n < n1; n += TILE_N) {  // the tile's rows of B stay in L1 across A's rows
+        int nb = n1 - n < TILE_N ? n1 - n : TILE_N;
+        for (int m0 = 0; m0 < j->M; m0 += TILE_M) {
+            switch (j->M - m0 < TILE_M ? j->M - m0 : TILE_M) {  // constant MC: all in registers
+            case 1: tile(j, m0, 1, n, nb); break;
+            case 2: tile(j, m0, 2, n, nb); break;
+            default: tile(j, m0, 3, n, nb); break;
+            }
+        }
     }
 }
 
@@ -89,7 +112,7 @@ KERNEL static void run_rows(const Job *j, int n0, int n1) {
 // caller never waits for a thread that is not running, only for chunks being computed. The
 // counter carries the product's generation in its high half, so a helper that wakes late finds
 // its product gone and cannot claim a chunk of the next one.
-enum { CHUNK_ROWS = 32, YIELD_EVERY = 256 };
+enum { CHUNK_ROWS = 48, YIELD_EVERY = 256 };  // 48: whole tiles, whole cache lines of C
 static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;

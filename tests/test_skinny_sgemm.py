@@ -61,7 +61,7 @@ def _a_times_b_transposed(a: np.ndarray, b: np.ndarray, n: int, k: int, ldc: int
     return c
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 10])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 10, 17, 32])
 @pytest.mark.parametrize(("n", "k", "pad"), [(1536, 576, 0), (577, 1001, 3), (4099, 33, 5)])
 def test_skinny_products_match_a_float64_reference(m: int, n: int, k: int, pad: int) -> None:
     rng = np.random.default_rng(m * 1000 + k)
@@ -79,11 +79,12 @@ def test_a_row_gets_the_same_bits_alone_as_among_others() -> None:
     """Each (row, column) sums in an order fixed by K: batching rows, or a verify's width,
     never changes a row's logits."""
     rng = np.random.default_rng(1)
-    a = rng.standard_normal((10, 576), dtype=np.float32)
-    b = rng.standard_normal((2048, 576), dtype=np.float32)
-    together = _a_times_b_transposed(a, b, 2048, 576, 2048)
-    for row in (0, 4, 9):
-        alone = _a_times_b_transposed(np.ascontiguousarray(a[row : row + 1]), b, 2048, 576, 2048)
+    rows = blas.SKINNY_MAX_ROWS
+    a = rng.standard_normal((rows, 577), dtype=np.float32)  # K = 577: a tail past the lanes too
+    b = rng.standard_normal((2048, 577), dtype=np.float32)
+    together = _a_times_b_transposed(a, b, 2048, 577, 2048)
+    for row in (0, 4, rows - 1):
+        alone = _a_times_b_transposed(np.ascontiguousarray(a[row : row + 1]), b, 2048, 577, 2048)
         assert np.array_equal(alone[0], together[row])
 
 
@@ -190,7 +191,7 @@ def test_more_helper_threads_than_cores_still_finish_every_product() -> None:
         "assert b.blas_info().skinny_rows\n"
         "rng = np.random.default_rng(5)\n"
         "w = rng.standard_normal((4096, 576), dtype=np.float32)\n"
-        "for m in (1, 3, 5, 8, 10) * 20:\n"
+        "for m in (1, 3, 5, 8, 10, 17, 32) * 15:\n"
         "    x = rng.standard_normal((m, 576), dtype=np.float32)\n"
         "    y = np.array(mx.array(x) @ mx.array(w).T)\n"
         "    assert np.allclose(y, x.astype(np.float64) @ w.T.astype(np.float64), atol=1e-2), m\n"
