@@ -142,11 +142,14 @@ def _load_skinny() -> ctypes.CDLL | None:
     if path is None:
         return None
     try:
-        lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        # Asked locally first: once global, its cblas_sgemm is the one MLX calls, so it goes
+        # there only on a CPU that can run it.
+        if not ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL).skinny_supported():
+            return None
+        return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
         log.warning("skinny_sgemm_unloadable", path=str(path), error=str(exc))
         return None
-    return lib if lib.skinny_supported() else None
 
 
 def _enable_skinny(lib: ctypes.CDLL, blas: ctypes.CDLL) -> int:

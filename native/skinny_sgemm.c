@@ -117,14 +117,14 @@ static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 static Job job;                   // written only while no chunk of it is unclaimed or running
-static int n_chunks;
+static atomic_int n_chunks;
 static _Atomic unsigned long ticket;  // generation << 32 | next chunk
 static atomic_int chunks_done, sleepers;
 static int helpers_started;
 
 static void work(unsigned long generation) {
     unsigned long t = atomic_load(&ticket);
-    while ((t >> 32) == generation && (long)(t & 0xffffffffUL) < n_chunks) {
+    while ((t >> 32) == generation && (int)(t & 0xffffffffUL) < atomic_load(&n_chunks)) {
         if (!atomic_compare_exchange_weak(&ticket, &t, t + 1)) continue;  // t reloaded
         int n0 = (int)(t & 0xffffffffUL) * CHUNK_ROWS;
         run_rows(&job, n0, n0 + CHUNK_ROWS < job.N ? n0 + CHUNK_ROWS : job.N);
@@ -188,7 +188,7 @@ static void run_job(const Job *j) {
         if (!start_helpers()) n_threads = 1;
     }
     job = *j;
-    n_chunks = (j->N + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    atomic_store(&n_chunks, (j->N + CHUNK_ROWS - 1) / CHUNK_ROWS);
     atomic_store(&chunks_done, 0);
     unsigned long gen = (atomic_load(&ticket) >> 32) + 1;
     atomic_store(&ticket, gen << 32);  // publishes job and n_chunks
@@ -198,7 +198,8 @@ static void run_job(const Job *j) {
         pthread_mutex_unlock(&wake_lock);
     }
     work(gen);
-    for (int spin = 0; atomic_load(&chunks_done) < n_chunks; spin++) relax(spin);
+    const int chunks = atomic_load(&n_chunks);
+    for (int spin = 0; atomic_load(&chunks_done) < chunks; spin++) relax(spin);
     pthread_mutex_unlock(&job_lock);
 }
 
