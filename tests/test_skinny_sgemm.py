@@ -204,3 +204,18 @@ def test_more_helper_threads_than_cores_still_finish_every_product() -> None:
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
     assert time.monotonic() - start < 60
+
+
+def test_turned_off_the_blas_runs_alone() -> None:
+    import subprocess
+
+    code = (
+        "import numpy as np, speclora.daemon.blas as b, mlx.core as mx\n"
+        "x = np.ones((5, 576), np.float32); w = np.ones((1536, 576), np.float32)\n"
+        "y = np.array(mx.array(x) @ mx.array(w).T)\n"
+        "print(b.blas_info().label, b._skinny is None, float(y.max()))\n"
+    )
+    env = {**os.environ, "SPECLORA_SKINNY_SGEMM": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [blas.blas_info().name, "True", "576.0"]
