@@ -18,7 +18,7 @@ enum {
     PREFETCH_AHEAD = 256,   // floats of a weight row fetched ahead (1 KiB)
     MAX_THREADS = 16,
     MIN_WEIGHTS = 65536,    // smaller products (attention's) are not worth waking threads for
-    SPIN = 20000,           // pauses (~0.3 ms) a helper waits awake for the next product
+    SPIN = 4000,            // pauses (~0.1 ms) a helper waits awake for the next product
 };
 #define KERNEL __attribute__((target("avx2,fma")))
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int,
