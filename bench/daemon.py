@@ -374,7 +374,7 @@ def memory_report(address: str, hub: ModelHub, clients: int, context_tokens: int
         "rss_bytes": snap.rss_bytes,
         "peak_rss_bytes": snap.peak_rss_bytes,
         "weight_bytes": snap.weight_bytes,
-        "blas": snap.blas + ("+skinny" if snap.blas_skinny_rows else ""),
+        "blas": snap.blas_label,
         "kv_cache_bytes": kv,
         "prompt_cache_bytes": snap.prompt_cache_bytes,
         "rss_over_weights_plus_kv": snap.rss_bytes / budget,

@@ -83,8 +83,7 @@ def stats_lines(snap: StatsSnapshot, spark: bool) -> list[str]:
         f"target      {snap.target_model}",
         f"draft       {snap.draft_model or '(none)'}   adapter {snap.adapter_version or 'none'}",
         f"uptime      {human_duration(snap.uptime_s)}   version {snap.version}   "
-        f"blas {snap.blas}{'+skinny' if snap.blas_skinny_rows else ''}   "
-        f"mode {snap.default_mode}",
+        f"blas {snap.blas_label}   mode {snap.default_mode}",
         f"requests    {snap.requests_total} done, {snap.requests_active} running, "
         f"{snap.queue_depth} queued   tokens {snap.tokens_total}   prompt tokens "
         f"{snap.prompt_tokens_total} ({snap.prompt_tokens_cached} from the prompt cache)",

@@ -199,6 +199,12 @@ class StatsSnapshot:
     training_slice_max_s: float = 0.0  # longest slice of the running or last training run
     idle_s: float = 0.0  # how long the daemon has had nothing to do
 
+    @property
+    def blas_label(self) -> str:
+        """The BLAS as the daemon's own benches name it (BlasInfo.label): "openblas+skinny"
+        where the skinny kernel runs in front of it."""
+        return f"{self.blas}+skinny" if self.blas_skinny_rows else self.blas
+
 
 @dataclass(frozen=True)
 class LastTraining:

@@ -17,7 +17,7 @@ enum {
     MAX_ROWS = 64,          // skinny_enable caps what it is given at this
     PREFETCH_AHEAD = 256,   // floats of a weight row fetched ahead (1 KiB)
     MAX_THREADS = 16,
-    MIN_WEIGHTS = 65536,    // smaller products (attention's) are not worth waking threads for
+    MIN_WEIGHTS = 65536,    // smaller products (attention's) stay with the BLAS
     SPIN = 4000,            // pauses (~0.1 ms) a helper waits awake for the next product
 };
 #define KERNEL __attribute__((target("avx2,fma")))
