@@ -27,14 +27,15 @@ openblas:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread; \
 	fi
 
-# A C compiler, for the skinny-product kernel setup.py builds on Linux x86-64 (daemon/blas.py
-# runs without it, slower). Only where apt exists and no compiler is.
+# C and C++ compilers: gcc for the skinny-product kernel setup.py builds on Linux x86-64, g++
+# for MLX's CPU JIT (compiled functions; daemon/cpu_attention.py). Both run without, slower.
+# Only where apt exists and one is missing.
 compiler:
 	@if [ "$(UNAME)" = "Linux" ] && command -v apt-get >/dev/null 2>&1 \
-	    && ! command -v cc >/dev/null 2>&1; then \
-	  echo "Installing gcc (builds the skinny-product BLAS kernel)"; \
+	    && ! { command -v cc && command -v g++; } >/dev/null 2>&1; then \
+	  echo "Installing gcc and g++ (the skinny-product BLAS kernel, MLX's CPU JIT)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq gcc libc6-dev; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq gcc g++ libc6-dev; \
 	fi
 
 # Debian's chromium and its driver, for the web page's browser test (tests/test_page.py, which

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import speclora.daemon.blas  # (imported first: OpenBLAS before mlx)
+import speclora.daemon.cpu_attention
 from speclora.client.stub import DaemonNotRunning, GenerationSummary, SpecLoRAClient
 from speclora.daemon.engine import ChatTurn, GenerationRequest, PromptCache
 from speclora.daemon.engine import GenerationSummary as EngineSummary
@@ -683,6 +684,7 @@ def main() -> int:
         "draft_tokens": "adaptive" if k is None else k,
         "load_average": os.getloadavg()[0],
         "blas": speclora.daemon.blas.blas_info().label,
+        "attention": speclora.daemon.cpu_attention.attention_info().label,
         "daemon_blas": memory.pop("blas"),
         "in_process_tokens_per_s": inproc.rate,
         "daemon_tokens_per_s": single.rate,

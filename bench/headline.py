@@ -372,10 +372,11 @@ def readme_block(report: dict[str, Any]) -> str:
     m = report["machine"]
     runs = report.get("runs", {})
     benches = report["benchmarks"]
-    # Each bench says which BLAS it ran on: one may predate a change of it (the skinny kernel).
+    # Each bench says which BLAS (and CPU attention) it ran on: one may predate a change of it.
     at = "; ".join(
         f"{name} {run['date'][:16].replace('T', ' ')} UTC at {run['commit']}, BLAS "
         f"{benches.get(name, {}).get('blas', '?')}"
+        + (f", attention {a}" if (a := benches.get(name, {}).get("attention")) else "")
         for name, run in runs.items()
     )
     return (

@@ -43,6 +43,7 @@ import speclora.daemon.blas  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 from speclora.daemon.blas import blas_info
+from speclora.daemon.cpu_attention import attention_info
 from speclora.daemon.engine.history import RequestHistory, SuffixIndex
 from speclora.shared.config import HistoryConfig
 from speclora.shared.logging import configure_logging
@@ -250,6 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "pair": pair,
         "blas": blas_info().label,
+        "attention": attention_info().label,
         "target_pass_ms": pass_s * 1e3,
         "history_tokens": index.tokens,
         "bound_tokens": args.tokens,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import speclora.daemon.blas  # (imported first: OpenBLAS before mlx)
+import speclora.daemon.cpu_attention
 from speclora.daemon import models
 from speclora.daemon.engine import DraftVocab, generate
 from speclora.daemon.engine.events import GenerationRequest, GenerationSummary
@@ -523,6 +524,7 @@ def main() -> int:
         "good_draft": good,
         "wall_seconds": time.perf_counter() - started,
         "blas": speclora.daemon.blas.blas_info().label,
+        "attention": speclora.daemon.cpu_attention.attention_info().label,
     }
     h, u, t = report["heldout"], report["unrelated"], report["training"]
     k = args.k

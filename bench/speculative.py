@@ -36,6 +36,7 @@ from typing import Any
 # (a K+1-token verify then costs K+1 passes). `isort: split` keeps the import sorter from
 # moving it below mlx, which it once did, silently slowing every row of this benchmark.
 import speclora.daemon.blas
+import speclora.daemon.cpu_attention
 
 # isort: split
 import mlx.core as mx
@@ -652,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {k: v for k, v in result.items() if k != "rows"}
         payload["rows"] = records
         payload["blas"] = speclora.daemon.blas.blas_info().label
+        payload["attention"] = speclora.daemon.cpu_attention.attention_info().label
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
     return 0

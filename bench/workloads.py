@@ -61,6 +61,7 @@ import speclora.daemon.blas  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 from mlx_lm import stream_generate
 from speclora.daemon.blas import blas_info
+from speclora.daemon.cpu_attention import attention_info
 from speclora.daemon.engine import (
     AcceptanceMemory,
     ChatTurn,
@@ -602,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
                     "workloads": names,
                     "rows": rows,
                     "blas": blas_info().label,
+                    "attention": attention_info().label,
                     "prompts": args.prompts,
                     "max_tokens": args.max_tokens,
                     "repeats": args.repeats,

@@ -225,7 +225,13 @@ def log_blas() -> BlasInfo:
     """Log which BLAS is active; loudly when only the slow reference BLAS is there."""
     info = preload_blas()
     if info.fast:
-        log.info("blas_loaded", blas=info.name, path=info.path, skinny_rows=info.skinny_rows)
+        log.info(
+            "blas_loaded",
+            blas=info.name,
+            path=info.path,
+            skinny_rows=info.skinny_rows,
+            attention=cpu_attention.attention_info().label,
+        )
     else:
         log.warning(
             "blas_slow",
@@ -237,3 +243,7 @@ def log_blas() -> BlasInfo:
 
 
 preload_blas()
+# MLX's CPU attention and its JIT's vector flags, now that the BLAS is in (cpu_attention.py).
+from speclora.daemon import cpu_attention  # noqa: E402
+
+cpu_attention.install()

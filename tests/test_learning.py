@@ -158,7 +158,10 @@ def test_restricted_draft_head_counts_only_choices_inside_its_set(hub: ModelHub)
     # At T > 0 the mass of the missing token is lost: sum(min(p, q)) < 1 there.
     hot = prepare_examples([FailureCase((1, 2, 3), (4, 5, 6, 7), id=1, temperature=1.0)], 64, 1.0)
     sampled, n = expected_acceptance(target, restricted, hot, width)
-    assert 0.3 < sampled / n < 1.0
+    # q is p renormalised without the missing token m, so min(p, q) sums to 1 - p(m).
+    p_missing = mx.softmax(target(*_inputs(hot)), axis=-1)[:, missing]
+    assert p_missing.shape == (n,) and mx.max(p_missing).item() > 1e-3
+    assert sampled == pytest.approx(n - mx.sum(p_missing).item(), rel=1e-4)
 
 
 def test_training_vocabulary_is_the_served_set_plus_the_cases_tokens() -> None:
