@@ -34,9 +34,12 @@ The history is frozen while measuring: it holds the warm-up requests only (outpu
 measured prompts never leak into another method's run). Decode tokens/s is (tokens - 1) over
 the time from the first token to the last, so a prompt's prefill (the same for every method)
 does not dilute the ratio; end-to-end tokens/s (prefill included) is reported beside it.
-Ratios are per prompt against target-only on the same prompt, in the same round; every prompt
-runs `--repeats` rounds (one run varies by ~20% on this shared machine) and its ratio is their
-median; then the median and the range over the workload's prompts.
+Ratios are per prompt against target-only on the same prompt, in the same round. A round
+opens and closes with target-only, and its baseline is the two runs together (their tokens over
+their time): one run varies by ~20% on this shared machine, and a single baseline run moved
+every ratio of its round the same way. Target-only's own row is its opening run over that
+baseline, so its range is the noise a ratio carries. Every prompt runs `--repeats` rounds and
+its ratio is their median; then the median and the range over the workload's prompts.
 
     python bench/workloads.py [--json PATH] [--smoke] [--prompts N] [--max-tokens N]
                               [--repeats N] [--only LETTERS]
@@ -304,6 +307,16 @@ class Run:
         return ((m - 1) / span if span > 0 else 0.0), m / self.times[m - 1]
 
 
+def _bracketed(opening: Run, closing: Run, n: int | None) -> tuple[float, float]:
+    """(decode, end-to-end) tokens/s of a round's two target-only runs taken together, over
+    their first n tokens (all with None): the harmonic mean of the two rates (same tokens)."""
+    rates = [run.over(n) if n is not None else (run.decode_tps, run.e2e_tps)
+             for run in (opening, closing)]  # fmt: skip
+    return tuple(  # type: ignore[return-value]
+        2.0 / (1.0 / a + 1.0 / b) if a > 0 and b > 0 else 0.0 for a, b in zip(*rates, strict=True)
+    )
+
+
 def mlx_run(target, draft, tokenizer, ids: list[int], max_tokens: int) -> Run:
     kwargs: dict[str, Any] = {"max_tokens": max_tokens}
     if draft is not None:
@@ -464,25 +477,23 @@ def run_workload(
         e2e: list[list[float]] = [[] for _ in rows]
         whole: list[list[float]] = [[] for _ in rows]
         for _ in range(repeats):  # rounds of every method; a prompt's ratio is their median
-            baseline = None
-            runs: list[Run] = []
-            for j, (row, (_, fn)) in enumerate(zip(rows, methods, strict=True)):
-                run = fn(request, ids)
-                baseline = baseline or run
-                runs.append(run)
+            runs = [fn(request, ids) for _, fn in methods]
+            closing = methods[0][1](request, ids)  # target-only again: the round's baseline
+            rows[0].runs.append(closing)
+            for j, (row, run) in enumerate(zip(rows, runs, strict=True)):
                 row.runs.append(run)
                 # (g)'s outputs differ from unconstrained target-only's: its speed is taken
                 # over as many tokens as each run wrote (a longer context decodes slower).
-                base = baseline.over(len(run.tokens)) if reference else None
-                base_tps, base_e2e = base or (baseline.decode_tps, baseline.e2e_tps)
+                n = len(run.tokens) if reference else None
+                base_tps, base_e2e = _bracketed(runs[0], closing, n)
                 ratios[j].append(run.decode_tps / base_tps if base_tps else 0.0)
                 e2e[j].append(run.e2e_tps / base_e2e if base_e2e else 0.0)
                 if reference:  # and against its whole output, for the record
-                    whole[j].append(
-                        run.decode_tps / baseline.decode_tps if baseline.decode_tps else 0.0
-                    )
+                    whole_tps = _bracketed(runs[0], closing, None)[0]
+                    whole[j].append(run.decode_tps / whole_tps if whole_tps else 0.0)
             for j, (row, run) in enumerate(zip(rows, runs, strict=True)):
                 row.identical.append(j < reference or run.tokens == runs[reference].tokens)
+            rows[0].identical.append(reference > 0 or closing.tokens == runs[0].tokens)
         for row, r, e, w in zip(rows, ratios, e2e, whole, strict=True):
             row.ratios.append(statistics.median(r))
             row.e2e_ratios.append(statistics.median(e))
@@ -587,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_workload(wl, target, draft, tokenizer, spec, hcfg, prices, vocab, args.repeats)
     print(
         f"Workloads on {pair}, T = 0, {args.prompts} prompts each, max {args.max_tokens} tokens;"
-        f" each prompt's ratio is the median of {args.repeats} rounds of every method.\n"
+        f" each prompt's ratio is the median of {args.repeats} rounds of every method, each"
+        " against target-only's runs at its start and end.\n"
     )
     print(markdown([r for r in rows if r["workload"] != "g"], names))
     extraction = [r for r in rows if r["workload"] == "g"]
