@@ -150,9 +150,7 @@ def _exp_shift_fn() -> Any:
 _exp_shift: Any = None
 
 
-def folded_attention(
-    queries: Any, keys: Any, values: Any, scale: float, mask: Any = None
-) -> Any:
+def folded_attention(queries: Any, keys: Any, values: Any, scale: float, mask: Any = None) -> Any:
     """softmax(q kᵀ * scale + mask) v for (B, Hq, L, D) queries against (B, Hkv, S, D) keys and
     values, the Hq / Hkv query heads of each key/value head folded into one product's rows."""
     import mlx.core as mx

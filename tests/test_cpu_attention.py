@@ -88,7 +88,9 @@ def test_what_it_does_not_take_goes_to_mlx(case: str) -> None:
         kwargs["sinks"] = mx.zeros((4,))
     if case == "per_head_mask":
         kwargs["mask"] = mx.ones((1, 4, 3, 12), dtype=mx.bool_)
-    assert mx.array_equal(scaled_dot_product_attention(q, k, v, **kwargs), ORIGINAL(q, k, v, **kwargs))
+    assert mx.array_equal(
+        scaled_dot_product_attention(q, k, v, **kwargs), ORIGINAL(q, k, v, **kwargs)
+    )
 
 
 def test_gradients_match_mlx_attention() -> None:
