@@ -480,16 +480,19 @@ def run_workload(
             runs = [fn(request, ids) for _, fn in methods]
             closing = methods[0][1](request, ids)  # target-only again: the round's baseline
             rows[0].runs.append(closing)
+            whole_tps, whole_e2e = _bracketed(runs[0], closing, None)
             for j, (row, run) in enumerate(zip(rows, runs, strict=True)):
                 row.runs.append(run)
                 # (g)'s outputs differ from unconstrained target-only's: its speed is taken
                 # over as many tokens as each run wrote (a longer context decodes slower).
-                n = len(run.tokens) if reference else None
-                base_tps, base_e2e = _bracketed(runs[0], closing, n)
+                base_tps, base_e2e = (
+                    _bracketed(runs[0], closing, len(run.tokens))
+                    if reference
+                    else (whole_tps, whole_e2e)
+                )
                 ratios[j].append(run.decode_tps / base_tps if base_tps else 0.0)
                 e2e[j].append(run.e2e_tps / base_e2e if base_e2e else 0.0)
                 if reference:  # and against its whole output, for the record
-                    whole_tps = _bracketed(runs[0], closing, None)[0]
                     whole[j].append(run.decode_tps / whole_tps if whole_tps else 0.0)
             for j, (row, run) in enumerate(zip(rows, runs, strict=True)):
                 row.identical.append(j < reference or run.tokens == runs[reference].tokens)

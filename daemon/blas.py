@@ -76,15 +76,20 @@ class BlasInfo:
         return f"{self.name}+skinny" if self.skinny_rows else self.name
 
 
-def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...), or "" if unknown."""
+def cpuinfo_field(name: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The first CPU's `name` field in /proc/cpuinfo, or "" where there is none."""
     try:
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("vendor_id"):
+            if line.startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...), or "" if unknown."""
+    return cpuinfo_field("vendor_id", cpuinfo)
 
 
 def candidates(vendor: str, prefix: str = sys.prefix) -> list[str]:

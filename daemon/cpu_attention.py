@@ -74,13 +74,9 @@ _original: Any = None
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    from speclora.daemon.blas import cpuinfo_field  # (blas imports this module at its end)
+
+    return set(cpuinfo_field("flags", cpuinfo).split())
 
 
 SHIM_MARK = "# speclora: MLX's JIT compiler, with the CPU's vector flags"
