@@ -248,7 +248,9 @@ def log_blas() -> BlasInfo:
 
 
 preload_blas()
-# MLX's CPU attention and its JIT's vector flags, now that the BLAS is in (cpu_attention.py).
-from speclora.daemon import cpu_attention  # noqa: E402
+# MLX's CPU attention and its JIT's vector flags, now that the BLAS is in (cpu_attention.py),
+# and its RoPE with the tables shared between calls (cpu_rope.py).
+from speclora.daemon import cpu_attention, cpu_rope  # noqa: E402
 
 cpu_attention.install()
+cpu_rope.install()

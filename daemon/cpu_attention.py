@@ -64,9 +64,14 @@ class AttentionInfo:
 
     @property
     def label(self) -> str:
-        if not self.folded:
-            return "mlx"
-        return "folded" + (f", jit {' '.join(self.jit_flags)}" if self.jit_flags else "")
+        """What the attention layers run on, e.g. "folded, jit -mavx2 -mfma -mf16c, rope
+        tables" (the last part: cpu_rope.py is installed)."""
+        from speclora.daemon import cpu_rope
+
+        text = "mlx" if not self.folded else "folded"
+        if self.folded and self.jit_flags:
+            text += f", jit {' '.join(self.jit_flags)}"
+        return text + (", rope tables" if cpu_rope.installed() else "")
 
 
 _info: AttentionInfo | None = None
