@@ -32,6 +32,7 @@ import numpy as np
 _TABLES_KEPT = 16  # a pass needs one entry (two with a separately shaped draft); rounds vary
 
 _original: Any = None
+_stream: Any = None  # the tables' stream, one per thread (_table_stream)
 _installed: bool | None = None
 _tables: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
 _lock = threading.Lock()
@@ -57,11 +58,22 @@ def _make_tables(
         offset = mx.expand_dims(offset, (-1, -2))
     if offset.dtype.size != 4:
         offset = offset.astype(mx.int32)
-    positions = (mx.arange(length, dtype=mx.float32) + offset) * mx.array(scale, mx.float32)
-    theta = mx.expand_dims(positions, -1) * _inverse_frequencies(mx, dims, base, freqs)
-    coss, sins = mx.cos(theta).astype(dtype), mx.sin(theta).astype(dtype)
-    mx.eval(coss, sins)  # constants from here on (see the module docstring)
+    # On a stream of their own: an eval on the caller's stream would wait for everything
+    # queued there before it (mlx-lm's generate_step queues the next pass before it builds
+    # the one after; the worker queues plain passes), which would undo that overlap.
+    with mx.stream(_table_stream(mx)):
+        positions = (mx.arange(length, dtype=mx.float32) + offset) * mx.array(scale, mx.float32)
+        theta = mx.expand_dims(positions, -1) * _inverse_frequencies(mx, dims, base, freqs)
+        coss, sins = mx.cos(theta).astype(dtype), mx.sin(theta).astype(dtype)
+        mx.eval(coss, sins)  # constants from here on (see the module docstring)
     return coss, sins
+
+
+def _table_stream(mx: Any) -> Any:
+    global _stream
+    if _stream is None:
+        _stream = mx.new_thread_local_stream(mx.cpu)
+    return _stream
 
 
 def _tables_for(
@@ -155,7 +167,8 @@ def rope(
         )
     except (ValueError, RuntimeError):  # a transformation that refuses the eval
         return mlx_own()
-    return _rotate(mx, x, dims, traditional, coss, sins).reshape(shape)
+    out = _rotate(mx, x, dims, traditional, coss, sins)
+    return out if x is a else out.reshape(shape)
 
 
 def install() -> bool:

@@ -385,6 +385,25 @@ def test_with_batching_off_each_pass_runs_alone_and_writes_the_same(untied_loade
     assert counters.model_forwards == counters.model_forward_rows > 0
 
 
+
+def test_a_lone_request_runs_exactly_the_unbatched_passes(untied_loaded, monkeypatch):  # noqa: F811
+    """One client alone pays nothing for batching: with a single active generation the
+    batching worker runs each pass as the model's own call, as batch_passes: false does."""
+    import speclora.daemon.engine.batch as batch
+
+    def no_shared_forward(*args, **kwargs):
+        raise AssertionError("a lone request went through batched_forward")
+
+    monkeypatch.setattr(batch, "batched_forward", no_shared_forward)
+    for request in _requests()[:5]:  # one at a time: never two active
+        seen = []
+        for batch_passes in (True, False):
+            hub = _hub(untied_loaded, "self")  # the same memories and history for both
+            [(ids, _)], counters = _run_together(hub, [request], batch_passes=batch_passes)
+            seen.append((ids, counters.model_forwards, counters.model_forward_rows))
+        assert seen[0] == seen[1], request.request_id
+        assert seen[0][1] == seen[0][2] > 0  # every forward one row
+
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_the_embedded_pair_writes_the_same_in_a_batch(request: pytest.FixtureRequest) -> None:

@@ -172,3 +172,30 @@ def test_off_with_the_environment_variable() -> None:
     ).stdout.split()
     assert out[:2] == ["False", "False"]
     assert "rope" not in " ".join(out[2:])
+
+
+def test_making_tables_does_not_wait_for_work_queued_before_it() -> None:
+    # mlx-lm's generate_step queues a pass (async_eval) and builds the next one meanwhile; an
+    # eval of the tables on the caller's stream would wait for the queued pass first.
+    import time
+
+    a = _x((1536, 1536))
+    mx.eval(a)
+
+    def queued_work():
+        y = a
+        for _ in range(8):
+            y = y @ a
+        return y
+
+    start = time.perf_counter()
+    mx.eval(queued_work())
+    alone = time.perf_counter() - start
+    work = queued_work()
+    mx.async_eval(work)
+    start = time.perf_counter()
+    cpu_rope.rope(_x((1, 9, 1, 64)), 64, traditional=False, base=10000.0, scale=1.0,
+                  offset=123_457)  # fmt: skip  (an offset no other test makes tables for)
+    made = time.perf_counter() - start
+    mx.eval(work)
+    assert made < 0.25 * alone, (made, alone)

@@ -118,8 +118,10 @@ def batched_forward(model: Any, passes: Sequence[ForwardPass]) -> list[mx.array]
     ]
     # Every token's position (each layer's cache of a request is at the same offset here), so
     # RoPE runs once per layer for all rows: each token as its own batch row, at its offset.
-    positions = mx.concatenate(
-        [mx.arange(w) + p.cache[0].offset for p, w in zip(passes, widths, strict=True)]
+    # (A literal, not a graph: RoPE's tables are made from it on their own stream, cpu_rope.py.)
+    positions = mx.array(
+        [p.cache[0].offset + i for p, w in zip(passes, widths, strict=True) for i in range(w)],
+        mx.int32,
     )
     for index, layer in enumerate(inner.layers):
         attn_in = layer.input_layernorm(h)
