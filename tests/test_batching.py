@@ -385,7 +385,6 @@ def test_with_batching_off_each_pass_runs_alone_and_writes_the_same(untied_loade
     assert counters.model_forwards == counters.model_forward_rows > 0
 
 
-
 def test_a_lone_request_runs_exactly_the_unbatched_passes(untied_loaded, monkeypatch):  # noqa: F811
     """One client alone pays nothing for batching: with a single active generation the
     batching worker runs each pass as the model's own call, as batch_passes: false does."""
@@ -403,6 +402,7 @@ def test_a_lone_request_runs_exactly_the_unbatched_passes(untied_loaded, monkeyp
             seen.append((ids, counters.model_forwards, counters.model_forward_rows))
         assert seen[0] == seen[1], request.request_id
         assert seen[0][1] == seen[0][2] > 0  # every forward one row
+
 
 @pytest.mark.real_model
 @pytest.mark.slow
