@@ -23,7 +23,8 @@ stdlib's `pydoc_data.topics`):
                           passages) are in the history
 
 Methods, round-robin per prompt (each prompt runs every method before the next prompt, so the
-machine's drift hits all alike): target-only (mlx-lm), mlx-lm speculative (K = 4), a
+machine's drift hits all alike; after the opening target-only run the others' order rotates by
+one place per round, so none always runs late in a round): target-only (mlx-lm), mlx-lm speculative (K = 4), a
 prompt-lookup baseline (vLLM's `ngram` method: the newest match of the last 4..2 tokens in the
 prompt and output so far, proposing up to 5 tokens, under our controller), ours draft-only
 (adaptive K), ours history-only (the history drafter: the request's own tokens and past
@@ -420,6 +421,17 @@ class Row:
         }
 
 
+def round_order(methods: int, index: int) -> list[int]:
+    """The order a round runs its methods in: target-only first (the round's opening baseline),
+    the others rotated by one place per round, so that none always runs late in a round (later
+    runs read slower on this machine: target-only's closing run against its opening one)."""
+    others = list(range(1, methods))
+    if not others:
+        return [0]
+    shift = index % len(others)
+    return [0, *others[shift:], *others[:shift]]
+
+
 def run_workload(
     wl: Workload, target, draft, tokenizer, spec, hcfg, prices, vocab, repeats: int = 1
 ) -> list[dict]:
@@ -476,8 +488,10 @@ def run_workload(
         ratios: list[list[float]] = [[] for _ in rows]
         e2e: list[list[float]] = [[] for _ in rows]
         whole: list[list[float]] = [[] for _ in rows]
-        for _ in range(repeats):  # rounds of every method; a prompt's ratio is their median
-            runs = [fn(request, ids) for _, fn in methods]
+        for r in range(repeats):  # rounds of every method; a prompt's ratio is their median
+            runs = [Run([], 0.0, 0.0)] * len(methods)
+            for j in round_order(len(methods), i * repeats + r):
+                runs[j] = methods[j][1](request, ids)
             closing = methods[0][1](request, ids)  # target-only again: the round's baseline
             rows[0].runs.append(closing)
             whole_tps, whole_e2e = _bracketed(runs[0], closing, None)

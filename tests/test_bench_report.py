@@ -331,3 +331,14 @@ def test_workload_rounds_take_both_target_only_runs_as_their_baseline() -> None:
     # Over the first 6 tokens: 5 over 0.5 s and over 0.25 s.
     assert workloads._bracketed(opening, closing, 6)[0] == pytest.approx(10 / 0.75)
     assert workloads._bracketed(opening, workloads.Run([1], 0.1, 0.1), None)[0] == 0.0
+
+
+def test_workload_rounds_rotate_the_methods_after_the_opening_baseline() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import workloads
+
+    orders = [workloads.round_order(6, index) for index in range(10)]
+    assert all(order[0] == 0 and sorted(order) == list(range(6)) for order in orders)
+    for method in range(1, 6):  # each takes every place once in any 5 rounds in a row
+        assert sorted(order.index(method) for order in orders[3:8]) == [1, 2, 3, 4, 5]
+    assert workloads.round_order(1, 3) == [0]
