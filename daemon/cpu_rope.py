@@ -11,12 +11,16 @@ per (positions, dims, base or freqs, scale, dtype) and keeps the last few, then 
 fallback's own rotation ops to each input. The ops and their order are MLX's (mlx/fast.cpp,
 `rope`'s fallback), so the output is bit-identical to `mx.fast.rope`'s and so are its
 gradients (tests/test_cpu_rope.py): nothing computes another function, in this process or
-between this one and another. The tables depend on no input and are evaluated when made, so
-they are constants any later call can use, inside `mx.compile` or not (where a transformation
-refuses the eval, the call goes to MLX's own). Anything this does not cover (a GPU stream, a Metal device, an offset MLX would refuse) goes
+between this one and another. Tables are kept only where the offset's value can be keyed:
+an int, or an array `positions()` made (the batched forward's per-token positions). Any other
+array offset may be updated in place under the same object (mlx-lm's BatchKVCache does
+`offset += n`), so its tables are made afresh in the caller's graph, as MLX does. Kept tables
+depend on no input and are evaluated when made, so they are constants any later call can use,
+inside `mx.compile` or not (where a transformation refuses the eval, the call goes to MLX's
+own). Anything this does not cover (a GPU stream, a Metal device, an offset MLX would refuse) goes
 to MLX's own too. `SPECLORA_CPU_ROPE=0` turns it off.
 
-The tables are made on a stream of their own (one per thread): an eval on the caller's stream
+Kept tables are made on a stream of their own (one per thread): an eval on the caller's stream
 would first wait for every pass queued there, and mlx-lm's generate_step and the worker queue
 the next pass (async_eval) before they build the one after it.
 
@@ -41,6 +45,7 @@ _original: Any = None
 _stream: Any = None  # the tables' stream, one per thread (_table_stream)
 _installed: bool | None = None
 _tables: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
+_positions: dict[int, Any] = {}  # id -> the arrays positions() made (kept while listed)
 _lock = threading.Lock()
 
 
@@ -56,23 +61,32 @@ def _inverse_frequencies(mx: Any, dims: int, base: float, freqs: Any) -> Any:
 def _make_tables(
     mx: Any, dims: int, base: float, scale: float, offset: Any, length: int, dtype: Any, freqs: Any
 ) -> tuple[Any, Any]:
-    """The fallback's coss and sins: (length, dims/2) for a scalar offset, (B, 1, length,
-    dims/2) for one offset per batch row."""
+    """The fallback's coss and sins (lazy): (length, dims/2) for a scalar offset, (B, 1,
+    length, dims/2) for one offset per batch row."""
     if not isinstance(offset, mx.array):
         offset = mx.array(offset, mx.int32)
     elif offset.size > 1:  # one per batch row
         offset = mx.expand_dims(offset, (-1, -2))
     if offset.dtype.size != 4:
         offset = offset.astype(mx.int32)
-    # On a stream of their own: an eval on the caller's stream would wait for everything
-    # queued there before it (mlx-lm's generate_step queues the next pass before it builds
-    # the one after; the worker queues plain passes), which would undo that overlap.
-    with mx.stream(_table_stream(mx)):
-        positions = (mx.arange(length, dtype=mx.float32) + offset) * mx.array(scale, mx.float32)
-        theta = mx.expand_dims(positions, -1) * _inverse_frequencies(mx, dims, base, freqs)
-        coss, sins = mx.cos(theta).astype(dtype), mx.sin(theta).astype(dtype)
-        mx.eval(coss, sins)  # constants from here on (see the module docstring)
-    return coss, sins
+    positions = (mx.arange(length, dtype=mx.float32) + offset) * mx.array(scale, mx.float32)
+    theta = mx.expand_dims(positions, -1) * _inverse_frequencies(mx, dims, base, freqs)
+    return mx.cos(theta).astype(dtype), mx.sin(theta).astype(dtype)
+
+
+def positions(values: list[int]) -> Any:
+    """An int32 array of per-row RoPE offsets that `rope` may key its tables by: this module
+    made it and nobody updates it in place. (Any other array offset may be: mlx-lm's
+    BatchKVCache does `offset += n`, the same object with a new value, so `rope` makes its
+    tables afresh for those, in the caller's graph.)"""
+    import mlx.core as mx
+
+    made = mx.array(values, mx.int32)
+    with _lock:
+        if len(_positions) >= _TABLES_KEPT:
+            _positions.clear()
+        _positions[id(made)] = made
+    return made
 
 
 def _table_stream(mx: Any) -> Any:
@@ -85,15 +99,29 @@ def _table_stream(mx: Any) -> Any:
 def _tables_for(
     mx: Any, dims: int, base: float, scale: float, offset: Any, length: int, dtype: Any, freqs: Any
 ) -> tuple[Any, Any]:
-    # An array's identity stands for its value: the entry keeps the array, so the id stays its.
-    offset_key = offset if isinstance(offset, int) else ("array", id(offset))
+    """The tables, kept for the next call with the same key where the offset's value can be
+    keyed: an int, or an array `positions` made (its identity stands for its value; the entry
+    keeps the array, so the id stays its). Kept tables are evaluated on a stream of their own:
+    an eval on the caller's stream would wait for everything queued there before it (mlx-lm's
+    generate_step queues the next pass before it builds the one after; the worker queues plain
+    passes), which would undo that overlap."""
+    if isinstance(offset, int):
+        offset_key: Any = offset
+    else:
+        with _lock:
+            known = _positions.get(id(offset)) is offset
+        if not known:  # its value may change under the same object: not kept
+            return _make_tables(mx, dims, base, scale, offset, length, dtype, freqs)
+        offset_key = ("positions", id(offset))
     freqs_key = None if freqs is None else id(freqs)
     key = (dims, base, scale, offset_key, length, dtype, freqs_key)
     with _lock:
         hit = _tables.get(key)
     if hit is not None:
         return hit[0], hit[1]
-    coss, sins = _make_tables(mx, dims, base, scale, offset, length, dtype, freqs)
+    with mx.stream(_table_stream(mx)):
+        coss, sins = _make_tables(mx, dims, base, scale, offset, length, dtype, freqs)
+        mx.eval(coss, sins)  # constants from here on (see the module docstring)
     with _lock:
         if len(_tables) >= _TABLES_KEPT:
             _tables.clear()

@@ -88,7 +88,7 @@ def test_tables_are_made_once_per_positions_and_bounded() -> None:
         cpu_rope.rope(q, 64, traditional=False, base=10000.0, scale=1.0, offset=40)
         cpu_rope.rope(k, 64, traditional=False, base=10000.0, scale=1.0, offset=40)
     assert len(cpu_rope._tables) == 1
-    positions = mx.arange(6, dtype=mx.int32) + 40
+    positions = cpu_rope.positions(list(range(40, 46)))
     for _ in range(3):
         cpu_rope.rope(_x((6, 3, 1, 64)), 64, traditional=False, base=10000.0, scale=1.0,
                       offset=positions)  # fmt: skip
@@ -199,3 +199,16 @@ def test_making_tables_does_not_wait_for_work_queued_before_it() -> None:
     made = time.perf_counter() - start
     mx.eval(work)
     assert made < 0.25 * alone, (made, alone)
+
+
+def test_an_offset_updated_in_place_gets_its_new_value() -> None:
+    # mlx-lm's BatchKVCache does `offset += n`: the same array object, a new value. Only arrays
+    # positions() made are keyed by identity; any other array offset gets tables of its value.
+    cpu_rope._tables.clear()
+    x = _x((2, 4, 1, 64))
+    offset = mx.array([3, 5])
+    for _ in range(3):
+        want, got = _both(x, 64, offset=offset)
+        assert mx.array_equal(got, want).item()
+        offset += 7
+    assert not cpu_rope._tables  # nothing kept under an identity that may change value

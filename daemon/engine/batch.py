@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from speclora.daemon import cpu_rope
 from speclora.daemon.engine.draft_vocab import GreedyHead, model_parts
 from speclora.daemon.engine.events import ForwardPass
 
@@ -118,10 +119,9 @@ def batched_forward(model: Any, passes: Sequence[ForwardPass]) -> list[mx.array]
     ]
     # Every token's position (each layer's cache of a request is at the same offset here), so
     # RoPE runs once per layer for all rows: each token as its own batch row, at its offset.
-    # (A literal, not a graph: RoPE's tables are made from it on their own stream, cpu_rope.py.)
-    positions = mx.array(
-        [p.cache[0].offset + i for p, w in zip(passes, widths, strict=True) for i in range(w)],
-        mx.int32,
+    # (Made by cpu_rope.positions: a literal nobody updates, so RoPE makes its tables once.)
+    positions = cpu_rope.positions(
+        [p.cache[0].offset + i for p, w in zip(passes, widths, strict=True) for i in range(w)]
     )
     for index, layer in enumerate(inner.layers):
         attn_in = layer.input_layernorm(h)
