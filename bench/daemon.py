@@ -9,8 +9,12 @@ Per round, on the same prompts at T = 0 (identical work each time):
      the unbatched daemon. a and b run prompt by prompt: each prompt on the three in turn, the
      order rotating, and their ratios come with the spread of these per-prompt pairs;
   c. daemon, N clients (each N of --clients): N threads each sending every prompt (rotated
-     order) at once; the first N also on the unbatched daemon and over HTTP. These phases run
-     in an order that rotates from round to round.
+     order) at once; the first N also on the unbatched daemon and over HTTP;
+  d. the same scaling at the defaults (adaptive K: the controller picks each request's K,
+     priced as a row of the shared forward), 1 client and each N, requests not recorded (so
+     the history stays the same from round to round). A fixed K makes every row speculate
+     whether or not it pays; this is what a user's clients get.
+The concurrent phases (c, d) run in an order that rotates from round to round.
 Rounds alternate the phases so load drift on a shared machine hits all of them alike. The
 memory figure is the batched daemon's after its largest N.
 Rates are completion tokens over wall time measured by the caller (prefill included).
@@ -584,16 +588,20 @@ def main() -> int:
                 )
             # The concurrent phases, in an order that rotates from round to round: whichever
             # ran first read ~5% lower when 4 HTTP and 4 gRPC clients took turns on one daemon.
-            multi: list[tuple[str, str | tuple[str, int], int]] = [
-                (f"concurrent_{n}", address, n) for n in counts
+            multi: list[tuple[str, str | tuple[str, int], int, int | None]] = [
+                (f"concurrent_{n}", address, n, k) for n in counts
             ]
-            multi.append((f"http_{counts[0]}", http, counts[0]))
+            multi.append((f"http_{counts[0]}", http, counts[0], k))
             if plain_address is not None:
-                multi.append((f"unbatched_{counts[0]}", plain_address, counts[0]))
+                multi.append((f"unbatched_{counts[0]}", plain_address, counts[0], k))
+            # The same scaling with the controller choosing each request's K (the default):
+            # a fixed K makes every row speculate whether or not it pays.
+            if k is not None:
+                multi += [(f"defaults_{n}", address, n, None) for n in [1, *counts]]
             shift = r % len(multi)
-            for name, target, n in multi[shift:] + multi[:shift]:
+            for name, target, n, k_phase in multi[shift:] + multi[:shift]:
                 phases.setdefault(name, []).append(
-                    concurrent(target, prompts, args.max_tokens, k, n)
+                    concurrent(target, prompts, args.max_tokens, k_phase, n)
                 )
         if plain_proc is not None:  # only the batched daemon from here on
             plain_proc.send_signal(signal.SIGTERM)
@@ -636,19 +644,25 @@ def main() -> int:
         return spread([a.rate / b.rate for a, b in zip(singles[name], singles[over], strict=True)])
 
     inproc, single = total("in_process"), total("daemon")
-    clients = {}
-    for n in counts:
-        name = f"concurrent_{n}"
-        multi = total(name)
-        fairness = [max(p.per_client) / min(p.per_client) for p in phases[name]]
-        clients[str(n)] = {
-            "aggregate_tokens_per_s": multi.rate,
-            "vs_single": multi.rate / single.rate,
-            "vs_single_per_round": ratios(name, "daemon"),
-            "per_client_tokens_per_s": [r for p in phases[name] for r in p.per_client],
-            "fairness_max_over_min": max(fairness),
-            "fairness_per_round": fairness,
-        }
+
+    def scaling(prefix: str, one: str) -> dict[str, dict]:
+        """Phases `prefix`N against the 1-client phase `one`, per N."""
+        out = {}
+        for n in counts:
+            name = f"{prefix}{n}"
+            fairness = [max(p.per_client) / min(p.per_client) for p in phases[name]]
+            out[str(n)] = {
+                "aggregate_tokens_per_s": total(name).rate,
+                "vs_single": total(name).rate / total(one).rate,
+                "vs_single_per_round": ratios(name, one),
+                "per_client_tokens_per_s": [r for p in phases[name] for r in p.per_client],
+                "fairness_max_over_min": max(fairness),
+                "fairness_per_round": fairness,
+            }
+        return out
+
+    clients = scaling("concurrent_", "daemon")
+    defaults = scaling("defaults_", "defaults_1") if "defaults_1" in phases else {}
     unbatched = {}
     if "unbatched" in phases:
         n = counts[0]
@@ -691,6 +705,8 @@ def main() -> int:
         "daemon_vs_in_process": single.rate / inproc.rate,
         "daemon_vs_in_process_per_prompt": paired("daemon", "in_process"),
         "concurrent": clients,
+        "concurrent_defaults": defaults,
+        "defaults_single_tokens_per_s": total("defaults_1").rate if defaults else None,
         "unbatched": unbatched,
         "http_concurrent": http_clients,
         # The first N's figures under the names earlier results used:
@@ -747,6 +763,15 @@ def main() -> int:
             f"| {n} clients: per-client rate, min / median / max | {min(per_client):.1f} / "
             f"{statistics.median(per_client):.1f} / {max(per_client):.1f} | "
             f"max/min {c['fairness_max_over_min']:.2f} | <= 1.5 |"
+        )
+    for n, c in defaults.items():
+        per_client, rounds = c["per_client_tokens_per_s"], c["vs_single_per_round"]
+        print(
+            f"| daemon, {n} clients at the defaults (adaptive K) | "
+            f"{c['aggregate_tokens_per_s']:.1f} | {c['vs_single']:.2f} vs 1 client at the "
+            f"defaults, {results['defaults_single_tokens_per_s']:.1f} tok/s (rounds "
+            f"{min(rounds):.2f} .. {max(rounds):.2f}); fastest / slowest client "
+            f"{c['fairness_max_over_min']:.2f} | {f'>= {goals[n]}' if n in goals else ''} |"
         )
     rounds = http_clients["vs_single_grpc_per_round"]
     print(

@@ -91,6 +91,10 @@ def test_daemon_bench(report: tuple[dict[str, Any], str]) -> None:
         assert data[key] > 0
     assert data["clients"] == [4] and len(data["per_client_tokens_per_s"]) == 4
     assert data["concurrent"]["4"]["vs_single"] > 0
+    # The same scaling with the controller choosing each request's K (what clients get).
+    assert data["defaults_single_tokens_per_s"] > 0
+    assert data["concurrent_defaults"]["4"]["vs_single"] > 0
+    assert len(data["concurrent_defaults"]["4"]["per_client_tokens_per_s"]) == 4
     assert data["unbatched"]["batched_single_over_unbatched_single"] > 0
     assert data["unbatched"]["batched_4_over_unbatched_4_clients"] > 0
     assert data["http_concurrent"]["clients"] == 4 and data["http_concurrent"]["vs_single_grpc"] > 0
@@ -204,6 +208,7 @@ def test_report_markdown_has_headline_and_every_table(report: tuple[dict[str, An
         "untrained draft, adaptive K: speedup over target-only",
         "measured / Leviathan bound",
         "daemon / in-process engine tok/s",
+        "4 concurrent clients / 1 client at the defaults (adaptive K), aggregate tok/s",
         "daemon peak RSS / (weights + KV caches)",
         "daemon RSS once idle after the clients / (weights + KV caches)",
         "learning: held-out same-domain acceptance, teacher-forced",
