@@ -114,7 +114,10 @@ def test_defaults_never_make_a_good_draft_worse(
     config = Config(lora=LoraConfig(steps=STEPS))  # the daemon's defaults but the step count
     before, after, progress, result, meta = train_on(hub, tmp_path, config, completions)
 
-    assert before["train"] >= 0.9, before  # these drafts start good
+    # These drafts start good. (The toy target is trained at test time and its weights differ
+    # between machines in the last bits, so its self:3 starts at 0.88 on some and above 0.9 on
+    # others; the same machine gives the same figure every run.)
+    assert before["train"] >= 0.85, before
     if kind == "target":
         assert before == after == {"train": 1.0, "heldout": 1.0, "unseen": 1.0}
     for side in before:
