@@ -647,13 +647,14 @@ def main() -> int:
 
     def scaling(prefix: str, one: str) -> dict[str, dict]:
         """Phases `prefix`N against the 1-client phase `one`, per N."""
-        out = {}
+        out, alone = {}, total(one)
         for n in counts:
             name = f"{prefix}{n}"
+            multi = total(name)
             fairness = [max(p.per_client) / min(p.per_client) for p in phases[name]]
             out[str(n)] = {
-                "aggregate_tokens_per_s": total(name).rate,
-                "vs_single": total(name).rate / total(one).rate,
+                "aggregate_tokens_per_s": multi.rate,
+                "vs_single": multi.rate / alone.rate,
                 "vs_single_per_round": ratios(name, one),
                 "per_client_tokens_per_s": [r for p in phases[name] for r in p.per_client],
                 "fairness_max_over_min": max(fairness),
